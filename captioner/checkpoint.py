@@ -1,0 +1,85 @@
+"""Checkpoints: one safetensors file holding the weights, with the config, the
+vocabulary and the model card as JSON in its header.
+
+Loading never unpickles anything, and the model is rebuilt from the file alone.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import CaptionModel, build_model
+from .vocab import Vocabulary
+
+FORMAT = "captioner"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(model: CaptionModel, path: str | Path, card: dict | None = None) -> None:
+    """Write atomically: readers see the old file or the new one, never half of one."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(model.config.to_dict()),
+        "vocab": json.dumps(model.vocab.to_json()),
+        "card": json.dumps(card or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_header(path: str | Path) -> tuple[ModelConfig, Vocabulary, dict]:
+    """The config, vocabulary and card of a checkpoint, without reading its weights."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a safetensors checkpoint: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a captioner checkpoint")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path} has format version {meta.get('format_version')}; "
+                              f"this version of captioner reads version {FORMAT_VERSION}")
+    try:
+        config = ModelConfig.from_dict(json.loads(meta["config"]))
+        vocab = Vocabulary.from_json(json.loads(meta["vocab"]))
+        card = json.loads(meta.get("card", "{}"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} has a broken header: {e}") from e
+    return config, vocab, card
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CaptionModel, dict]:
+    """The model (in eval mode, on `device`) and its card."""
+    from safetensors.torch import load_file
+
+    config, vocab, card = read_header(path)
+    model = build_model(config, vocab, pretrained=False)
+    tensors = load_file(str(path))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        details = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                   for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise CheckpointError(f"{path} does not match its config: " + "; ".join(details))
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), card

@@ -1,0 +1,209 @@
+"""Decoding strategies, batched across images: greedy, sampling and beam search.
+
+All of them drive `Decoder.step()`; none knows how a step is computed. A caption
+has at most `max_length` words: at step `max_length` only <end> may follow, so
+every returned log-probability includes the end of the caption.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .decoder import Decoder, Memory
+from .vocab import Vocabulary
+
+METHODS = ("beam", "greedy", "sample")
+MAX_BEAM_SIZE = 10
+MAX_CAPTIONS = 10
+MAX_LENGTH = 50
+MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    method: str = "beam"
+    beam_size: int = 3
+    num_captions: int = 1  # n-best for beam, samples for sample, 1 for greedy
+    temperature: float = 1.0
+    top_k: int = 0  # 0: the whole vocabulary
+    max_length: int = 20  # words, <end> not counted
+    length_penalty: float = 0.7  # captions rank by log_prob / (words + 1) ** length_penalty
+    seed: int | None = None  # sampling
+    attention: bool = False  # return one attention grid per word
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
+            raise ValueError(f"beam_size must be in [1, {MAX_BEAM_SIZE}]")
+        if not 1 <= self.num_captions <= MAX_CAPTIONS:
+            raise ValueError(f"num_captions must be in [1, {MAX_CAPTIONS}]")
+        if self.method == "beam" and self.num_captions > self.beam_size:
+            raise ValueError("num_captions cannot exceed beam_size")
+        if self.method == "greedy" and self.num_captions != 1:
+            raise ValueError("greedy decoding gives one caption")
+        if not 0.0 < self.temperature <= 10.0:
+            raise ValueError("temperature must be in (0, 10]")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in [0, {MAX_TOP_K}]")
+        if not 1 <= self.max_length <= MAX_LENGTH:
+            raise ValueError(f"max_length must be in [1, {MAX_LENGTH}]")
+        if not 0.0 <= self.length_penalty <= 2.0:
+            raise ValueError("length_penalty must be in [0, 2]")
+
+
+@dataclass
+class Hypothesis:
+    token_ids: list[int]  # words only: no <start>, no <end>
+    log_prob: float  # summed log-probability, <end> included
+    score: float  # log_prob normalised for length: what captions are ranked by
+    attention: torch.Tensor | None  # (T, P), the alpha used to predict each word
+
+
+def rank_score(log_prob: float, num_words: int, length_penalty: float) -> float:
+    return log_prob / (num_words + 1) ** length_penalty
+
+
+def decode(decoder: Decoder, memory: Memory, options: DecodeOptions) -> list[list[Hypothesis]]:
+    """The captions of every image in `memory`, best first."""
+    if options.method == "beam":
+        return beam_search(decoder, memory, options.beam_size, options.num_captions,
+                           options.max_length, options.length_penalty)
+    if options.method == "greedy":
+        return [[h] for h in greedy(decoder, memory, options.max_length, options.length_penalty)]
+    return sample(decoder, memory, options.num_captions, options.max_length, options.temperature,
+                  options.top_k, options.seed, options.length_penalty)
+
+
+def _next_word_logits(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
+    """Never predict <pad> or <start>; on the last step, only <end>."""
+    logits = logits.float().clone()  # (N, V)
+    if last_step:
+        end = logits[:, Vocabulary.end_id].clone()
+        logits.fill_(float("-inf"))
+        logits[:, Vocabulary.end_id] = end
+    else:
+        logits[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
+    return logits
+
+
+def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float,
+                  choose) -> list[Hypothesis]:
+    """One caption per row of `memory`, each next word picked by `choose(logits) -> (N,)`."""
+    N = memory.regions.size(0)
+    device = memory.regions.device
+    state = decoder.init_state(memory)
+    words = torch.full((N,), Vocabulary.start_id, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    log_probs = torch.zeros(N, device=device)
+    steps, alphas = [], []
+    for t in range(max_length + 1):
+        logits, state, alpha = decoder.step(words, state, memory)
+        logits = _next_word_logits(logits, last_step=t == max_length)  # (N, V)
+        words = choose(logits)  # (N,)
+        word_log_prob = logits.log_softmax(1).gather(1, words.unsqueeze(1)).squeeze(1)  # (N,)
+        log_probs += torch.where(finished, 0.0, word_log_prob)
+        words = torch.where(finished, Vocabulary.pad_id, words)
+        steps.append(words)
+        alphas.append(alpha)
+        finished |= words == Vocabulary.end_id
+        if bool(finished.all()):
+            break
+    tokens = torch.stack(steps, 1).tolist()  # (N, T)
+    attention = torch.stack(alphas, 1) if decoder.has_attention else None  # (N, T, P)
+    hypotheses = []
+    for i in range(N):
+        n = tokens[i].index(Vocabulary.end_id)
+        lp = float(log_probs[i])
+        hypotheses.append(Hypothesis(tokens[i][:n], lp, rank_score(lp, n, length_penalty),
+                                     None if attention is None else attention[i, :n]))
+    return hypotheses
+
+
+@torch.no_grad()
+def greedy(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float = 0.7) -> list[Hypothesis]:
+    return _decode_paths(decoder, memory, max_length, length_penalty, lambda logits: logits.argmax(1))
+
+
+@torch.no_grad()
+def sample(decoder: Decoder, memory: Memory, num_samples: int, max_length: int, temperature: float = 1.0,
+           top_k: int = 0, seed: int | None = None, length_penalty: float = 0.7) -> list[list[Hypothesis]]:
+    """`num_samples` captions per image drawn from softmax(logits / temperature) over the top_k words.
+
+    Log-probabilities are the model's own (temperature 1, whole vocabulary), so
+    samples and beams rank on one scale."""
+    B = memory.regions.size(0)
+    device = memory.regions.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    def choose(logits):
+        scaled = logits / temperature  # (N, V)
+        if top_k:
+            kth = scaled.topk(min(top_k, scaled.size(1)), dim=1).values[:, -1:]  # (N, 1)
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        return torch.multinomial(scaled.softmax(1), 1, generator=generator).squeeze(1)
+
+    rows = torch.arange(B, device=device).repeat_interleave(num_samples)
+    paths = _decode_paths(decoder, memory.index_select(rows), max_length, length_penalty, choose)
+    return [sorted(paths[b * num_samples:(b + 1) * num_samples], key=lambda h: -h.score) for b in range(B)]
+
+
+@torch.no_grad()
+def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: int = 1, max_length: int = 20,
+                length_penalty: float = 0.7) -> list[list[Hypothesis]]:
+    """Beam search over all images at once, K beams each.
+
+    Each step ranks the 2K best continuations of an image's beams: those ending
+    in <end> among the first K are finished; the first K others stay alive, so
+    beams of one image and of different images may finish at different steps.
+    An image is done once it has K finished captions (beam size 1 is greedy).
+    """
+    B, K = memory.regions.size(0), beam_size
+    device = memory.regions.device
+    flat = torch.arange(B, device=device).repeat_interleave(K)  # beam row -> image
+    memory = memory.index_select(flat)
+    state = decoder.init_state(memory)
+    words = torch.full((B * K,), Vocabulary.start_id, dtype=torch.long, device=device)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start equal: keep one, or the first step picks K copies
+    tokens = torch.zeros(B * K, 0, dtype=torch.long, device=device)  # (B*K, t)
+    alphas = memory.regions.new_zeros(B * K, 0, memory.regions.size(1))  # (B*K, t, P)
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    done = [False] * B
+    for t in range(max_length + 1):
+        logits, state, alpha = decoder.step(words, state, memory)
+        log_probs = _next_word_logits(logits, last_step=t == max_length).log_softmax(1)  # (B*K, V)
+        V = log_probs.size(1)
+        candidates = (scores.view(-1, 1) + log_probs).view(B, K * V)  # (B, K*V)
+        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
+        parent = top_index // V  # (B, 2K) beam each candidate extends
+        word = top_index % V  # (B, 2K)
+        is_end = word == Vocabulary.end_id
+        parent_row = parent + torch.arange(B, device=device).unsqueeze(1) * K  # (B, 2K) rows of B*K
+
+        if is_end.any():
+            for b, j in (is_end[:, :K] & top_scores[:, :K].isfinite()).nonzero().tolist():
+                if done[b]:
+                    continue
+                row = int(parent_row[b, j])
+                lp = float(top_scores[b, j])
+                finished[b].append(Hypothesis(tokens[row].tolist(), lp, rank_score(lp, t, length_penalty),
+                                              alphas[row].clone() if alpha is not None else None))
+            done = [d or len(f) >= K for d, f in zip(done, finished)]
+            if all(done):
+                break
+
+        rank = torch.arange(top_scores.size(1), device=device).expand(B, -1)  # (B, 2K)
+        keep = (is_end.long() * top_scores.size(1) + rank).argsort(dim=1)[:, :K]  # first K that go on
+        scores = top_scores.gather(1, keep)  # (B, K)
+        rows = parent_row.gather(1, keep).view(-1)  # (B*K,)
+        words = word.gather(1, keep).view(-1)  # (B*K,)
+        state = state.index_select(rows)
+        tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)  # (B*K, t+1)
+        if alpha is not None:
+            alphas = torch.cat([alphas[rows], alpha[rows].unsqueeze(1)], dim=1)  # (B*K, t+1, P)
+    return [sorted(f, key=lambda h: -h.score)[:num_captions] for f in finished]

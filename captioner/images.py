@@ -1,0 +1,106 @@
+"""Reading user images safely, and the one preprocessing preset every path shares.
+
+Any mode Pillow opens comes out as 8-bit RGB: EXIF orientation applied, alpha
+composited onto white, 16-bit and float scaled, CMYK converted, the first frame
+of an animation. The pixel count is checked from the header, before decoding,
+so a decompression bomb costs nothing.
+"""
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+ImageSource = bytes | str | Path | Image.Image
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; `code` is stable and machine-readable."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000  # width * height, checked before decoding
+    formats: tuple[str, ...] = FORMATS
+
+
+def open_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """An 8-bit RGB image from bytes, a path or a PIL image; ImageError on anything else."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, (str, Path)):
+        try:
+            with open(source, "rb") as f:
+                data = f.read(limits.max_bytes + 1)
+        except OSError as e:
+            raise ImageError("unreadable", f"cannot read {source}: {e.strerror or e}") from e
+    else:
+        data = source
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_large", f"the file is over {limits.max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError as e:
+        raise ImageError("unsupported_format", "not an image Pillow can identify") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("too_many_pixels", str(e)) from e
+    except Exception as e:  # truncated headers raise anything from OSError to struct.error
+        raise ImageError("corrupt_image", f"cannot read the image header: {e}") from e
+    if image.format not in limits.formats:
+        raise ImageError("unsupported_format", f"{image.format} images are not accepted; use one of {', '.join(limits.formats)}")
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > limits.max_pixels:
+        raise ImageError("too_many_pixels", f"{width}x{height} is over the limit of {limits.max_pixels} pixels")
+    try:
+        image.seek(0)  # the first frame of an animation
+        image.load()
+        return to_rgb(image)
+    except Exception as e:
+        raise ImageError("corrupt_image", f"cannot decode the image: {e}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, upright, alpha over white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(a * scale, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass(frozen=True)
+class ImagePreset:
+    """Resize to S x S (no crop: a grid cell maps onto the user's picture) and normalise.
+
+    Training, evaluation and serving all use this, so they see the same pixels.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        resized = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0  # (3, S, S)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std

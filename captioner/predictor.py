@@ -1,0 +1,89 @@
+"""Images in, captions out: the four phases of serving a model.
+
+load (`from_checkpoint`), preprocess (`prepare`: decode and resize one image,
+safe to run in worker threads or processes), infer (`caption_batch`: one
+batch through the encoder, then batched decoding), and postprocess into the
+public result format that the folder CLI and the HTTP API share.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .decoding import DecodeOptions, Hypothesis
+from .images import ImageLimits, ImageSource, open_image
+from .model import CaptionModel
+
+
+@dataclass
+class PreparedImage:
+    pixels: torch.Tensor  # (3, S, S), normalised
+    width: int  # of the user's picture, after EXIF orientation
+    height: int
+
+
+class Predictor:
+    def __init__(self, model: CaptionModel, card: dict | None = None, device: str | torch.device = "cpu",
+                 limits: ImageLimits = ImageLimits(), max_batch_size: int = 32):
+        self.model = model.to(device).eval()
+        self.card = card or {}
+        self.device = torch.device(device)
+        self.limits = limits
+        self.max_batch_size = max_batch_size
+        self.preset = model.preset
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "Predictor":
+        model, card = load_checkpoint(path, device)
+        return cls(model, card, device, **kwargs)
+
+    def info(self) -> dict:
+        """What the model is: the basis of a model card."""
+        c = self.model.config
+        return {
+            "encoder": c.encoder,
+            "attention": c.attention,
+            "cell": c.cell,
+            "num_layers": c.num_layers,
+            "vocab_size": len(self.model.vocab),
+            "attention_grid": list(self.model.grid),
+            "image_size": self.preset.size,
+            "config": c.to_dict(),
+            **self.card,
+        }
+
+    def prepare(self, source: ImageSource) -> PreparedImage:
+        """Decode and preprocess one image; raises ImageError for anything unusable."""
+        image = open_image(source, self.limits)
+        return PreparedImage(self.preset(image), image.width, image.height)
+
+    def caption_batch(self, images: list[PreparedImage], options: DecodeOptions) -> list[dict]:
+        """One result per image, in order, in chunks of at most `max_batch_size`."""
+        results = []
+        for start in range(0, len(images), self.max_batch_size):
+            chunk = images[start:start + self.max_batch_size]
+            pixels = torch.stack([im.pixels for im in chunk]).to(self.device)  # (B, 3, S, S)
+            with torch.inference_mode():
+                features = self.model.encoder(pixels)  # (B, P, D)
+                captions = self.model.caption_features(features, options)
+            results += [self.format_result(im, hyps, options) for im, hyps in zip(chunk, captions)]
+        return results
+
+    def caption(self, sources: list[ImageSource], options: DecodeOptions = DecodeOptions()) -> list[dict]:
+        """Convenience: prepare and caption; the first unusable image raises ImageError."""
+        return self.caption_batch([self.prepare(s) for s in sources], options)
+
+    def format_result(self, image: PreparedImage, hypotheses: list[Hypothesis], options: DecodeOptions) -> dict:
+        h, w = self.model.grid
+        captions = []
+        for hyp in hypotheses:
+            tokens = [self.model.vocab.words[i] for i in hyp.token_ids]
+            caption = {"text": " ".join(tokens), "tokens": tokens, "log_prob": round(hyp.log_prob, 4)}
+            if options.attention and hyp.attention is not None:
+                grids = hyp.attention.float().view(-1, h, w)  # (T, h, w)
+                caption["attention"] = grids.round(decimals=5).tolist()
+            captions.append(caption)
+        return {"width": image.width, "height": image.height, "method": options.method,
+                "attention_grid": [h, w], "captions": captions}

@@ -1,0 +1,37 @@
+"""Shared fixtures: a real (tiny, random) model and checkpoint that build in well under a second."""
+
+import pytest
+import torch
+
+from captioner.checkpoint import save_checkpoint
+from captioner.config import ModelConfig
+from captioner.model import build_model
+from captioner.vocab import Vocabulary
+
+TINY_CAPTIONS = [
+    "a red circle above a blue square",
+    "a big green triangle on a dark background",
+    "there is a small yellow diamond",
+    "two shapes a purple circle and a white square",
+]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(encoder="tiny", embed_dim=16, region_dim=24, hidden_dim=32, attention_dim=16, dropout=0.0)
+    return ModelConfig(**{**fields, **overrides})
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(tiny_config(), Vocabulary.build(TINY_CAPTIONS)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny attention model with a model card, for the CLI and the API."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), Vocabulary.build(TINY_CAPTIONS))
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
+    save_checkpoint(model, path, {"training_data": "tests", "scores": {"CIDEr": 0.0}})
+    return path

@@ -1,0 +1,219 @@
+"""Score generated captions against the drawn truth of the Shapes world.
+
+The COCO caption metrics only compare words with the reference captions; these
+four check what a caption claims against what is in the picture:
+
+- exact object set: the caption names exactly the image's (color, shape) objects;
+- object precision / recall over (color, shape) mentions;
+- relation accuracy of `COLOR SHAPE REL a [SIZE] COLOR SHAPE` phrases;
+- pointing game: the attention that emitted a shape word peaks on that object.
+
+A caption is a dict `{"tokens": [str, ...], "attention": (T, h, w) grids or None}`;
+`attention[t]` is the grid over the whole image (rows top to bottom) used to emit
+`tokens[t]`. Grids past the last token (say, for the end token) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, TypedDict
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from training.shapes import COLORS, IMAGE_SIZE, RELATIONS, SHAPES, SIZE_WORDS, Scene, ShapeObject, relation
+
+Pair = tuple[str, str]  # (color, shape): names one object, as no two objects share both
+COUNT_WORDS = {"two": 2, "three": 3}
+SIZE_TOKENS = frozenset(w for words in SIZE_WORDS.values() for w in words)
+
+
+class Caption(TypedDict):
+    tokens: list[str]
+    attention: Any  # (T, h, w) nested lists or array, T >= len(tokens); or None
+
+
+@dataclass(frozen=True)
+class Mention:
+    """A color word immediately followed by a shape word; `index` is the shape word's."""
+
+    index: int
+    pair: Pair
+
+
+@dataclass(frozen=True)
+class RelationPhrase:
+    subject: Pair
+    relation: str
+    object: Pair
+
+
+@dataclass(frozen=True)
+class TruthScores:
+    """Fractions in [0, 1], NaN when nothing was there to score, and their counts."""
+
+    images: int
+    exact_object_set: float
+    object_precision: float
+    object_recall: float
+    relation_accuracy: float
+    relation_count: int  # phrases whose two objects are both in their image
+    pointing_accuracy: float
+    pointing_count: int  # shape words scored by the pointing game
+
+
+def load_truth(instances: COCO | str | Path) -> dict[int, Scene]:
+    """image id -> Scene, from a Shapes `instances_S.json` (path or loaded COCO)."""
+    coco = instances if isinstance(instances, COCO) else COCO(str(instances))
+    truth = {}
+    for image_id, image in coco.imgs.items():
+        objects = tuple(
+            ShapeObject(coco.cats[a["category_id"]]["name"], a["color"], a["size"], tuple(a["bbox"]))
+            for a in coco.imgToAnns[image_id]
+        )
+        truth[image_id] = Scene(image["background"], objects)
+    return truth
+
+
+def mentions(tokens: list[str]) -> list[Mention]:
+    """Every COLOR SHAPE bigram, in caption order (repeats kept)."""
+    return [
+        Mention(i + 1, (tokens[i], tokens[i + 1]))
+        for i in range(len(tokens) - 1)
+        if tokens[i] in COLORS and tokens[i + 1] in SHAPES
+    ]
+
+
+def stated_count(tokens: list[str]) -> int | None:
+    """The n of a `two shapes` / `three shapes` in the caption, if any."""
+    for word, following in zip(tokens, tokens[1:]):
+        if word in COUNT_WORDS and following == "shapes":
+            return COUNT_WORDS[word]
+    return None
+
+
+def relation_phrases(tokens: list[str]) -> list[RelationPhrase]:
+    """Every `COLOR SHAPE REL a [SIZE] COLOR SHAPE` in the caption."""
+    phrases = []
+    for m in mentions(tokens):
+        for rel in RELATIONS:
+            words = rel.split()
+            start = m.index + 1
+            if tokens[start : start + len(words)] != words:
+                continue
+            rest = tokens[start + len(words) :]
+            if rest[:1] != ["a"]:
+                continue
+            rest = rest[2:] if rest[1:2] and rest[1] in SIZE_TOKENS else rest[1:]
+            if len(rest) >= 2 and rest[0] in COLORS and rest[1] in SHAPES:
+                phrases.append(RelationPhrase(m.pair, rel, (rest[0], rest[1])))
+    return phrases
+
+
+def _pairs(scene: Scene) -> dict[Pair, ShapeObject]:
+    return {(o.color, o.shape): o for o in scene.objects}
+
+
+def is_exact(tokens: list[str], scene: Scene) -> bool:
+    """The set of mentioned pairs equals the image's; a stated count must also be right.
+
+    A caption naming no object but stating a count (`there are three shapes ...`)
+    is exact when the image has that many objects.
+    """
+    named = {m.pair for m in mentions(tokens)}
+    count = stated_count(tokens)
+    if count is not None and count != len(scene.objects):
+        return False
+    return named == set(_pairs(scene)) if named else count is not None
+
+
+def object_matches(tokens: list[str], scene: Scene) -> tuple[int, int, int]:
+    """(true positives, predicted, relevant) for one caption.
+
+    Predicted are the caption's unique (color, shape) pairs, relevant the image's
+    objects. A caption naming no object but stating a count n counts as n
+    predictions, all true when the image has n objects and all false otherwise.
+    """
+    truth = set(_pairs(scene))
+    named = {m.pair for m in mentions(tokens)}
+    count = stated_count(tokens)
+    if not named and count is not None:
+        return (len(truth) if count == len(truth) else 0), count, len(truth)
+    return len(named & truth), len(named), len(truth)
+
+
+def relation_hits(tokens: list[str], scene: Scene) -> tuple[int, int]:
+    """(true, considered) relation phrases whose two objects are in the image.
+
+    A phrase relating an object to itself is considered and false.
+    """
+    objects = _pairs(scene)
+    true = considered = 0
+    for p in relation_phrases(tokens):
+        if p.subject in objects and p.object in objects:
+            considered += 1
+            a, b = objects[p.subject], objects[p.object]
+            true += a is not b and relation(a.bbox, b.bbox) == p.relation
+    return true, considered
+
+
+def pointing_hit(grid: np.ndarray, bbox: tuple[float, ...]) -> bool:
+    """Whether the (h, w) grid's maximum cell has its centre in the box grown by half a cell.
+
+    Ties go to the first maximum in row-major order.
+    """
+    h, w = grid.shape
+    cell_h, cell_w = IMAGE_SIZE / h, IMAGE_SIZE / w
+    row, col = np.unravel_index(int(np.argmax(grid)), (h, w))
+    cy, cx = (row + 0.5) * cell_h, (col + 0.5) * cell_w
+    x, y, bw, bh = bbox
+    return x - cell_w / 2 <= cx <= x + bw + cell_w / 2 and y - cell_h / 2 <= cy <= y + bh + cell_h / 2
+
+
+def pointing_hits(caption: Caption, scene: Scene) -> tuple[int, int]:
+    """(hits, scored) over shape words whose preceding color word names an object of the image."""
+    if caption["attention"] is None:
+        return 0, 0
+    tokens = caption["tokens"]
+    attention = np.asarray(caption["attention"], dtype=np.float64)  # (T, h, w)
+    if attention.ndim != 3 or attention.shape[0] < len(tokens):
+        raise ValueError(f"attention of shape {attention.shape} for {len(tokens)} tokens; need (T >= tokens, h, w)")
+    objects = _pairs(scene)
+    scored = [(m.index, objects[m.pair]) for m in mentions(tokens) if m.pair in objects]
+    hits = sum(pointing_hit(attention[t], obj.bbox) for t, obj in scored)
+    return hits, len(scored)
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else math.nan
+
+
+def score_captions(truth: Mapping[int, Scene], predictions: Mapping[int, Caption]) -> TruthScores:
+    """The four truth metrics over the predicted images, micro-averaged over the split.
+
+    Every predicted image id must be in `truth` (KeyError otherwise); truth images
+    without a prediction are not scored.
+    """
+    exact = tp = predicted = relevant = rel_true = rel_count = hits = pointed = 0
+    for image_id, cap in predictions.items():
+        scene = truth[image_id]
+        tokens = list(cap["tokens"])
+        exact += is_exact(tokens, scene)
+        t, p, r = object_matches(tokens, scene)
+        tp, predicted, relevant = tp + t, predicted + p, relevant + r
+        t, n = relation_hits(tokens, scene)
+        rel_true, rel_count = rel_true + t, rel_count + n
+        t, n = pointing_hits(cap, scene)
+        hits, pointed = hits + t, pointed + n
+    return TruthScores(
+        images=len(predictions),
+        exact_object_set=_ratio(exact, len(predictions)),
+        object_precision=_ratio(tp, predicted),
+        object_recall=_ratio(tp, relevant),
+        relation_accuracy=_ratio(rel_true, rel_count),
+        relation_count=rel_count,
+        pointing_accuracy=_ratio(hits, pointed),
+        pointing_count=pointed,
+    )
