@@ -169,9 +169,10 @@ def sample_layout(rng: np.random.Generator, sizes: list[str]) -> list[tuple[int,
         x0 = rng.integers(MARGIN, IMAGE_SIZE - MARGIN - side + 1)  # (K, n)
         y0 = rng.integers(MARGIN, IMAGE_SIZE - MARGIN - side + 1)  # (K, n)
         ok = np.ones(LAYOUT_BATCH, dtype=bool)
+        far = side + 2 * GAP  # a grown box ends this far after its own start
         for i, j in itertools.combinations(range(len(sizes)), 2):
-            apart_x = (x0[:, i] + side[:, i] + 2 * GAP <= x0[:, j]) | (x0[:, j] + side[:, j] + 2 * GAP <= x0[:, i])
-            apart_y = (y0[:, i] + side[:, i] + 2 * GAP <= y0[:, j]) | (y0[:, j] + side[:, j] + 2 * GAP <= y0[:, i])
+            apart_x = (x0[:, i] + far[:, i] <= x0[:, j]) | (x0[:, j] + far[:, j] <= x0[:, i])
+            apart_y = (y0[:, i] + far[:, i] <= y0[:, j]) | (y0[:, j] + far[:, j] <= y0[:, i])
             # Twice the centre differences, to stay in integers.
             dx2 = 2 * (x0[:, j] - x0[:, i]) + side[:, j] - side[:, i]
             dy2 = 2 * (y0[:, j] - y0[:, i]) + side[:, j] - side[:, i]
@@ -190,7 +191,8 @@ def sample_scene(rng: np.random.Generator) -> tuple[Scene, list[RGB]]:
     colors = [list(COLORS)[int(p) // len(SHAPES)] for p in pairs]
     shapes = [SHAPES[int(p) % len(SHAPES)] for p in pairs]
     sizes = [list(SIZE_SIDES)[int(rng.integers(2))] for _ in range(count)]
-    paints = [tuple(int(c) for c in np.add(COLORS[color], rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3))) for color in colors]
+    jitters = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=(count, 3))
+    paints = [tuple(int(c) for c in np.add(COLORS[color], jitter)) for color, jitter in zip(colors, jitters)]
     boxes = sample_layout(rng, sizes)
     objects = tuple(
         ShapeObject(shape, color, size, (x0, y0, s, s))
@@ -203,18 +205,22 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
     """(s, s) bool: the pixels whose centres lie inside the shape drawn in an s-box.
 
     Sampling pixel centres keeps every shape exactly inside its box and makes the
-    pixel count track the true area (the contract's continuous geometry).
+    pixel count track the true area (the contract's continuous geometry). Offsets
+    are integers (half pixels), so the masks are exact on every platform.
     """
-    c = (np.arange(side) + 0.5) / side - 0.5  # pixel centres, box centre at 0
-    u, v = c[None, :], c[:, None]  # u grows right, v grows down
+    offset = 2 * np.arange(side) + 1 - side  # pixel centre minus box centre, in half pixels
+    col, row = offset[None, :], offset[:, None]  # col grows right, row grows down
     if shape == "circle":
-        return np.broadcast_to(u**2 + v**2 <= 0.25, (side, side))
+        return col**2 + row**2 <= side**2
     if shape == "square":
         return np.ones((side, side), dtype=bool)
     if shape == "triangle":  # apex at the top middle, base along the bottom edge
-        return np.broadcast_to(v + 0.5 >= 2 * np.abs(u), (side, side))
+        return np.broadcast_to(row + side >= 2 * np.abs(col), (side, side))
     if shape == "diamond":
-        return np.abs(u) + np.abs(v) <= 0.5
+        # Centres exactly on an edge (even sides) count on the left half only, so the
+        # pixel count matches the true area.
+        edge = np.abs(col) + np.abs(row)
+        return (edge < side) | ((edge == side) & (col < 0))
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -342,7 +348,8 @@ def _write_manifest(out_dir: Path, seed: int, splits: dict[str, int]) -> None:
 
 def _split_complete(out_dir: Path, split: str, count: int) -> bool:
     folder = out_dir / "images" / split
-    if not all((out_dir / "annotations" / f"{kind}_{split}.json").is_file() for kind in ("captions", "instances")):
+    annotations = [out_dir / "annotations" / f"{kind}_{split}.json" for kind in ("captions", "instances")]
+    if not all(path.is_file() for path in annotations):
         return False
     present = set(os.listdir(folder)) if folder.is_dir() else set()
     return all(file_name(split, i) in present for i in range(1, count + 1))
@@ -359,14 +366,14 @@ def generate(out_dir: Path, splits: dict[str, int], seed: int, workers: int = de
     objects never overlap. A split already complete for this version, seed and size
     is kept; any other is redrawn from scratch (its old PNGs are deleted first).
     """
-    if seed < 0:
-        raise ValueError("seed must be >= 0")
+    if seed < 0 or any(count < 0 for count in splits.values()):
+        raise ValueError(f"seed and split sizes must be >= 0, got seed {seed} and {splits}")
     out_dir = Path(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     done = _read_manifest(out_dir, seed)
     done = {s: n for s, n in done.items() if _split_complete(out_dir, s, n)}
     for split, count in splits.items():
-        if count <= 0:
+        if count == 0:
             continue
         if done.get(split) == count:
             print(f"shapes {split}: {count} images already up to date in {out_dir}")
@@ -397,9 +404,13 @@ def generate(out_dir: Path, splits: dict[str, int], seed: int, workers: int = de
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="data set root (images/, annotations/, shapes.json)")
     for split, default in (("train", 3000), ("val", 300), ("test", 300)):
-        parser.add_argument(f"--{split}", type=int, default=default, metavar="N", help=f"{split} images (default {default})")
+        parser.add_argument(
+            f"--{split}", type=int, default=default, metavar="N", help=f"{split} images, 0 to skip (default {default})"
+        )
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="drawing processes (default %(default)s)")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="drawing processes (default %(default)s)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

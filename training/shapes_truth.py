@@ -16,9 +16,10 @@ A caption is a dict `{"tokens": [str, ...], "attention": (T, h, w) grids or None
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -166,7 +167,7 @@ def pointing_hit(grid: np.ndarray, bbox: tuple[float, ...]) -> bool:
     """
     h, w = grid.shape
     cell_h, cell_w = IMAGE_SIZE / h, IMAGE_SIZE / w
-    row, col = np.unravel_index(int(np.argmax(grid)), (h, w))
+    row, col = (int(i) for i in np.unravel_index(int(np.argmax(grid)), (h, w)))
     cy, cx = (row + 0.5) * cell_h, (col + 0.5) * cell_w
     x, y, bw, bh = bbox
     return x - cell_w / 2 <= cx <= x + bw + cell_w / 2 and y - cell_h / 2 <= cy <= y + bh + cell_h / 2
@@ -179,7 +180,7 @@ def pointing_hits(caption: Caption, scene: Scene) -> tuple[int, int]:
     tokens = caption["tokens"]
     attention = np.asarray(caption["attention"], dtype=np.float64)  # (T, h, w)
     if attention.ndim != 3 or attention.shape[0] < len(tokens):
-        raise ValueError(f"attention of shape {attention.shape} for {len(tokens)} tokens; need (T >= tokens, h, w)")
+        raise ValueError(f"attention of shape {attention.shape} for {len(tokens)} tokens: need (T >= tokens, h, w)")
     objects = _pairs(scene)
     scored = [(m.index, objects[m.pair]) for m in mentions(tokens) if m.pair in objects]
     hits = sum(pointing_hit(attention[t], obj.bbox) for t, obj in scored)
@@ -191,7 +192,14 @@ def _ratio(num: int, den: int) -> float:
 
 
 def score_captions(truth: Mapping[int, Scene], predictions: Mapping[int, Caption]) -> TruthScores:
-    """The four truth metrics over the predicted images, micro-averaged over the split.
+    """The four truth metrics over the predicted images, pooled over the split.
+
+    - exact_object_set: the fraction of images whose caption `is_exact`;
+    - object_precision / object_recall: micro-averaged, the summed true positives
+      over the summed predicted (unique pairs per caption) or relevant (the
+      image's objects) counts of `object_matches`;
+    - relation_accuracy: true over considered phrases of `relation_hits`;
+    - pointing_accuracy: hits over scored shape words of `pointing_hits`.
 
     Every predicted image id must be in `truth` (KeyError otherwise); truth images
     without a prediction are not scored.
