@@ -1,0 +1,171 @@
+"""Decode a caption split with a checkpoint and score it with the COCO caption metrics.
+
+    captioner evaluate runs/shapes/best.safetensors --data data/shapes --split test
+    captioner evaluate best.safetensors --data data/coco --split test --karpathy data/coco/dataset_coco.json \\
+        --method beam --beam-size 3 --batch-size 32 --out runs/coco/eval
+
+writes OUT/results_<split>.json (the COCO results format, `[{"image_id", "caption"}]`)
+and OUT/scores_<split>.json, and prints the scores. On the Shapes world (a split
+with its `instances_<split>.json`) the truth metrics of `training.shapes_truth`
+are added, decoded with attention on for the pointing game.
+
+Scoring is apart from decoding: the training loop, which decodes cached
+features, scores through `score_predictions` (or the Java-free `cider` and
+`truth_scores` every epoch) exactly as this command does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from captioner.decoding import METHODS, DecodeOptions
+from captioner.predictor import PreparedImage, Predictor
+from training.caption_metrics import CocoScorer
+from training.coco import CaptionSplit, load_split
+
+
+def truth_scores(split: CaptionSplit, captions: Mapping[int, dict]) -> dict[str, float]:
+    """The Shapes world's truth metrics (NaN where nothing was scored; counts are ints); {} for other data.
+
+    `captions`: image id -> {"tokens": [...], "attention": (T, h, w) grids or None}.
+    """
+    if split.instances is None:
+        return {}
+    from training.shapes_truth import load_truth, score_captions
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        scenes = load_truth(split.instances)
+    truth = score_captions(scenes, captions)
+    return {name: value for name, value in dataclasses.asdict(truth).items() if name != "images"}
+
+
+def score_predictions(split: CaptionSplit, captions: Mapping[int, dict],
+                      scorer: CocoScorer | None = None) -> dict[str, float]:
+    """COCO metrics of the best caption per image (+ truth metrics on Shapes), over the predicted images.
+
+    `captions`: image id -> {"tokens": [...], "attention": grids or None}. Without a
+    `scorer`, one is started (and stopped) for this call.
+    """
+    if scorer is None:
+        with CocoScorer() as own:
+            return score_predictions(split, captions, own)
+    texts = {image_id: " ".join(c["tokens"]) for image_id, c in captions.items()}
+    return {**scorer.score(split.references(), texts), **truth_scores(split, captions)}
+
+
+def prepared_batches(predictor: Predictor, paths: list[Path], batch_size: int,
+                     pool: ThreadPoolExecutor) -> Iterator[list[PreparedImage]]:
+    """Batches of prepared images; the next batch is prepared in `pool` while the caller uses this one."""
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    upcoming = [pool.submit(predictor.prepare, p) for p in chunks[0]] if chunks else []
+    for following in chunks[1:] + [[]]:
+        current, upcoming = upcoming, [pool.submit(predictor.prepare, p) for p in following]
+        yield [f.result() for f in current]
+
+
+def decode_split(predictor: Predictor, split: CaptionSplit, options: DecodeOptions, batch_size: int = 32,
+                 workers: int = 2, progress: bool = False) -> dict[int, dict]:
+    """image id -> the best caption, as the predictor formats it ({"text", "tokens", "log_prob", "attention"?})."""
+    captions = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        batches = prepared_batches(predictor, split.image_paths, batch_size, pool)
+        done = 0
+        for images in tqdm(batches, total=math.ceil(len(split) / batch_size), desc=f"decode {split.name}",
+                           unit="batch", disable=not progress):
+            for image_id, result in zip(split.image_ids[done:], predictor.caption_batch(images, options)):
+                captions[image_id] = result["captions"][0]
+            done += len(images)
+    return captions
+
+
+def evaluate(predictor: Predictor, split: CaptionSplit, options: DecodeOptions, batch_size: int = 32,
+             out_dir: Path | None = None, scorer: CocoScorer | None = None, workers: int = 2,
+             progress: bool = False) -> tuple[list[dict], dict[str, float]]:
+    """Decode `split`, score it: (COCO results `[{"image_id", "caption"}]`, scores).
+
+    With `out_dir`, writes results_<split>.json and scores_<split>.json there.
+    """
+    if split.instances is not None:
+        options = dataclasses.replace(options, attention=True)  # the pointing game needs it
+    best = decode_split(predictor, split, options, batch_size, workers, progress)
+    results = [{"image_id": image_id, "caption": c["text"]} for image_id, c in best.items()]
+    captions = {image_id: {"tokens": c["tokens"], "attention": c.get("attention")} for image_id, c in best.items()}
+    scores = score_predictions(split, captions, scorer)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"results_{split.name}.json").write_text(json.dumps(results) + "\n", encoding="utf-8")
+        # NaN (a truth metric with nothing to score) is not JSON: written as null.
+        finite = {name: None if math.isnan(v) else v for name, v in scores.items()}
+        (out_dir / f"scores_{split.name}.json").write_text(json.dumps(finite, indent=2) + "\n", encoding="utf-8")
+    return results, scores
+
+
+def format_scores(scores: Mapping[str, float]) -> str:
+    """One aligned `name  value` line per score; counts stay whole numbers."""
+    width = max(map(len, scores), default=0)
+    lines = []
+    for name, value in scores.items():
+        lines.append(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+    return "\n".join(lines)
+
+
+# --- command line ----------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint")
+    parser.add_argument("--data", type=Path, required=True, help="data set root (Shapes world or COCO)")
+    parser.add_argument("--split", default="test", help="split name: test, val, val2014, ... (default test)")
+    parser.add_argument("--karpathy", type=Path, help="Karpathy's dataset_coco.json: split is train, val or test")
+    parser.add_argument("--out", type=Path, help="where results_<split>.json and scores_<split>.json go "
+                                                 "(default: the checkpoint's folder)")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images (lowest ids)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
+                        help="threads preparing images (default %(default)s)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--spice", action="store_true", help="also SPICE, if its Stanford models are on disk")
+    defaults = DecodeOptions()
+    parser.add_argument("--method", choices=METHODS, default=defaults.method)
+    parser.add_argument("--beam-size", type=int, default=defaults.beam_size)
+    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--length-penalty", type=float, default=defaults.length_penalty)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--seed", type=int, default=0, help="for --method sample (default 0)")
+
+
+def main(args: argparse.Namespace) -> int:
+    options = DecodeOptions(method=args.method, beam_size=args.beam_size, max_length=args.max_length,
+                            length_penalty=args.length_penalty, temperature=args.temperature, top_k=args.top_k,
+                            seed=args.seed)
+    split = load_split(args.data, args.split, args.karpathy)
+    if args.limit is not None:
+        split = split.first(args.limit)
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, max_batch_size=args.batch_size)
+    out_dir = args.out or args.checkpoint.parent
+    with CocoScorer(spice=args.spice) as scorer:
+        _, scores = evaluate(predictor, split, options, args.batch_size, out_dir, scorer, args.workers, progress=True)
+    print(f"{args.checkpoint} on {args.data} {split.name} ({len(split)} images, {options.method})")
+    print(format_scores(scores))
+    print(f"wrote {out_dir / f'results_{split.name}.json'} and {out_dir / f'scores_{split.name}.json'}")
+    return 0
