@@ -75,21 +75,26 @@ def decode(decoder: Decoder, memory: Memory, options: DecodeOptions) -> list[lis
                   options.top_k, options.seed, options.length_penalty)
 
 
-def _next_word_logits(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
-    """Never predict <pad> or <start>; on the last step, only <end>."""
-    logits = logits.float().clone()  # (N, V)
+def _next_word_log_probs(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
+    """The model's own log-probabilities (N, V), with the words it may not say set to -inf:
+    never <pad> or <start>; on the last step, only <end>.
+
+    Normalised before masking, so a caption's summed log-probability is the one teacher
+    forcing gives, and a forced <end> costs what the model says it costs.
+    """
+    log_probs = logits.float().log_softmax(1)  # (N, V)
     if last_step:
-        end = logits[:, Vocabulary.end_id].clone()
-        logits.fill_(float("-inf"))
-        logits[:, Vocabulary.end_id] = end
+        end = log_probs[:, Vocabulary.end_id].clone()
+        log_probs.fill_(float("-inf"))
+        log_probs[:, Vocabulary.end_id] = end
     else:
-        logits[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
-    return logits
+        log_probs[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
+    return log_probs
 
 
 def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float,
                   choose) -> list[Hypothesis]:
-    """One caption per row of `memory`, each next word picked by `choose(logits) -> (N,)`."""
+    """One caption per row of `memory`, each next word picked by `choose(log_probs) -> (N,)`."""
     N = memory.regions.size(0)
     device = memory.regions.device
     state = decoder.init_state(memory)
@@ -99,9 +104,9 @@ def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_pena
     steps, alphas = [], []
     for t in range(max_length + 1):
         logits, state, alpha = decoder.step(words, state, memory)
-        logits = _next_word_logits(logits, last_step=t == max_length)  # (N, V)
-        words = choose(logits)  # (N,)
-        word_log_prob = logits.log_softmax(1).gather(1, words.unsqueeze(1)).squeeze(1)  # (N,)
+        step_log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (N, V)
+        words = choose(step_log_probs)  # (N,)
+        word_log_prob = step_log_probs.gather(1, words.unsqueeze(1)).squeeze(1)  # (N,)
         log_probs += torch.where(finished, 0.0, word_log_prob)
         words = torch.where(finished, Vocabulary.pad_id, words)
         steps.append(words)
@@ -122,7 +127,7 @@ def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_pena
 
 @torch.no_grad()
 def greedy(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float = 0.7) -> list[Hypothesis]:
-    return _decode_paths(decoder, memory, max_length, length_penalty, lambda logits: logits.argmax(1))
+    return _decode_paths(decoder, memory, max_length, length_penalty, lambda log_probs: log_probs.argmax(1))
 
 
 @torch.no_grad()
@@ -140,8 +145,8 @@ def sample(decoder: Decoder, memory: Memory, num_samples: int, max_length: int, 
     else:
         generator.manual_seed(seed)
 
-    def choose(logits):
-        scaled = logits / temperature  # (N, V)
+    def choose(log_probs):
+        scaled = log_probs / temperature  # (N, V): the same softmax as logits / temperature
         if top_k:
             kth = scaled.topk(min(top_k, scaled.size(1)), dim=1).values[:, -1:]  # (N, 1)
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -176,7 +181,7 @@ def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: 
     done = [False] * B
     for t in range(max_length + 1):
         logits, state, alpha = decoder.step(words, state, memory)
-        log_probs = _next_word_logits(logits, last_step=t == max_length).log_softmax(1)  # (B*K, V)
+        log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (B*K, V)
         V = log_probs.size(1)
         candidates = (scores.view(-1, 1) + log_probs).view(B, K * V)  # (B, K*V)
         top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
