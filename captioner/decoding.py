@@ -5,6 +5,7 @@ has at most `max_length` words: at step `max_length` only <end> may follow, so
 every returned log-probability includes the end of the caption.
 """
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,10 @@ class DecodeOptions:
     attention: bool = False  # return one attention grid per word
 
     def __post_init__(self):
+        for name in ("beam_size", "num_captions", "top_k", "max_length"):  # 2.5 or "3" would pass the bounds
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
