@@ -59,8 +59,9 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Imag
         raise ImageError("too_many_pixels", str(e)) from e
     except Exception as e:  # truncated headers raise anything from OSError to struct.error
         raise ImageError("corrupt_image", f"cannot read the image header: {e}") from e
-    if image.format not in limits.formats:
-        raise ImageError("unsupported_format", f"{image.format} images are not accepted; use one of {', '.join(limits.formats)}")
+    fmt = "JPEG" if image.format == "MPO" else image.format  # MPO: a JPEG with more pictures appended (phones)
+    if fmt not in limits.formats:
+        raise ImageError("unsupported_format", f"{fmt} images are not accepted; use one of {', '.join(limits.formats)}")
     width, height = image.size
     if width < 1 or height < 1 or width * height > limits.max_pixels:
         raise ImageError("too_many_pixels", f"{width}x{height} is over the limit of {limits.max_pixels} pixels")
