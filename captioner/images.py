@@ -80,7 +80,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         a = np.asarray(image, dtype=np.float64)
         scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
         image = Image.fromarray(np.clip(a * scale, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
+    # "transparency" marks one palette index, gray level or colour as transparent (GIF, PNG tRNS)
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
