@@ -1,0 +1,93 @@
+"""The FastAPI app: `create_app(settings)` builds it; its lifespan loads the model.
+
+    uvicorn --factory api.app:create_app      # settings from CAPTIONER_* variables
+    captioner serve --checkpoint model.safetensors
+"""
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import torch
+from fastapi import FastAPI, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+
+from captioner.images import ImageLimits
+from captioner.predictor import Predictor
+
+from .batcher import Batcher
+from .errors import install_error_handlers
+from .guard import RequestGuard
+from .metrics import Metrics, MetricsMiddleware
+from .routers import captions, health, model, page
+from .settings import Settings, get_settings
+
+log = logging.getLogger("captioner.api")
+
+
+class ModelMissing(RuntimeError):
+    pass
+
+
+def missing_model_message(path: Path) -> str:
+    return (f"no model at {path}. Train the default one with `captioner demo --no-serve`, "
+            "or pass --checkpoint PATH (or set CAPTIONER_CHECKPOINT).")
+
+
+def load_predictor(settings: Settings) -> Predictor:
+    if not settings.checkpoint.is_file():
+        raise ModelMissing(missing_model_message(settings.checkpoint))
+    limits = ImageLimits(max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+    return Predictor.from_checkpoint(settings.checkpoint, settings.device, limits=limits,
+                                     max_batch_size=settings.max_batch_size)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    torch.set_num_threads(settings.threads)
+    predictor = await anyio.to_thread.run_sync(load_predictor, settings)
+    batcher = Batcher(predictor, app.state.metrics, settings.max_wait_ms, settings.queue_size)
+    app.state.predictor, app.state.batcher = predictor, batcher
+    # Decoding a large upload takes memory: as many at once as there are cores, not one per request.
+    app.state.image_threads = anyio.CapacityLimiter(settings.threads)
+    batcher.start()
+    log.info("serving %s (encoder %s) on %s", settings.checkpoint, predictor.model.config.encoder, settings.device)
+    try:
+        yield
+    finally:
+        await anyio.to_thread.run_sync(batcher.stop)
+        log.info("model worker stopped")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="captioner",
+        summary="Image captioning with an attention LSTM decoder: n-best captions and where each word looked.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    # The guard does the checking; this only documents the header in /docs.
+    documented = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))] if api_key else []
+    app.include_router(captions.router, dependencies=documented)
+    app.include_router(model.router, dependencies=documented)
+    app.include_router(health.router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
+
+    # Added innermost first: metrics see every answer, CORS answers preflights before the key check.
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, api_key=api_key)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "Content-Type"])
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

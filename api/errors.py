@@ -1,0 +1,99 @@
+"""Every error is JSON: {"error": {"code": "...", "message": "..."}}, with a stable code.
+
+`APIError` is what the routes raise; the handlers installed by `install_error_handlers`
+turn it, FastAPI's validation errors, Starlette's 404/405s and anything unexpected
+into that one shape.
+"""
+
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from captioner.images import ImageError
+
+log = logging.getLogger("captioner.api")
+
+# captioner.images.ImageError codes -> HTTP status
+IMAGE_ERROR_STATUS = {
+    "too_large": 413,
+    "too_many_pixels": 413,
+    "unsupported_format": 415,
+    "corrupt_image": 422,
+    "unreadable": 400,
+}
+
+# status -> code, for errors that did not come with one (Starlette's own, FastAPI's)
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+class APIError(HTTPException):
+    """An error with a machine-readable code; extra keys (file, option) go into the body."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra):
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+        self.message = message
+        self.extra = {k: v for k, v in extra.items() if v is not None}
+
+    @classmethod
+    def from_image_error(cls, error: ImageError, file: str | None = None) -> "APIError":
+        where = f"{file}: " if file else ""
+        return cls(IMAGE_ERROR_STATUS.get(error.code, 400), error.code, where + error.message, file=file)
+
+
+def error_body(code: str, message: str, **extra) -> dict:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   **extra) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, APIError):
+        return error_response(exc.status_code, exc.code, exc.message, exc.headers, **exc.extra)
+    code = STATUS_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+def _field_name(loc: tuple) -> str:
+    """('body', 'beam_size') -> 'beam_size'; ('query', 'x', 0) -> 'x'."""
+    names = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form") and not isinstance(p, int)]
+    return ".".join(names) or "body"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _field_name(tuple(first.get("loc", ())))
+    if field in ("images", "body") and first.get("type") == "missing":
+        return error_response(422, "missing_image", "send at least one file in the multipart form field 'images'")
+    details = "; ".join(f"{_field_name(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
+    return error_response(422, "invalid_option", details, option=field)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "the server failed; the error is in its log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,56 @@
+"""Prometheus metrics, in a registry of the app's own (so several apps in one process never clash)."""
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("captioner_http_requests", "HTTP requests answered",
+                                ["route", "method", "status"], registry=self.registry)
+        self.errors = Counter("captioner_http_errors", "HTTP answers with a status of 400 or more",
+                              ["route", "status"], registry=self.registry)
+        self.latency = Histogram("captioner_http_request_duration_seconds", "time to answer a request",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("captioner_batch_size", "images per model call",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("captioner_queue_depth", "requests waiting for the model worker",
+                                 registry=self.registry)
+        self.images = Counter("captioner_images", "images captioned", registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP answer by route template (not raw path, which would explode the label set)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(label, scope["method"], str(status)).inc()
+            if status >= 400:
+                self.metrics.errors.labels(label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)

@@ -1,0 +1,101 @@
+"""POST /v1/captions: images in, n-best captions out, with attention grids or heatmaps on request.
+
+The four phases: read each upload up to its byte limit; decode and preprocess
+in worker threads (never on the event loop); caption on the model worker,
+batched with other requests; render heatmap overlays, if asked, in a thread.
+"""
+
+import asyncio
+import base64
+import io
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, File, Form, UploadFile
+from PIL import Image
+
+from captioner.images import ImageError, open_image
+from captioner.overlay import heatmap_overlay
+from captioner.predictor import PreparedImage, Predictor
+
+from ..batcher import QueueFull, ShuttingDown
+from ..deps import BatcherDep, ImageThreadsDep, PredictorDep, SettingsDep
+from ..errors import APIError
+from ..schemas import ERROR_RESPONSES, CaptionOptions, CaptionResponse
+from .model import describe_model
+
+router = APIRouter(prefix="/v1", tags=["captions"])
+
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+@router.post("/captions", response_model=CaptionResponse, response_model_exclude_none=True,
+             summary="Caption one or more images", responses=ERROR_RESPONSES)
+async def create_captions(
+    images: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP, GIF, BMP)")],
+    options: Annotated[CaptionOptions, Form()],
+    predictor: PredictorDep,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+    image_threads: ImageThreadsDep,
+) -> dict:
+    """Results come in upload order, each named by its file. Any unusable file fails the
+    whole request with the error naming that file."""
+    if len(images) > settings.max_images:
+        raise APIError(413, "too_many_files", f"{len(images)} files sent; at most {settings.max_images} per request")
+    decode_options = options.decode_options()
+    names = [f.filename or f"image{i}" for i, f in enumerate(images)]
+    # One byte past the limit is enough for open_image to refuse the file as too_large.
+    uploads = [await f.read(predictor.limits.max_bytes + 1) for f in images]
+    overlay_size = settings.overlay_size if options.overlays else None
+    prepared, pictures = await anyio.to_thread.run_sync(_prepare, predictor, names, uploads, overlay_size,
+                                                        limiter=image_threads)
+
+    try:
+        results = await asyncio.wait_for(batcher.submit(prepared, decode_options), settings.request_timeout_s)
+    except QueueFull:
+        raise APIError(503, "overloaded", "too many requests are waiting for the model; retry shortly",
+                       RETRY_AFTER) from None
+    except ShuttingDown:
+        raise APIError(503, "shutting_down", "the server is stopping", RETRY_AFTER) from None
+    except asyncio.TimeoutError:
+        raise APIError(504, "timeout", f"the model did not answer within {settings.request_timeout_s:g} s") from None
+
+    if options.overlays:
+        await anyio.to_thread.run_sync(_add_overlays, results, pictures, limiter=image_threads)
+    for name, result in zip(names, results):
+        result["file"] = name
+        if not options.attention:
+            for caption in result["captions"]:
+                caption.pop("attention", None)
+    return {"model": describe_model(predictor, settings), "results": results}
+
+
+def _prepare(predictor: Predictor, names: list[str], uploads: list[bytes],
+             overlay_size: int | None) -> tuple[list[PreparedImage], list[Image.Image | None]]:
+    """Decode and preprocess every upload; keep a small copy of the picture for overlays."""
+    images, pictures = [], []
+    for name, data in zip(names, uploads):
+        try:
+            picture = open_image(data, predictor.limits)
+        except ImageError as e:
+            raise APIError.from_image_error(e, name) from e
+        images.append(predictor.prepare(picture))
+        if overlay_size:
+            picture.thumbnail((overlay_size, overlay_size))
+            pictures.append(picture)
+        else:
+            pictures.append(None)
+    return images, pictures
+
+
+def _add_overlays(results: list[dict], pictures: list[Image.Image]) -> None:
+    for result, picture in zip(results, pictures):
+        for caption in result["captions"]:
+            caption["overlays"] = [_png_data_uri(heatmap_overlay(picture, grid)) for grid in caption.get("attention", [])]
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,28 @@
+"""The model card: what is loaded, what it was trained on, how it scored, and the limits."""
+
+from fastapi import APIRouter
+
+from captioner.decoding import MAX_BEAM_SIZE, MAX_CAPTIONS, MAX_LENGTH, MAX_TOP_K
+from captioner.predictor import Predictor
+from captioner.vocab import SPECIALS
+
+from ..deps import PredictorDep, SettingsDep
+from ..schemas import ERROR_RESPONSES, Limits, ModelCard
+from ..settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["model"])
+
+
+@router.get("/model", response_model=ModelCard, summary="The loaded model's card",
+            responses={401: ERROR_RESPONSES[401]})
+async def model_card(predictor: PredictorDep, settings: SettingsDep) -> ModelCard:
+    limits = Limits(max_beam_size=MAX_BEAM_SIZE, max_captions=MAX_CAPTIONS, max_length=MAX_LENGTH,
+                    max_top_k=MAX_TOP_K, max_images=settings.max_images, max_bytes=predictor.limits.max_bytes,
+                    max_pixels=predictor.limits.max_pixels, formats=list(predictor.limits.formats))
+    words = [w for w in predictor.model.vocab.words if w not in SPECIALS]
+    return ModelCard(**{**describe_model(predictor, settings), "vocabulary": words, "limits": limits})
+
+
+def describe_model(predictor: Predictor, settings: Settings) -> dict:
+    """The predictor's own description and saved card, with the checkpoint's file name."""
+    return {**predictor.info(), "checkpoint": settings.checkpoint.name}

@@ -1,0 +1,154 @@
+"""Request and response schemas, named by role; their examples show up in /docs."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from captioner.decoding import MAX_BEAM_SIZE, MAX_CAPTIONS, MAX_LENGTH, MAX_TOP_K, DecodeOptions
+
+from .errors import APIError
+
+_DEFAULT = DecodeOptions()
+
+
+class CaptionOptions(BaseModel):
+    """How to decode: the form fields sent beside the files."""
+
+    method: Literal["beam", "greedy", "sample"] = Field(
+        _DEFAULT.method, description="beam search, greedy, or sampling", examples=["beam"])
+    beam_size: int = Field(_DEFAULT.beam_size, ge=1, le=MAX_BEAM_SIZE, examples=[3])
+    num_captions: int = Field(_DEFAULT.num_captions, ge=1, le=MAX_CAPTIONS, examples=[3],
+                              description="n-best for beam (at most beam_size), samples for sample, 1 for greedy")
+    temperature: float = Field(_DEFAULT.temperature, gt=0.0, le=10.0, examples=[0.8], description="sampling only")
+    top_k: int = Field(_DEFAULT.top_k, ge=0, le=MAX_TOP_K, examples=[5],
+                       description="sampling only; 0 samples from the whole vocabulary")
+    max_length: int = Field(_DEFAULT.max_length, ge=1, le=MAX_LENGTH, examples=[20], description="words per caption")
+    length_penalty: float = Field(_DEFAULT.length_penalty, ge=0.0, le=2.0, examples=[0.7],
+                                  description="captions rank by log_prob / (words + 1) ** length_penalty")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, examples=[7], description="sampling only: repeatable samples")
+    attention: bool = Field(False, description="return each word's attention grid (h x w, sums to 1)")
+    overlays: bool = Field(False, description="return each word's heatmap over the picture as a PNG data URI")
+
+    def decode_options(self) -> DecodeOptions:
+        """The library's options; its cross-option rules become 422 invalid_option."""
+        fields = self.model_dump(exclude={"overlays"})
+        fields["attention"] = self.attention or self.overlays
+        try:
+            return DecodeOptions(**fields)
+        except ValueError as e:
+            message = str(e)
+            named = [name for name in fields if name in message]  # the option the message is about comes first
+            option = min(named, key=message.index) if named else "num_captions"  # "greedy ... one caption"
+            if not message.startswith(option):
+                message = f"{option}: {message}"
+            raise APIError(422, "invalid_option", message, option=option) from e
+
+
+class Caption(BaseModel):
+    text: str
+    tokens: list[str]
+    log_prob: float = Field(description="summed log-probability of the words and <end>")
+    attention: list[list[list[float]]] | None = Field(
+        None, description="per word, the (h, w) attention grid over the picture")
+    overlays: list[str] | None = Field(None, description="per word, a PNG data URI of its heatmap over the picture")
+
+
+class ImageResult(BaseModel):
+    file: str = Field(description="the uploaded file's name; results come in upload order")
+    width: int
+    height: int
+    method: str
+    attention_grid: tuple[int, int] = Field(description="(h, w) of the attention grids")
+    captions: list[Caption] = Field(description="best first")
+
+
+class ModelSummary(BaseModel):
+    """Which model answered: enough to tell two servers apart. GET /v1/model has the whole card."""
+
+    checkpoint: str = Field(description="the checkpoint's file name")
+    encoder: str
+    attention: bool = Field(description="whether the decoder attends (and so whether heatmaps exist)")
+    cell: str
+    vocab_size: int
+    attention_grid: tuple[int, int]
+
+
+class CaptionResponse(BaseModel):
+    model: ModelSummary
+    results: list[ImageResult]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": {"checkpoint": "model.safetensors", "encoder": "efficientnet_lite0", "attention": True,
+                  "cell": "lstm", "vocab_size": 40, "attention_grid": [7, 7]},
+        "results": [{
+        "file": "shapes.png", "width": 224, "height": 224, "method": "beam", "attention_grid": [7, 7],
+        "captions": [
+            {"text": "a red circle above a blue square", "log_prob": -1.23,
+             "tokens": ["a", "red", "circle", "above", "a", "blue", "square"]},
+            {"text": "a red circle and a blue square", "log_prob": -2.71,
+             "tokens": ["a", "red", "circle", "and", "a", "blue", "square"]},
+        ]}]}]})
+
+
+class Limits(BaseModel):
+    max_beam_size: int
+    max_captions: int
+    max_length: int
+    max_top_k: int
+    max_images: int = Field(description="files per request")
+    max_bytes: int = Field(description="bytes per file")
+    max_pixels: int = Field(description="width x height per image")
+    formats: list[str]
+
+
+class ModelCard(ModelSummary):
+    """What the loaded model is, what it was trained on and how it scored (the card saved with it)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "checkpoint": "model.safetensors", "encoder": "efficientnet_lite0", "attention": True, "cell": "lstm",
+        "num_layers": 1, "vocab_size": 40, "attention_grid": [7, 7], "image_size": 224,
+        "config": {"encoder": "efficientnet_lite0", "hidden_dim": 512},
+        "training_data": "the Shapes world (3000 images)", "scores": {"CIDEr": 2.1, "BLEU-4": 0.62},
+        "vocabulary": ["a", "red", "circle"],
+        "limits": {"max_beam_size": 10, "max_captions": 10, "max_length": 50, "max_top_k": 1000,
+                   "max_images": 16, "max_bytes": 10485760, "max_pixels": 40000000,
+                   "formats": ["JPEG", "PNG", "WEBP", "GIF", "BMP"]},
+    }]})
+
+    num_layers: int
+    image_size: int
+    config: dict
+    vocabulary: list[str] = Field(description="every word the model can say (special tokens left out)")
+    limits: Limits
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["unsupported_format"])
+    message: str = Field(examples=["notes.txt: not an image Pillow can identify"])
+    file: str | None = Field(None, description="the uploaded file at fault, if one is")
+    option: str | None = Field(None, description="the option at fault, if one is")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+def _error_example(code: str, message: str, **extra) -> dict:
+    return {"model": ErrorResponse, "description": message,
+            "content": {"application/json": {"example": {"error": {"code": code, "message": message, **extra}}}}}
+
+
+ERROR_RESPONSES = {
+    401: _error_example("unauthorized", "send the API key in the X-API-Key header"),
+    413: _error_example("too_many_pixels", "big.png: 20000x20000 is over the limit of 40000000 pixels",
+                        file="big.png"),
+    415: _error_example("unsupported_format", "notes.txt: not an image Pillow can identify", file="notes.txt"),
+    422: _error_example("invalid_option", "beam_size: Input should be less than or equal to 10",
+                        option="beam_size"),
+    503: _error_example("overloaded", "too many requests are waiting for the model; retry shortly"),
+    504: _error_example("timeout", "the model did not answer within 60 s"),
+}

@@ -1,0 +1,66 @@
+"""The server's settings: one BaseSettings class, read from CAPTIONER_* variables.
+
+Each field has the same snake_case name as its environment variable
+(CAPTIONER_MAX_BATCH_SIZE) and its `captioner serve` flag (--max-batch-size);
+flags override the environment.
+"""
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from captioner.home import default_checkpoint
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore")
+
+    checkpoint: Path = Field(default_factory=default_checkpoint,
+                             description="the model to serve (default: the one `captioner demo` trains)")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    threads: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1, ge=1,
+                         description="torch threads, and images decoded at once (default: the usable cores)")
+    max_batch_size: int = Field(16, ge=1, le=512, description="images per model call")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000,
+                               description="how long the model worker waits to fill a batch")
+    queue_size: int = Field(64, ge=1, description="requests waiting for the model; beyond it: 503")
+    max_images: int = Field(16, ge=1, description="files per request")
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1, description="bytes per file")
+    max_pixels: int = Field(40_000_000, ge=1, description="width x height per image, read from its header")
+    overlay_size: int = Field(256, ge=16, le=1024, description="longest side of heatmap overlay PNGs")
+    request_timeout_s: float = Field(60.0, gt=0, description="longest wait for the model; beyond it: 504")
+    api_key: SecretStr | None = Field(None, description="when set, /v1/* needs the header X-API-Key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed to call the API from a browser")
+    timeout_graceful_shutdown: float = Field(
+        15.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value):
+        return None if value == "" else value
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body worth reading: every file at its limit, plus form fields."""
+        return self.max_images * self.max_bytes + 64 * 1024
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

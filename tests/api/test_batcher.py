@@ -1,0 +1,204 @@
+"""The model worker: gathering, grouping by options, back-pressure and a clean stop.
+
+The model is the real tiny one; `Recorder` only notes each call (and can hold or break one).
+Images are told apart by their widths, which every result carries.
+"""
+
+import asyncio
+import threading
+
+import pytest
+
+from api.batcher import Batcher, QueueFull, ShuttingDown
+from api.metrics import Metrics
+from captioner.decoding import DecodeOptions
+from captioner.predictor import Predictor
+
+from .helpers import picture
+
+GREEDY = DecodeOptions(method="greedy", max_length=4)
+BEAM = DecodeOptions(method="beam", beam_size=2, max_length=4)
+
+
+class Recorder:
+    """Stands in front of a predictor's caption_batch: records (widths, options, thread) per call."""
+
+    def __init__(self, predictor: Predictor, gate: threading.Event | None = None, fail_width: int | None = None):
+        self.calls: list[tuple[list[int], DecodeOptions, str]] = []
+        self.gate, self.fail_width = gate, fail_width
+        self.entered = threading.Event()
+        self.real = predictor.caption_batch
+        predictor.caption_batch = self
+
+    def __call__(self, images, options):
+        self.entered.set()
+        if self.gate:
+            self.gate.wait(30)
+        widths = [image.width for image in images]
+        self.calls.append((widths, options, threading.current_thread().name))
+        if self.fail_width in widths:
+            raise RuntimeError("the model broke")
+        return self.real(images, options)
+
+
+@pytest.fixture
+def make_predictor(tiny_checkpoint):
+    return lambda max_batch_size=8: Predictor.from_checkpoint(tiny_checkpoint, max_batch_size=max_batch_size)
+
+
+def prepared(predictor: Predictor, *widths: int):
+    return [predictor.prepare(picture((w, 40))) for w in widths]
+
+
+def start(predictor, **kwargs) -> tuple[Batcher, Metrics]:
+    metrics = Metrics()
+    batcher = Batcher(predictor, metrics, **kwargs)
+    batcher.start()
+    return batcher, metrics
+
+
+def widths(results) -> list[int]:
+    return [r["width"] for r in results]
+
+
+def test_requests_arriving_together_share_one_model_call_per_options(make_predictor):
+    predictor = make_predictor(max_batch_size=7)  # the worker stops gathering once all 7 images are in
+    recorder = Recorder(predictor)
+    batcher, metrics = start(predictor, max_wait_ms=5000)
+
+    async def main():
+        return await asyncio.gather(
+            batcher.submit(prepared(predictor, 11, 12), BEAM), batcher.submit(prepared(predictor, 13), GREEDY),
+            batcher.submit(prepared(predictor, 14), BEAM), batcher.submit(prepared(predictor, 15, 16, 17), GREEDY))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert [widths(r) for r in results] == [[11, 12], [13], [14], [15, 16, 17]]
+    assert [r["method"] for r in results[0] + results[2]] == ["beam"] * 3
+    assert [r["method"] for r in results[1] + results[3]] == ["greedy"] * 4
+    assert sorted((options.method, w) for w, options, _ in recorder.calls) == [
+        ("beam", [11, 12, 14]), ("greedy", [13, 15, 16, 17])]
+    assert {thread for _, _, thread in recorder.calls} == {"captioner-model"}
+    assert metrics.registry.get_sample_value("captioner_batch_size_count") == 2
+    assert metrics.registry.get_sample_value("captioner_batch_size_sum") == 7
+
+
+def test_a_batched_image_gets_the_caption_it_gets_alone(make_predictor):
+    predictor = make_predictor(max_batch_size=3)  # gathering ends when all three are in
+    alone = [predictor.caption_batch(prepared(predictor, w), GREEDY)[0] for w in (21, 22, 23)]
+    batcher, _ = start(predictor, max_wait_ms=5000)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(prepared(predictor, w), GREEDY) for w in (21, 22, 23)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert [r[0] for r in results] == alone
+
+
+def test_seeded_sampling_is_never_batched_with_other_requests(make_predictor):
+    predictor = make_predictor()
+    recorder = Recorder(predictor)
+    batcher, _ = start(predictor, max_wait_ms=200)
+    seeded = DecodeOptions(method="sample", num_captions=2, seed=3, max_length=4)
+
+    async def main():
+        return await asyncio.gather(batcher.submit(prepared(predictor, 31), seeded),
+                                    batcher.submit(prepared(predictor, 32), seeded))
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert sorted(w for w, _, _ in recorder.calls) == [[31], [32]]
+
+
+def test_a_model_call_holds_at_most_max_batch_size_images(make_predictor):
+    predictor = make_predictor(max_batch_size=2)
+    recorder = Recorder(predictor)
+    batcher, metrics = start(predictor, max_wait_ms=500)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(prepared(predictor, 40 + i), GREEDY) for i in range(5)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert [widths(r) for r in results] == [[40], [41], [42], [43], [44]]
+    assert sorted(w for call in recorder.calls for w in call[0]) == [40, 41, 42, 43, 44]
+    assert metrics.registry.get_sample_value("captioner_batch_size_bucket", {"le": "2.0"}) == \
+        metrics.registry.get_sample_value("captioner_batch_size_count")
+
+
+def test_a_full_queue_refuses_at_once_and_a_stopped_batcher_refuses_too(make_predictor):
+    predictor = make_predictor()
+    gate = threading.Event()
+    recorder = Recorder(predictor, gate=gate)
+    batcher, metrics = start(predictor, max_wait_ms=0, queue_size=1)
+
+    async def main():
+        held = asyncio.ensure_future(batcher.submit(prepared(predictor, 51), GREEDY))
+        assert await asyncio.to_thread(recorder.entered.wait, 30)  # the worker is inside the model
+        waiting = asyncio.ensure_future(batcher.submit(prepared(predictor, 52), GREEDY))
+        await asyncio.sleep(0)  # let `waiting` reach the queue
+        assert metrics.registry.get_sample_value("captioner_queue_depth") == 1
+        with pytest.raises(QueueFull):
+            await batcher.submit(prepared(predictor, 53), GREEDY)
+        gate.set()
+        return await held, await waiting
+
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        gate.set()
+        batcher.stop()
+    assert widths(first) == [51] and widths(second) == [52]
+    assert not batcher.alive
+
+    async def after():
+        await batcher.submit(prepared(predictor, 54), GREEDY)
+
+    with pytest.raises(ShuttingDown):
+        asyncio.run(after())
+
+
+def test_a_failing_model_call_fails_its_requests_and_the_worker_goes_on(make_predictor):
+    predictor = make_predictor()
+    Recorder(predictor, fail_width=99)
+    batcher, _ = start(predictor, max_wait_ms=0)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="the model broke"):
+            await batcher.submit(prepared(predictor, 99), GREEDY)
+        return await batcher.submit(prepared(predictor, 61), GREEDY)
+
+    try:
+        assert widths(asyncio.run(main())) == [61]
+    finally:
+        batcher.stop()
+
+
+def test_stop_finishes_queued_jobs_before_the_worker_ends(make_predictor):
+    predictor = make_predictor(max_batch_size=1)
+    gate = threading.Event()
+    recorder = Recorder(predictor, gate=gate)
+    batcher, _ = start(predictor, max_wait_ms=0)
+
+    async def main():
+        jobs = [asyncio.ensure_future(batcher.submit(prepared(predictor, 70 + i), GREEDY)) for i in range(3)]
+        assert await asyncio.to_thread(recorder.entered.wait, 30)
+        stopper = threading.Thread(target=batcher.stop)
+        stopper.start()  # asked to stop while one job is in the model and two are queued
+        gate.set()
+        results = await asyncio.gather(*jobs)
+        await asyncio.to_thread(stopper.join, 30)
+        return results
+
+    results = asyncio.run(main())
+    assert [widths(r) for r in results] == [[70], [71], [72]]
+    assert not batcher._thread.is_alive()

@@ -1,0 +1,55 @@
+"""/metrics exposes the service's series; the OpenAPI schema documents the endpoints with examples."""
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .helpers import png, upload
+
+
+def samples(client) -> dict:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_count_requests_errors_latency_batches_and_queue(client):
+    client.post("/v1/captions", files=upload(("a.png", png()), ("b.png", png())), data={"method": "greedy"})
+    client.post("/v1/captions", files=upload(("a.txt", b"text")))
+    client.get("/no/such/page")
+    s = samples(client)
+    assert s[("captioner_http_requests_total", (("method", "POST"), ("route", "/v1/captions"), ("status", "200")))] == 1
+    assert s[("captioner_http_requests_total", (("method", "POST"), ("route", "/v1/captions"), ("status", "415")))] == 1
+    assert s[("captioner_http_errors_total", (("route", "/v1/captions"), ("status", "415")))] == 1
+    assert s[("captioner_http_errors_total", (("route", "unmatched"), ("status", "404")))] == 1
+    assert s[("captioner_http_request_duration_seconds_count", (("route", "/v1/captions"),))] == 2
+    assert s[("captioner_batch_size_count", ())] == 1
+    assert s[("captioner_batch_size_sum", ())] == 2
+    assert s[("captioner_images_total", ())] == 2
+    assert s[("captioner_queue_depth", ())] == 0
+
+
+def test_each_app_has_its_own_registry(make_client):
+    first, second = make_client(), make_client()
+    first.post("/v1/captions", files=upload(("a.png", png())), data={"method": "greedy"})
+    assert samples(first)[("captioner_images_total", ())] == 1
+    assert samples(second)[("captioner_images_total", ())] == 0
+
+
+def test_openapi_documents_the_endpoints_with_examples(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    assert {"/v1/captions", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(paths)
+    post = paths["/v1/captions"]["post"]
+    assert "multipart/form-data" in post["requestBody"]["content"]
+    for status in ("200", "413", "415", "422", "503"):
+        assert status in post["responses"], status
+    assert post["responses"]["415"]["content"]["application/json"]["example"]["error"]["code"] == "unsupported_format"
+    components = schema["components"]["schemas"]
+    assert components["CaptionResponse"]["examples"][0]["results"][0]["captions"]
+    assert components["ModelCard"]["examples"][0]["limits"]
+    options = components["CaptionOptions"]["properties"]
+    for name in ("method", "beam_size", "num_captions", "temperature", "top_k", "max_length", "seed"):
+        assert options[name].get("examples"), name
+    assert options["beam_size"]["maximum"] == 10
+    body = components[post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]]
+    assert body["properties"]["images"]["type"] == "array"
