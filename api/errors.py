@@ -54,22 +54,17 @@ class APIError(HTTPException):
         where = f"{file}: " if file else ""
         return cls(IMAGE_ERROR_STATUS.get(error.code, 400), error.code, where + error.message, file=file)
 
-
-def error_body(code: str, message: str, **extra) -> dict:
-    return {"error": {"code": code, "message": message, **extra}}
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                   **extra) -> JSONResponse:
-    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+    def response(self) -> JSONResponse:
+        body = {"error": {"code": self.code, "message": self.message, **self.extra}}
+        return JSONResponse(body, status_code=self.status_code, headers=self.headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if isinstance(exc, APIError):
-        return error_response(exc.status_code, exc.code, exc.message, exc.headers, **exc.extra)
+        return exc.response()
     code = STATUS_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+    return APIError(exc.status_code, code, message, getattr(exc, "headers", None)).response()
 
 
 def _field_name(loc: tuple) -> str:
@@ -83,14 +78,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = _field_name(tuple(first.get("loc", ())))
     if field in ("images", "body") and first.get("type") == "missing":
-        return error_response(422, "missing_image", "send at least one file in the multipart form field 'images'")
+        return APIError(422, "missing_image", "send at least one file in the multipart form field 'images'").response()
     details = "; ".join(f"{_field_name(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
-    return error_response(422, "invalid_option", details, option=field)
+    return APIError(422, "invalid_option", details, option=field).response()
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "the server failed; the error is in its log")
+    return APIError(500, "internal_error", "the server failed; the error is in its log").response()
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,7 +8,7 @@ import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, error_response
+from .errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
 
@@ -26,13 +26,13 @@ class RequestGuard:
         headers = dict(scope["headers"])
         if self.api_key and scope["path"].startswith(PROTECTED_PREFIX):
             if not hmac.compare_digest(headers.get(b"x-api-key", b""), self.api_key):
-                await error_response(401, "unauthorized", "send the API key in the X-API-Key header",
-                                     {"WWW-Authenticate": "X-API-Key"})(scope, receive, send)
+                error = APIError(401, "unauthorized", "send the API key in the X-API-Key header",
+                                 {"WWW-Authenticate": "X-API-Key"})
+                await error.response()(scope, receive, send)
                 return
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            error = _too_large(self.max_body_bytes)
-            await error_response(error.status_code, error.code, error.message)(scope, receive, send)
+            await _too_large(self.max_body_bytes).response()(scope, receive, send)
             return
         await self.app(scope, _limited(receive, self.max_body_bytes), send)
 

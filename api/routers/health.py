@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import MetricsDep
-from ..errors import error_response
+from ..errors import APIError
 from ..schemas import ErrorResponse, Status
 
 router = APIRouter(tags=["health"])
@@ -20,7 +20,7 @@ async def healthz() -> Status:
 async def readyz(request: Request):
     batcher = getattr(request.app.state, "batcher", None)
     if batcher is None or not batcher.alive:
-        return error_response(503, "not_ready", "the model is not loaded, or the server is stopping")
+        return APIError(503, "not_ready", "the model is not loaded, or the server is stopping").response()
     return Status(status="ready")
 
 
