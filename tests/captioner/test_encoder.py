@@ -1,0 +1,137 @@
+"""Encoders: one builder, region features (B, P, D) over a grid covering the image, real pretrained weights."""
+
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from captioner.encoder import ENCODERS, build_encoder, load_efficientnet_lite0
+from captioner.images import ImagePreset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_unknown_encoder_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="resnet50"):
+        build_encoder("vgg16")
+
+
+def test_the_builder_knows_every_encoder_the_product_names():
+    assert {"efficientnet_lite0", "resnet50", "resnet101", "tiny"} <= set(ENCODERS)
+
+
+def test_tiny_encoder_gives_regions_in_row_major_order():
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny").eval()
+    images = torch.randn(3, 3, encoder.image_size, encoder.image_size)
+    h, w = encoder.grid
+    with torch.no_grad():
+        features = encoder(images)  # (B, P, D)
+        fmap = encoder.feature_map(images)  # (B, D, h, w)
+    assert features.shape == (3, h * w, encoder.dim)
+    assert fmap.shape == (3, encoder.dim, h, w)
+    for r, c in [(0, 0), (0, w - 1), (h - 1, 0), (2, 5)]:
+        torch.testing.assert_close(features[:, r * w + c], fmap[:, :, r, c])
+
+
+def test_each_image_is_encoded_independently_of_its_batch():
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny").eval()
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        together = encoder(images)
+        alone = torch.cat([encoder(images[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101"])
+def test_pretrained_resnet_without_a_weights_file_is_a_clear_error(name):
+    with pytest.raises(ValueError, match="weights") as caught:
+        build_encoder(name)
+    assert "download" in str(caught.value)
+
+
+def test_resnet_without_pretrained_weights_needs_no_file():
+    encoder = build_encoder("resnet50", pretrained=False)
+    assert (encoder.grid, encoder.dim, encoder.image_size) == ((7, 7), 2048, 224)
+
+
+@pytest.fixture(scope="module")
+def resnet50_weights(tmp_path_factory):
+    """A random torchvision resnet50 (eval mode) and its state dict saved as .pth and .safetensors."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    net = torchvision.models.resnet50(weights=None)
+    with torch.no_grad():  # BatchNorm statistics that differ from the defaults, so they must be loaded too
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    net.eval()
+    folder = tmp_path_factory.mktemp("resnet50")
+    state = net.state_dict()
+    torch.save(state, folder / "resnet50.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "resnet50.safetensors")
+    return net, folder
+
+
+def test_resnet50_loads_a_local_weights_file_in_either_format(resnet50_weights):
+    net, folder = resnet50_weights
+    torch.manual_seed(2)
+    images = torch.randn(2, 3, 96, 96)  # fully convolutional: a 3 x 3 grid is enough to compare weights
+    features = []
+    for name in ("resnet50.pth", "resnet50.safetensors"):
+        encoder = build_encoder("resnet50", weights_path=folder / name).eval()
+        with torch.no_grad():
+            features.append(encoder(images))  # (B, 49, 2048)
+    assert features[0].shape == (2, 9, 2048)
+    assert torch.equal(features[0], features[1])
+    body = torch.nn.Sequential(*list(net.children())[:-2])  # the reference: up to layer4
+    body = body.to(memory_format=torch.channels_last)  # the same kernels as the encoder
+    with torch.no_grad():
+        expected = body(images.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(features[0], expected)
+
+
+class _Payload:
+    """Anything a pickle could smuggle in."""
+
+
+def test_a_torch_weights_file_is_never_unpickled(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": _Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        build_encoder("resnet50", weights_path=path)
+
+
+def test_efficientnet_lite0_s16_gives_a_finer_grid():
+    encoder = build_encoder("efficientnet_lite0_s16", pretrained=False).eval()
+    with torch.no_grad():
+        features = encoder(torch.zeros(1, 3, 224, 224))
+    assert encoder.grid == (14, 14)
+    assert features.shape == (1, 14 * 14, encoder.dim)
+
+
+@pytest.fixture(scope="module")
+def chelsea():
+    skimage_data = pytest.importorskip("skimage.data")
+    return Image.fromarray(skimage_data.chelsea())  # a cat, shipped with scikit-image
+
+
+def test_efficientnet_lite0_is_the_real_pretrained_network(chelsea):
+    """The ImageNet head ranks a cat class (281-285) first: random or shuffled weights would not."""
+    encoder = build_encoder("efficientnet_lite0").eval()
+    preset = ImagePreset(encoder.image_size, encoder.mean, encoder.std)
+    assert (preset.size, preset.mean, preset.std) == (224, (0.5,) * 3, (0.5,) * 3)
+    pixels = preset(chelsea).unsqueeze(0)  # (1, 3, 224, 224)
+    classifier = load_efficientnet_lite0().eval()
+    with torch.no_grad():
+        logits = classifier(pixels)  # (1, 1000)
+        features = encoder(pixels)  # (1, 49, 1280)
+        expected = classifier.forward_features(pixels).flatten(2).transpose(1, 2)
+    assert 281 <= int(logits.argmax()) <= 285
+    assert features.shape == (1, 7 * 7, 1280) and encoder.grid == (7, 7)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)  # the encoder is that network, headless

@@ -1,0 +1,168 @@
+"""The predictor: images in (bytes, paths, PIL), one encoder batch, batched decoding, results out."""
+
+import pytest
+import torch
+from PIL import Image
+
+from captioner.decoding import DecodeOptions
+from captioner.encoder import Encoder
+from captioner.images import ImageError, ImageLimits
+from captioner.predictor import Predictor
+from tests.captioner.conftest import IMAGE_CASES, RED, image_bytes, png_header
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CAPTION_KEYS = {"text", "tokens", "log_prob"}
+RESULT_KEYS = {"width", "height", "method", "attention_grid", "captions"}
+
+
+@pytest.fixture
+def predictor(tiny_model):
+    return Predictor(tiny_model)
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch):
+    """The batch size of every encoder call."""
+    calls = []
+    real_forward = Encoder.forward
+
+    def spy(self, images):
+        calls.append(images.size(0))
+        return real_forward(self, images)
+
+    monkeypatch.setattr(Encoder, "forward", spy)
+    return calls
+
+
+def test_real_files_of_every_mode_are_captioned_in_one_encoder_batch(predictor, image_files, encoder_calls):
+    names = list(IMAGE_CASES)
+    results = predictor.caption([image_files[n] for n in names], DecodeOptions(beam_size=2, max_length=5))
+    assert encoder_calls == [len(names)]
+    assert len(results) == len(names)
+    for name, result in zip(names, results):
+        assert set(result) == RESULT_KEYS
+        expected_size = (30, 40) if name == "jpeg_exif_orientation_6" else (40, 30)
+        assert (result["width"], result["height"]) == expected_size, name
+        assert result["method"] == "beam" and result["attention_grid"] == [8, 8]
+        assert len(result["captions"]) == 1
+
+
+def test_bytes_paths_and_pil_images_give_the_same_result(predictor, tmp_path):
+    picture = Image.new("RGB", (50, 40), RED)
+    picture.paste((0, 0, 255), (0, 0, 25, 20))
+    data = image_bytes(picture, "PNG")
+    path = tmp_path / "picture.png"
+    path.write_bytes(data)
+    options = DecodeOptions(method="greedy", max_length=6, attention=True)
+    results = predictor.caption([data, path, str(path), picture], options)
+    assert all(r == results[0] for r in results[1:])
+
+
+def test_results_come_back_in_order_and_batched_equals_alone(predictor, image_files):
+    paths = [image_files[n] for n in ("jpeg_RGB", "png_RGBA", "gif_animated", "bmp", "png_I16")]
+    options = DecodeOptions(beam_size=3, num_captions=2, max_length=6)
+    together = predictor.caption(paths, options)
+    alone = [predictor.caption([p], options)[0] for p in paths]
+    for a, b in zip(together, alone):
+        assert [c["tokens"] for c in a["captions"]] == [c["tokens"] for c in b["captions"]]
+        assert [c["log_prob"] for c in a["captions"]] == pytest.approx([c["log_prob"] for c in b["captions"]],
+                                                                       abs=2e-4)
+
+
+def test_batches_are_cut_at_max_batch_size_without_changing_results(tiny_model, image_files, encoder_calls):
+    paths = [image_files[n] for n in ("jpeg_RGB", "png_RGBA", "gif_animated", "bmp", "webp")]
+    options = DecodeOptions(method="greedy", max_length=5)
+    small = Predictor(tiny_model, max_batch_size=2).caption(paths, options)
+    assert encoder_calls == [2, 2, 1]
+    encoder_calls.clear()
+    large = Predictor(tiny_model).caption(paths, options)
+    assert encoder_calls == [5]
+    assert [r["captions"][0]["tokens"] for r in small] == [r["captions"][0]["tokens"] for r in large]
+
+
+@pytest.mark.parametrize("options", [
+    DecodeOptions(method="greedy", max_length=7, attention=True),
+    DecodeOptions(method="sample", num_captions=3, seed=0, max_length=7, attention=True),
+    DecodeOptions(method="beam", beam_size=4, num_captions=4, max_length=7, attention=True),
+])
+def test_result_format_with_attention_grids(predictor, image_files, options):
+    result = predictor.caption([image_files["jpeg_RGB"]], options)[0]
+    assert result["method"] == options.method
+    assert len(result["captions"]) == options.num_captions
+    for caption in result["captions"]:
+        assert set(caption) == CAPTION_KEYS | {"attention"}
+        assert caption["text"] == " ".join(caption["tokens"])
+        assert all(isinstance(t, str) and not t.startswith("<") or t == "<unk>" for t in caption["tokens"])
+        assert isinstance(caption["log_prob"], float) and caption["log_prob"] < 0
+        grids = torch.tensor(caption["attention"])  # (T, h, w)
+        assert grids.shape == (len(caption["tokens"]), 8, 8)
+        torch.testing.assert_close(grids.sum((1, 2)), torch.ones(len(caption["tokens"])), atol=1e-3, rtol=0)
+
+
+def test_attention_is_left_out_unless_asked_or_when_the_model_has_none(predictor, make_model, image_files):
+    result = predictor.caption([image_files["bmp"]], DecodeOptions(max_length=5))[0]
+    assert all(set(c) == CAPTION_KEYS for c in result["captions"])
+    show_and_tell = Predictor(make_model(attention=False))
+    result = show_and_tell.caption([image_files["bmp"]], DecodeOptions(max_length=5, attention=True))[0]
+    assert all(set(c) == CAPTION_KEYS for c in result["captions"])
+
+
+def test_an_empty_caption_has_no_attention_grids(tiny_model, image_files):
+    with torch.no_grad():
+        tiny_model.decoder.out.bias[tiny_model.vocab.end_id] = 50.0  # the model ends at once
+    result = Predictor(tiny_model).caption([image_files["bmp"]], DecodeOptions(method="greedy", attention=True))[0]
+    assert result["captions"] == [{"text": "", "tokens": [], "log_prob": 0.0, "attention": []}]
+
+
+def test_log_prob_is_the_decoders_rounded(predictor, tiny_model, image_files):
+    prepared = predictor.prepare(image_files["webp"])
+    options = DecodeOptions(beam_size=3, num_captions=3, max_length=6)
+    with torch.no_grad():
+        hypotheses = tiny_model.caption_features(tiny_model.encoder(prepared.pixels[None]), options)[0]
+    result = predictor.caption_batch([prepared], options)[0]
+    assert [c["log_prob"] for c in result["captions"]] == [round(h.log_prob, 4) for h in hypotheses]
+    assert [c["tokens"] for c in result["captions"]] == [[tiny_model.vocab.words[i] for i in h.token_ids]
+                                                        for h in hypotheses]
+
+
+def test_prepare_resizes_to_the_encoder_preset(predictor, image_files):
+    prepared = predictor.prepare(image_files["jpeg_exif_orientation_6"])
+    assert prepared.pixels.shape == (3, 64, 64)
+    assert (prepared.width, prepared.height) == (30, 40)
+
+
+def test_unusable_images_raise_image_error_with_a_code(predictor, image_files, encoder_calls):
+    with pytest.raises(ImageError) as caught:
+        predictor.caption([image_files["bmp"], b"not an image"])
+    assert caught.value.code == "unsupported_format"
+    data = image_files["jpeg_RGB"].read_bytes()
+    with pytest.raises(ImageError) as caught:
+        predictor.caption([data[: len(data) // 2]])
+    assert caught.value.code == "corrupt_image"
+    assert encoder_calls == []  # refused before any work on the batch
+
+
+def test_the_predictors_pixel_limit_is_applied(tiny_model, image_files):
+    strict = Predictor(tiny_model, limits=ImageLimits(max_pixels=1000))
+    with pytest.raises(ImageError) as caught:
+        strict.prepare(image_files["bmp"])  # 40 x 30 = 1200 pixels
+    assert caught.value.code == "too_many_pixels"
+    with pytest.raises(ImageError) as caught:
+        strict.prepare(png_header(30000, 30000))
+    assert caught.value.code == "too_many_pixels"
+
+
+def test_from_checkpoint_and_info(tiny_checkpoint, image_files):
+    predictor = Predictor.from_checkpoint(tiny_checkpoint)
+    info = predictor.info()
+    assert info["encoder"] == "tiny" and info["attention"] is True and info["cell"] == "lstm"
+    assert info["attention_grid"] == [8, 8] and info["image_size"] == 64
+    assert info["vocab_size"] == len(predictor.model.vocab)
+    assert info["training_data"] == "tests" and info["scores"] == {"CIDEr": 0.0}
+    assert not predictor.model.training
+    assert predictor.caption([image_files["png_LA"]], DecodeOptions(max_length=4))[0]["captions"]
+
+
+def test_an_empty_batch_gives_no_results(predictor):
+    assert predictor.caption_batch([], DecodeOptions()) == []
