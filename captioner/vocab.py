@@ -8,12 +8,12 @@ from dataclasses import dataclass
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # letters and digits of any script: "café" is one word
 
 
 def tokenize(text: str) -> list[str]:
     """Lowercase words, punctuation dropped: "A dog, running." -> ["a", "dog", "running"]."""
-    return _WORD.findall(text.lower())
+    return _WORD.findall(text.lower().replace("\u2019", "'"))  # the typographic apostrophe of "dog’s"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,13 @@ def test_tokenize_lowercases_and_drops_punctuation():
     assert tokenize("  \n") == []
 
 
+def test_tokenize_keeps_words_with_accents_and_typographic_apostrophes_whole():
+    """Captions are typed by people: "café" is one word, and "dog’s" is "dog's"."""
+    assert tokenize("A café with crème brûlée, jalapeño") == ["a", "café", "with", "crème", "brûlée", "jalapeño"]
+    assert tokenize("the dog’s ball") == tokenize("the dog's ball") == ["the", "dog's", "ball"]
+    assert tokenize("snake_case under_score") == ["snake", "case", "under", "score"]
+
+
 def test_build_keeps_words_seen_min_count_times_most_frequent_first():
     captions = ["a dog and a cat", "a dog", "the bird", "A DOG!"]
     vocab = Vocabulary.build(captions, min_count=2)
