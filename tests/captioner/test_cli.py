@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +28,9 @@ def heavy(modules: set[str]) -> list[str]:
 
 
 def test_help_lists_every_subcommand():
-    done = subprocess.run([sys.executable, "-m", "captioner.cli", "--help"], capture_output=True, text=True,
-                          timeout=60)
+    script = Path(sys.executable).with_name("captioner")  # the console script pip installed
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "captioner.cli"]
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     for name, (_, help_text) in cli.COMMANDS.items():
         assert name in done.stdout and help_text in done.stdout

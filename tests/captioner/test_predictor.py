@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner.decoder import Decoder
 from captioner.decoding import DecodeOptions
 from captioner.encoder import Encoder
 from captioner.images import ImageError, ImageLimits
@@ -22,6 +23,20 @@ def predictor(tiny_model):
 
 
 @pytest.fixture
+def step_rows(monkeypatch):
+    """The number of rows of every decoder step."""
+    rows = []
+    real_step = Decoder.step
+
+    def spy(self, words, state, memory):
+        rows.append(words.size(0))
+        return real_step(self, words, state, memory)
+
+    monkeypatch.setattr(Decoder, "step", spy)
+    return rows
+
+
+@pytest.fixture
 def encoder_calls(monkeypatch):
     """The batch size of every encoder call."""
     calls = []
@@ -35,10 +50,11 @@ def encoder_calls(monkeypatch):
     return calls
 
 
-def test_real_files_of_every_mode_are_captioned_in_one_encoder_batch(predictor, image_files, encoder_calls):
+def test_real_files_of_every_mode_are_captioned_in_one_batch(predictor, image_files, encoder_calls, step_rows):
     names = list(IMAGE_CASES)
     results = predictor.caption([image_files[n] for n in names], DecodeOptions(beam_size=2, max_length=5))
     assert encoder_calls == [len(names)]
+    assert step_rows and set(step_rows) == {len(names) * 2}  # every step decodes all beams of all images
     assert len(results) == len(names)
     for name, result in zip(names, results):
         assert set(result) == RESULT_KEYS
