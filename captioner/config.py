@@ -22,6 +22,11 @@ class ModelConfig:
     word_in_query: bool = True  # the attention query also sees the word just read, not only h_{t-1}
 
     def __post_init__(self):
+        for f in fields(self):  # a JSON header or a CLI can hand over "false" or 1.5
+            value, kind = getattr(self, f.name), f.type
+            kinds = (int, float) if kind is float else (kind,)
+            if not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be {kind.__name__}, got {value!r}")
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
         if self.init_state not in INIT_STATES:

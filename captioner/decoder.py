@@ -26,13 +26,24 @@ class DecoderState(NamedTuple):
 
 
 class Memory(NamedTuple):
-    """What the decoder reads from the image, computed once per image."""
+    """What the decoder reads from the images, computed once per image.
+
+    One image may serve several rows of decoder state (its captions in training,
+    its beams or samples when decoding): rows i*k .. i*k+k-1 read image i, with
+    k = rows_per_image, and attention broadcasts over them instead of copying.
+    """
 
     regions: torch.Tensor  # (B, P, R)
     keys: torch.Tensor  # (B, P, A) attention's projection of the regions; (B, P, 0) without attention
+    rows_per_image: int = 1  # k
 
-    def index_select(self, index: torch.Tensor) -> "Memory":
-        return Memory(self.regions.index_select(0, index), self.keys.index_select(0, index))
+    @property
+    def rows(self) -> int:
+        return self.regions.size(0) * self.rows_per_image  # N = B * k
+
+    def repeat(self, k: int) -> "Memory":
+        """Each row becomes k rows reading the same image."""
+        return Memory(self.regions, self.keys, self.rows_per_image * k)
 
 
 CELL_TYPES = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
@@ -46,7 +57,8 @@ class Decoder(nn.Module):
         num_regions = grid[0] * grid[1]
         self.feature_norm = nn.LayerNorm(encoder_dim)
         self.region_proj = nn.Linear(encoder_dim, c.region_dim)
-        self.region_pos = nn.Parameter(torch.zeros(num_regions, c.region_dim)) if c.positional else None
+        # positions matter only to attention: without it the regions are averaged away
+        self.region_pos = nn.Parameter(torch.zeros(num_regions, c.region_dim)) if c.positional and c.attention else None
         self.embed = nn.Embedding(vocab_size, c.embed_dim, padding_idx=0)
         self.dropout = nn.Dropout(c.dropout)
         if c.attention:
@@ -64,12 +76,13 @@ class Decoder(nn.Module):
         self.cells = nn.ModuleList(
             cell_type(input_dim if i == 0 else c.hidden_dim, c.hidden_dim) for i in range(c.num_layers)
         )
+        has_cell_state = c.cell == "lstm"  # GRU and RNN carry h only
         if c.init_state == "mean":
             self.init_h = nn.Linear(c.region_dim, c.num_layers * c.hidden_dim)
-            self.init_c = nn.Linear(c.region_dim, c.num_layers * c.hidden_dim)
+            self.init_c = nn.Linear(c.region_dim, c.num_layers * c.hidden_dim) if has_cell_state else None
         else:
             self.h0 = nn.Parameter(torch.zeros(c.num_layers, 1, c.hidden_dim))
-            self.c0 = nn.Parameter(torch.zeros(c.num_layers, 1, c.hidden_dim))
+            self.c0 = nn.Parameter(torch.zeros(c.num_layers, 1, c.hidden_dim)) if has_cell_state else None
         self.out = nn.Linear(c.hidden_dim, vocab_size)
         if self.region_pos is not None:
             nn.init.normal_(self.region_pos, std=0.02)
@@ -92,25 +105,25 @@ class Decoder(nn.Module):
 
     def init_state(self, memory: Memory) -> DecoderState:
         c = self.config
-        B = memory.regions.size(0)
+        B, k = memory.regions.size(0), memory.rows_per_image
+        mean = memory.regions.mean(dim=1).repeat_interleave(k, dim=0)  # (N, R)
+        layers = lambda x: x.view(-1, c.num_layers, c.hidden_dim).transpose(0, 1)  # (N, L*H) -> (L, N, H)
         if c.init_state == "mean":
-            mean = memory.regions.mean(dim=1)  # (B, R)
-            h = torch.tanh(self.init_h(mean)).view(B, c.num_layers, c.hidden_dim).transpose(0, 1)  # (L, B, H)
-            cell = torch.tanh(self.init_c(mean)).view(B, c.num_layers, c.hidden_dim).transpose(0, 1)
+            h = layers(torch.tanh(self.init_h(mean)))  # (L, N, H)
+            cell = layers(torch.tanh(self.init_c(mean))) if self.init_c is not None else torch.zeros_like(h)
         else:
-            h = self.h0.expand(-1, B, -1)  # (L, B, H)
-            cell = self.c0.expand(-1, B, -1)
+            h = self.h0.expand(-1, B * k, -1)  # (L, N, H)
+            cell = self.c0.expand(-1, B * k, -1) if self.c0 is not None else torch.zeros_like(h)
         state = DecoderState(h.contiguous(), cell.contiguous())
         if not c.attention:  # Show and Tell: the image goes in once, before <start>
-            image = self.image_embed(memory.regions.mean(dim=1))  # (B, E)
-            state, _ = self._run_cells(self.dropout(image), state)
+            state, _ = self._run_cells(self.dropout(self.image_embed(mean)), state)
         return state
 
     def _run_cells(self, x: torch.Tensor, state: DecoderState) -> tuple[DecoderState, torch.Tensor]:
         hs, cs = [], []
         for i, cell in enumerate(self.cells):
             if isinstance(cell, nn.LSTMCell):
-                h, c = cell(x, (state.h[i], state.c[i]))  # (B, H) each
+                h, c = cell(x, (state.h[i], state.c[i]))  # (N, H) each
             else:
                 h, c = cell(x, state.h[i]), state.c[i]
             hs.append(h)
@@ -118,32 +131,40 @@ class Decoder(nn.Module):
             x = self.dropout(h)
         return DecoderState(torch.stack(hs), torch.stack(cs)), h
 
-    def attend(self, memory: Memory, query: torch.Tensor) -> torch.Tensor:
-        """Additive attention: alpha (B, P), summing to 1 over the regions."""
-        energy = self.score(torch.tanh(memory.keys + self.query_proj(query).unsqueeze(1)))  # (B, P, 1)
-        return energy.squeeze(2).softmax(dim=1)  # (B, P)
+    def attend(self, memory: Memory, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive attention for queries (N, Q): alpha (N, P), summing to 1 over the
+        regions, and the attended context (N, R)."""
+        B, P, A = memory.keys.shape
+        k = memory.rows_per_image
+        q = self.query_proj(query).view(B, k, 1, A)  # (B, k, 1, A)
+        energy = self.score(torch.tanh(memory.keys.unsqueeze(1) + q)).squeeze(3)  # (B, k, P)
+        alpha = energy.softmax(dim=2)  # (B, k, P)
+        context = torch.bmm(alpha, memory.regions)  # (B, k, R)
+        return alpha.view(B * k, P), context.view(B * k, -1)
 
     def step(self, words: torch.Tensor, state: DecoderState, memory: Memory
              ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
-        """Read `words` (B,), predict the next: logits (B, V), the new state, and the
-        attention alpha (B, P) used for that prediction (None without attention)."""
-        emb = self.dropout(self.embed(words))  # (B, E)
+        """Read `words` (N,), predict the next: logits (N, V), the new state, and the
+        attention alpha (N, P) used for that prediction (None without attention)."""
+        emb = self.dropout(self.embed(words))  # (N, E)
         if not self.config.attention:
             state, top = self._run_cells(emb, state)
             return self.out(self.dropout(top)), state, None
-        previous = state.h[-1]  # (B, H)
+        previous = state.h[-1]  # (N, H)
         query = torch.cat([previous, emb], dim=1) if self.config.word_in_query else previous
-        alpha = self.attend(memory, query)  # (B, P)
-        context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)  # (B, R)
-        context = torch.sigmoid(self.f_beta(previous)) * context  # (B, R)
-        state, top = self._run_cells(torch.cat([emb, context], dim=1), state)  # top: (B, H)
-        logits = self.out(self.dropout(top + self.context_out(context)))  # (B, V)
+        alpha, context = self.attend(memory, query)  # (N, P), (N, R)
+        context = torch.sigmoid(self.f_beta(previous)) * context  # (N, R)
+        state, top = self._run_cells(torch.cat([emb, context], dim=1), state)  # top: (N, H)
+        logits = self.out(self.dropout(top + self.context_out(context)))  # (N, V)
         return logits, state, alpha
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher forcing. captions (B, T) start with <start>; returns logits (B, T-1, V)
-        predicting captions[:, 1:], and alphas (B, T-1, P) (None without attention)."""
-        memory = self.prepare(features)
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing. features (B, P, D); captions (N, T), N = B * captions_per_image,
+        image i's captions in rows i*k .. i*k+k-1, each starting with <start>. Returns
+        logits (N, T-1, V) predicting captions[:, 1:] and alphas (N, T-1, P) (None without
+        attention). Each image is projected once, however many captions it has."""
+        memory = self.prepare(features).repeat(captions_per_image)
         state = self.init_state(memory)
         logits, alphas = [], []
         for t in range(captions.size(1) - 1):

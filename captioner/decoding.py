@@ -100,7 +100,7 @@ def _next_word_log_probs(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
 def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float,
                   choose) -> list[Hypothesis]:
     """One caption per row of `memory`, each next word picked by `choose(log_probs) -> (N,)`."""
-    N = memory.regions.size(0)
+    N = memory.rows
     device = memory.regions.device
     state = decoder.init_state(memory)
     words = torch.full((N,), Vocabulary.start_id, dtype=torch.long, device=device)
@@ -142,7 +142,7 @@ def sample(decoder: Decoder, memory: Memory, num_samples: int, max_length: int, 
 
     Log-probabilities are the model's own (temperature 1, whole vocabulary), so
     samples and beams rank on one scale."""
-    B = memory.regions.size(0)
+    B = memory.rows
     device = memory.regions.device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -157,8 +157,7 @@ def sample(decoder: Decoder, memory: Memory, num_samples: int, max_length: int, 
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         return torch.multinomial(scaled.softmax(1), 1, generator=generator).squeeze(1)
 
-    rows = torch.arange(B, device=device).repeat_interleave(num_samples)
-    paths = _decode_paths(decoder, memory.index_select(rows), max_length, length_penalty, choose)
+    paths = _decode_paths(decoder, memory.repeat(num_samples), max_length, length_penalty, choose)
     return [sorted(paths[b * num_samples:(b + 1) * num_samples], key=lambda h: -h.score) for b in range(B)]
 
 
@@ -172,10 +171,9 @@ def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: 
     beams of one image and of different images may finish at different steps.
     An image is done once it has K finished captions (beam size 1 is greedy).
     """
-    B, K = memory.regions.size(0), beam_size
+    B, K = memory.rows, beam_size
     device = memory.regions.device
-    flat = torch.arange(B, device=device).repeat_interleave(K)  # beam row -> image
-    memory = memory.index_select(flat)
+    memory = memory.repeat(K)  # beam row i*K + j reads image i
     state = decoder.init_state(memory)
     words = torch.full((B * K,), Vocabulary.start_id, dtype=torch.long, device=device)
     scores = torch.full((B, K), float("-inf"), device=device)

@@ -26,6 +26,13 @@ class Encoder(nn.Module):
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def tail(self, n: int) -> list[nn.Module]:
+        """The last `n` blocks, the ones worth fine-tuning."""
+        return list(self.blocks_in_order())[-n:] if n > 0 else []
+
+    def blocks_in_order(self) -> list[nn.Module]:
+        raise NotImplementedError
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # channels-last runs the depthwise convolutions about 1.5x faster on a CPU
         fmap = self.feature_map(images.contiguous(memory_format=torch.channels_last))  # (B, D, h, w)
@@ -72,6 +79,9 @@ class EfficientNetLite0(Encoder):
     def feature_map(self, images):
         return self.net.forward_features(images)  # (B, 1280, 7, 7)
 
+    def blocks_in_order(self):
+        return [*self.net.blocks, nn.ModuleList([self.net.conv_head, self.net.bn2])]
+
 
 class EfficientNetLite0S16(Encoder):
     """A 14 x 14 grid (stride 16): the 112-channel stage joined with the upsampled 320-channel stage.
@@ -98,6 +108,9 @@ class EfficientNetLite0S16(Encoder):
         coarse = F.interpolate(x, size=fine.shape[-2:], mode="nearest")  # (B, 320, 14, 14)
         return torch.cat([fine, coarse], dim=1)  # (B, 432, 14, 14)
 
+    def blocks_in_order(self):
+        return list(self.blocks)
+
 
 class ResNet(Encoder):
     """torchvision ResNet-50/101, the 2048 x 7 x 7 map of the last stage."""
@@ -120,6 +133,9 @@ class ResNet(Encoder):
     def feature_map(self, images):
         return self.body(images)  # (B, 2048, 7, 7)
 
+    def blocks_in_order(self):
+        return list(self.body)
+
 
 class TinyEncoder(Encoder):
     """A small random CNN (64 px in, 8 x 8 x 32 out) so tests run in milliseconds."""
@@ -137,6 +153,9 @@ class TinyEncoder(Encoder):
 
     def feature_map(self, images):
         return self.body(images)  # (B, 32, 8, 8)
+
+    def blocks_in_order(self):
+        return [m for m in self.body if isinstance(m, nn.Conv2d)]
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -161,4 +180,6 @@ def build_encoder(name: str, pretrained: bool = True, weights_path: str | Path |
     """The encoder called `name`; `pretrained=False` when a checkpoint will supply the weights."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
+    if weights_path is not None and not name.startswith("resnet"):
+        raise ValueError(f"{name} takes no weights file: its weights come with the package or the checkpoint")
     return ENCODERS[name](pretrained=pretrained, weights_path=weights_path).to(memory_format=torch.channels_last)

@@ -28,9 +28,9 @@ class CaptionModel(nn.Module):
     def grid(self) -> tuple[int, int]:
         return self.encoder.grid
 
-    def forward(self, images: torch.Tensor, captions: torch.Tensor):
-        """Teacher forcing from pixels: images (B, 3, S, S), captions (B, T)."""
-        return self.decoder(self.encoder(images), captions)
+    def forward(self, images: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 1):
+        """Teacher forcing from pixels: images (B, 3, S, S), captions (B * k, T); see Decoder.forward."""
+        return self.decoder(self.encoder(images), captions, captions_per_image)
 
     @torch.no_grad()
     def caption_features(self, features: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:

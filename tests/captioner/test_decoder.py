@@ -63,18 +63,11 @@ def test_show_and_tell_has_no_attention_layers(make_model):
     assert alpha is None and logits.shape == (2, len(make_model().vocab))
 
 
-# GRU and vanilla RNN cells have no cell state, yet the decoder builds `init_c` ("mean") or `c0`
-# ("learned") for them: parameters that never get a gradient. Owned by the lead (decoder.py).
-UNUSED_CELL_STATE = pytest.mark.xfail(
-    strict=True, reason="decoder.py builds init_c / c0 for GRU and RNN cells, which have no cell state")
-
-
 def gradient_configs():
     for cell, attention, init_state in itertools.product(CELLS, [True, False], ["mean", "learned"]):
         for num_layers in (1, 2):
-            marks = [UNUSED_CELL_STATE] if cell != "lstm" else []
             yield pytest.param(dict(cell=cell, attention=attention, init_state=init_state, num_layers=num_layers),
-                               marks=marks, id=f"{cell}-{'att' if attention else 'noatt'}-{init_state}-L{num_layers}")
+                               id=f"{cell}-{'att' if attention else 'noatt'}-{init_state}-L{num_layers}")
 
 
 @pytest.mark.parametrize("config", gradient_configs())
