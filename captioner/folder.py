@@ -1,0 +1,287 @@
+"""`captioner caption`: caption image files and folders into JSON lines, CSV or COCO results.
+
+    captioner caption photos/ --recursive --out captions.jsonl
+    captioner caption a.jpg b.png --method greedy --out captions.jsonl
+    captioner caption photos/ --attention --overlays sheets/ --out captions.jsonl
+    captioner caption val2014/ --method beam --beam-size 3 --format coco --out results.json
+
+Files are found by discovery (`folder_files`), captioned by the pipeline
+(`folder_pipeline`) and recorded in the journal (`folder_journal`); this module
+reads the command line, splits the work across shards or torchrun ranks, and
+reports.
+"""
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from .decoding import METHODS, DecodeOptions
+from .folder_files import Entry, Shard, find_entries
+from .folder_journal import JournalWriter, merge, recover, write_coco, write_csv
+from .home import default_checkpoint
+
+FORMATS = ("jsonl", "csv", "coco")
+MAX_BATCH_SIZE = 256
+MAX_WORKERS = 32
+
+EPILOG = """\
+output:
+  One JSON line per file, in the order the files are found (roots as given,
+  folders sorted by name): the result format of the HTTP API plus "file", the
+  path relative to the root it was found under (a file given directly: its
+  name). A file that cannot be read or decoded gives
+  {"file": ..., "error": {"code": ..., "message": ...}}, with the codes of the
+  HTTP API (unreadable, too_large, unsupported_format, too_many_pixels,
+  corrupt_image). Files skipped by design get such a line too: not_an_image
+  (the extension is not .jpg .jpeg .png .webp .gif .bmp) and outside_root (a
+  symbolic link leading out of the folder, unless --follow-links).
+  --format csv writes one row per caption; --format coco writes a COCO results
+  file ([{"image_id", "caption"}], the best caption per image). image_id is the
+  number that ends the file name (COCO_val2014_000000123456.jpg -> 123456) when
+  every name has a distinct one, else 1, 2, 3, ... in output order. Both are
+  written at the end from the JSON lines journal OUT.jsonl, which stays beside
+  OUT.
+
+resuming:
+  Lines are flushed to disk after every batch. Rerun the same command with the
+  same --out to caption only the files not yet in the output; an interrupted
+  run loses at most the batches in flight. To start over, delete the output.
+
+exit status:
+  0 when every image was captioned (skipped files do not count), 1 when the
+  output holds at least one image that failed (earlier runs included), 2 for a
+  usage error.
+
+more than one machine:
+  On machine I of N, with the same folder (a shared or copied file system):
+      captioner caption data/ -r --shard I/N --out part-I.jsonl
+  then, on one machine, merge the parts into the single-run order:
+      captioner caption data/ -r --merge part-*.jsonl --out captions.jsonl
+  (cat part-*.jsonl > captions.jsonl gives the same lines in another order.)
+  On one machine with several processes, torchrun splits the work by rank:
+      torchrun --standalone --nproc_per_node 2 -m captioner.cli caption data/ -r --out captions.jsonl
+  each rank writes OUT.rank<R>, and rank 0 merges them into OUT at the end
+  (its exit status is the run's; the other ranks exit 0). torchrun across
+  machines works the same way when OUT is on a file system they share: on each,
+      torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d \
+          --rdzv_endpoint HOST:29400 --rdzv_id captions -m captioner.cli caption ...
+"""
+
+
+def _bounded(low: int, high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+    return parse
+
+
+def _shard(text: str) -> Shard:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+        return Shard(index, count)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}") from e
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files and folders")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help=f"model file (default: the default model, {default_checkpoint()})")
+    parser.add_argument("--out", type=Path, required=True, help="output file; rerunning resumes it")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="default: csv for an --out ending in .csv, else jsonl")
+    parser.add_argument("--method", choices=METHODS, default="beam", help="default beam")
+    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--num-captions", type=int, default=1, help="n-best (beam) or samples (sample)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling")
+    parser.add_argument("--top-k", type=int, default=0, help="sampling; 0: the whole vocabulary")
+    parser.add_argument("--max-length", type=int, default=20, help="words per caption")
+    parser.add_argument("--seed", type=int, default=None, help="sampling")
+    parser.add_argument("--attention", action="store_true", help="one attention grid per word in the output")
+    parser.add_argument("--overlays", type=Path, metavar="DIR",
+                        help="write DIR/<file>.png: the picture, its best caption and a heatmap per word")
+    parser.add_argument("-r", "--recursive", action="store_true", help="enter subfolders")
+    parser.add_argument("--follow-links", action="store_true",
+                        help="read symbolic links that lead outside the folder")
+    parser.add_argument("--batch-size", type=_bounded(1, MAX_BATCH_SIZE), default=16,
+                        help="images per model call (default %(default)s)")
+    parser.add_argument("--workers", type=_bounded(1, MAX_WORKERS), default=2,
+                        help="image decoding threads (default %(default)s)")
+    parser.add_argument("--threads", type=_bounded(1, 256), default=None,
+                        help="torch threads (default: the CPUs available, shared among torchrun's local ranks)")
+    parser.add_argument("--shard", type=_shard, metavar="I/N", help="caption only the I-th of N disjoint parts")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="PART",
+                        help="merge shard outputs into --out in the single-run order, captioning nothing")
+
+
+def _usage_error(message: str) -> int:
+    print(f"captioner caption: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun with more than one process."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run writes: OUT, the JSON-lines journal behind it, torchrun's parts, the overlays."""
+
+    out: Path
+    format: str
+    overlays: Path | None = None
+
+    @property
+    def journal(self) -> Path:
+        return self.out if self.format == "jsonl" else self.out.with_name(self.out.name + ".jsonl")
+
+    def part(self, rank: int) -> Path:
+        return self.journal.with_name(f"{self.journal.name}.rank{rank}")
+
+    def written_here(self, path: Path) -> bool:
+        """OUT, its journal, parts, temporary files and the overlays folder are never inputs,
+        even inside a folder being captioned: a rerun must find the same files."""
+        if path.name.lstrip(".").startswith(self.out.name):
+            return path.parent.resolve() == self.out.parent.resolve()
+        return self.overlays is not None and path.resolve() == self.overlays.resolve()
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        options = DecodeOptions(args.method, args.beam_size, args.num_captions, args.temperature, args.top_k,
+                                args.max_length, seed=args.seed, attention=args.attention or bool(args.overlays))
+    except ValueError as e:
+        return _usage_error(str(e))
+    distributed = _torchrun_rank()
+    if distributed and (args.shard or args.merge):
+        return _usage_error("under torchrun each rank takes its shard itself; drop --shard and --merge")
+    if args.shard and args.merge:
+        return _usage_error("--merge combines the outputs of --shard runs; give one of them")
+    outputs = Outputs(args.out, args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl"),
+                      args.overlays)
+    try:
+        entries = find_entries(args.paths, args.recursive, args.follow_links, exclude=outputs.written_here)
+    except (OSError, ValueError) as e:
+        return _usage_error(str(e))
+    order = {entry.file: i for i, entry in enumerate(entries)}
+    if args.merge:
+        merge([outputs.journal, *args.merge], order, outputs.journal)
+        return _finish(outputs, label=f"merged {len(args.merge)} parts: ")
+
+    shard = Shard(*distributed) if distributed else args.shard
+    if shard is not None:
+        entries = [e for e in entries if shard.holds(e.file)]
+    output = outputs.part(distributed[0]) if distributed else outputs.journal
+    try:
+        earlier = recover(output)
+        if distributed:
+            earlier.done |= recover(outputs.journal).done  # a rerun after the parts were merged
+    except ValueError as e:
+        return _usage_error(str(e))
+    todo = [e for e in entries if e.file not in earlier.done]
+    try:
+        predictor, threads = _load(args)
+    except _ModelUnavailable as e:
+        return _usage_error(str(e))
+    if not distributed:
+        failed = _caption(args, predictor, threads, options, todo, output, already_done=len(entries) - len(todo))
+        return _finish(outputs, earlier.failed + failed)
+
+    import torch.distributed as dist
+
+    rank, world_size = distributed
+    dist.init_process_group("gloo")
+    _caption(args, predictor, threads, options, todo, output, len(entries) - len(todo), label=f"rank {rank}: ",
+             show_progress=rank == 0)
+    dist.monitored_barrier(timeout=timedelta(days=1))  # every rank's part is complete: wait for the slowest
+    status = 0  # rank 0 speaks for the merged output
+    if rank == 0:
+        parts = [outputs.part(r) for r in range(world_size)]
+        merge([outputs.journal, *parts], order, outputs.journal)
+        for part in parts:
+            part.unlink()
+        status = _finish(outputs, label=f"merged {world_size} ranks: ")
+    dist.destroy_process_group()
+    return status
+
+
+class _ModelUnavailable(Exception):
+    pass
+
+
+def _load(args: argparse.Namespace):
+    """The predictor, with torch's threads set once: (predictor, threads)."""
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .predictor import Predictor
+
+    threads = args.threads or _default_threads()
+    torch.set_num_threads(threads)
+    checkpoint = args.checkpoint or default_checkpoint()
+    try:
+        return Predictor.from_checkpoint(checkpoint, max_batch_size=args.batch_size), threads
+    except (OSError, CheckpointError) as e:
+        hint = "" if args.checkpoint else "; train it with `captioner demo` or give --checkpoint"
+        raise _ModelUnavailable(f"cannot load the model: {e}{hint}") from e
+
+
+def _default_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _caption(args: argparse.Namespace, predictor, threads: int, options: DecodeOptions, todo: list[Entry],
+             output: Path, already_done: int, label: str = "", show_progress: bool = True) -> int:
+    """Caption `todo` into `output` and say how it went; returns how many images failed."""
+    from tqdm import tqdm
+
+    from .folder_pipeline import PipelineConfig, caption_entries
+
+    config = PipelineConfig(args.batch_size, args.workers, lanes=threads, threads_per_lane=1,
+                            overlays=args.overlays, keep_attention=args.attention)
+    start = time.perf_counter()
+    writer = JournalWriter(output)
+    with tqdm(total=sum(e.skip is None for e in todo), unit="img", desc=f"{label}captioning",
+              disable=None if show_progress else True, file=sys.stderr) as bar:
+        try:
+            tally = caption_entries(predictor, todo, options, config, writer.append, bar.update)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"{label}interrupted: {output} holds every finished batch; rerun the same command to go on",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
+        finally:
+            writer.close()
+    seconds = time.perf_counter() - start
+    print(f"{label}captioned {tally.captioned}, failed {tally.failed}, skipped {tally.skipped}, "
+          f"already done {already_done}; {seconds:.1f} s, {tally.captioned / max(seconds, 1e-9):.1f} images/s "
+          f"-> {output}", file=sys.stderr)
+    return tally.failed
+
+
+def _finish(outputs: Outputs, failed: int | None = None, label: str = "") -> int:
+    """Write the CSV or COCO file from the complete journal; the exit status of the whole output."""
+    if failed is None:
+        failed = recover(outputs.journal).failed
+    if outputs.format == "csv":
+        write_csv(outputs.journal, outputs.out)
+    elif outputs.format == "coco":
+        write_coco(outputs.journal, outputs.out)
+    if failed:
+        print(f"{label}{failed} image{'s' * (failed > 1)} could not be captioned: see the \"error\" lines "
+              f"in {outputs.journal}", file=sys.stderr)
+    elif label:
+        print(f"{label}-> {outputs.out}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,163 @@
+"""The JSON-lines output of `captioner caption`, which is also its journal.
+
+One line per file, `"file"` first, appended and flushed batch by batch: a
+killed run leaves whole lines plus at most one torn last line, which the next
+run cuts off before it appends. CSV and COCO results are written from the
+journal once it is complete, so every format resumes the same way.
+"""
+
+import csv
+import heapq
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .folder_files import SKIP_CODES
+
+_PREFIX = '{"file":'
+_ERROR = ',"error":'
+_DECODER = json.JSONDecoder()
+
+
+def result_line(file: str, result: dict) -> str:
+    """`result` is the core's result format or {"error": {"code", "message"}}."""
+    return json.dumps({"file": file, **result}, separators=(",", ":")) + "\n"
+
+
+@dataclass
+class JournalState:
+    done: set[str]  # names with a line
+    failed: int  # of them, images that could not be captioned
+
+
+def _name_and_failure(line: str) -> tuple[str, bool]:
+    """Read the name without parsing the (large) rest; lines this module wrote start with it."""
+    if line.startswith(_PREFIX):
+        name, end = _DECODER.raw_decode(line, len(_PREFIX))
+        if not line.startswith(_ERROR, end):
+            return name, False
+    record = json.loads(line)
+    error = record.get("error")
+    return record["file"], error is not None and error.get("code") not in SKIP_CODES
+
+
+def _whole_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(offset after the line, line) for every line ending in a newline."""
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                return
+            offset += len(raw)
+            yield offset, raw.decode()
+
+
+def recover(path: Path) -> JournalState:
+    """What an earlier run wrote to `path`, with its torn last line cut off the file."""
+    state = JournalState(set(), 0)
+    if not path.exists():
+        return state
+    end = 0
+    for number, (end, line) in enumerate(_whole_lines(path), 1):
+        try:
+            name, failed = _name_and_failure(line)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} line {number} is not a captioner result ({e}); "
+                             "give another --out or delete it") from e
+        state.done.add(name)
+        state.failed += failed
+    if path.stat().st_size > end:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return state
+
+
+class JournalWriter:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def append(self, lines: list[str]) -> None:
+        """One write per batch, then to disk: an interruption loses at most the batch in flight."""
+        self._file.write("".join(lines))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def merge(sources: list[Path], order: dict[str, int], out: Path) -> None:
+    """Interleave journals (each already in run order) into `out`, in run order, one line per name.
+
+    `out` may be one of the sources; it is replaced atomically. Names missing
+    from `order` go last.
+    """
+    def keyed(path: Path) -> Iterator[tuple[int, str, str]]:
+        for _, line in _whole_lines(path):
+            name, _ = _name_and_failure(line)
+            yield order.get(name, len(order)), name, line
+
+    streams = [keyed(p) for p in sources if p.exists()]
+    tmp = out.with_name(f".{out.name}.merging")
+    seen: set[str] = set()
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _, name, line in heapq.merge(*streams, key=lambda t: t[0]):
+            if name not in seen:
+                seen.add(name)
+                f.write(line)
+    os.replace(tmp, out)
+
+
+def read_results(path: Path) -> Iterator[dict]:
+    for _, line in _whole_lines(path):
+        yield json.loads(line)
+
+
+CSV_COLUMNS = ("file", "rank", "caption", "log_prob", "width", "height", "method", "error_code", "error_message")
+
+
+def write_csv(journal: Path, out: Path) -> None:
+    """One row per caption (rank 1 is the best); a file without captions has one row with its error."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        for record in read_results(journal):
+            if "error" in record:
+                writer.writerow({"file": record["file"], "error_code": record["error"]["code"],
+                                 "error_message": record["error"]["message"]})
+                continue
+            for rank, caption in enumerate(record["captions"], 1):
+                writer.writerow({"file": record["file"], "rank": rank, "caption": caption["text"],
+                                 "log_prob": caption["log_prob"], "width": record["width"],
+                                 "height": record["height"], "method": record["method"]})
+    os.replace(tmp, out)
+
+
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+def coco_image_ids(names: list[str]) -> list[int]:
+    """The number that ends each file's stem (COCO_val2014_000000123456.jpg -> 123456,
+    shapes_test_000000000007.png -> 7) when every name has one and no two agree;
+    otherwise 1, 2, 3, ... in output order, so ids never collide."""
+    numbers = [_TRAILING_NUMBER.search(Path(n).stem) for n in names]
+    if all(numbers):
+        ids = [int(m.group(1)) for m in numbers]
+        if len(set(ids)) == len(ids):
+            return ids
+    return list(range(1, len(names) + 1))
+
+
+def write_coco(journal: Path, out: Path) -> None:
+    """A COCO caption results file: [{"image_id", "caption"}], the best caption of every captioned image."""
+    best = [(r["file"], r["captions"][0]["text"]) for r in read_results(journal) if r.get("captions")]
+    ids = coco_image_ids([name for name, _ in best])
+    results = [{"image_id": i, "caption": text} for i, (_, text) in zip(ids, best)]
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out)

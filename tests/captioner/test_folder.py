@@ -1,0 +1,326 @@
+"""`captioner caption` on real files with the real tiny model, run in-process through the CLI."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner import cli
+from captioner.folder_files import Shard, find_entries
+from captioner.folder_journal import coco_image_ids, recover
+from captioner.predictor import Predictor
+
+RED = (220, 40, 40)
+
+
+def _picture(mode: str, size=(40, 30)) -> Image.Image:
+    """A picture with some structure (so JPEG, palettes and 16 bits all have work to do)."""
+    rng = np.random.default_rng(len(mode))
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "I;16":
+        return Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+    if mode == "P":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    return rgb.convert(mode)
+
+
+def _write_animated_gif(path: Path) -> None:
+    frames = [Image.new("RGB", (40, 30), c).convert("P") for c in (RED, (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _write_rotated_jpeg(path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: 40x30 stored, 30x40 shown
+    _picture("RGB").save(path, exif=exif)
+
+
+# name -> (writer, (width, height) of the picture as the user sees it)
+GOOD_IMAGES = {
+    "rgb.jpg": (lambda p: _picture("RGB").save(p, quality=90), (40, 30)),
+    "gray.png": (lambda p: _picture("L").save(p), (40, 30)),
+    "rgba.png": (lambda p: _picture("RGBA").save(p), (40, 30)),
+    "la.png": (lambda p: _picture("LA").save(p), (40, 30)),
+    "palette.png": (lambda p: _picture("P").save(p, transparency=0), (40, 30)),
+    "cmyk.jpg": (lambda p: _picture("CMYK").save(p), (40, 30)),
+    "deep.png": (lambda p: _picture("I;16").save(p), (40, 30)),
+    "animated.gif": (_write_animated_gif, (40, 30)),
+    "photo.webp": (lambda p: _picture("RGB").save(p), (40, 30)),
+    "bitmap.BMP": (lambda p: _picture("RGB").save(p, format="BMP"), (40, 30)),
+    "rotated.jpeg": (_write_rotated_jpeg, (30, 40)),
+    "sub/inner.png": (lambda p: _picture("RGB", (50, 20)).save(p), (50, 20)),
+    "sub/deeper/last.jpg": (lambda p: _picture("RGB", (20, 50)).save(p), (20, 50)),
+    "inside_link.png": (None, (40, 30)),  # a symbolic link to rgba.png, inside the folder
+}
+FAILED = {"broken.jpg": "corrupt_image", "text.png": "unsupported_format"}
+SKIPPED = {"notes.txt": "not_an_image", "outside_link.jpg": "outside_root"}
+# the single-run order: every folder's entries sorted by name, subfolders entered where they sort
+ORDER = ["animated.gif", "bitmap.BMP", "broken.jpg", "cmyk.jpg", "deep.png", "gray.png", "inside_link.png",
+         "la.png", "notes.txt", "outside_link.jpg", "palette.png", "photo.webp", "rgb.jpg", "rgba.png",
+         "rotated.jpeg", "sub/deeper/last.jpg", "sub/inner.png", "text.png"]
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> Path:
+    """Good images of every mode and format, broken ones, a non-image, links in and out, subfolders."""
+    root = tmp_path / "photos"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    for name, (write, _) in GOOD_IMAGES.items():
+        if write is not None:
+            write(root / name)
+    full = (root / "rgb.jpg").read_bytes()
+    (root / "broken.jpg").write_bytes(full[: len(full) // 2])  # cut mid-scan
+    (root / "text.png").write_text("not a picture at all")
+    (root / "notes.txt").write_text("the photos from the trip")
+    (root / "inside_link.png").symlink_to(root / "rgba.png")
+    outside = tmp_path / "elsewhere.jpg"
+    _picture("RGB").save(outside)
+    (root / "outside_link.jpg").symlink_to(outside)
+    return root
+
+
+def caption(*args) -> int:
+    return cli.main(["caption", *map(str, args)])
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_file_gets_one_line_in_walk_order(mixed_folder, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "captions.jsonl"
+    status = caption(mixed_folder, "--recursive", "--checkpoint", tiny_checkpoint, "--out", out,
+                     "--method", "greedy", "--attention", "--batch-size", "4")
+    assert status == 1  # two images failed
+    lines = read_lines(out)
+    assert [line["file"] for line in lines] == ORDER
+    for line in lines:
+        name = line["file"]
+        if name in GOOD_IMAGES:
+            assert (line["width"], line["height"]) == GOOD_IMAGES[name][1], name
+            assert line["method"] == "greedy" and line["attention_grid"] == [8, 8]
+            [best] = line["captions"]
+            assert best["text"] == " ".join(best["tokens"])
+            assert len(best["attention"]) == len(best["tokens"])
+            for grid in best["attention"]:
+                assert np.asarray(grid).shape == (8, 8)
+                assert abs(np.sum(grid) - 1.0) < 1e-3
+        else:
+            assert set(line) == {"file", "error"}, name
+            assert line["error"]["code"] == {**FAILED, **SKIPPED}[name]
+            assert line["error"]["message"]
+    summary = capsys.readouterr().err
+    assert "captioned 14, failed 2, skipped 2" in summary
+
+
+def test_without_recursive_subfolders_are_left_out(mixed_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    caption(mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy")
+    assert [line["file"] for line in read_lines(out)] == [n for n in ORDER if not n.startswith("sub/")]
+
+
+def test_links_out_of_the_folder_are_read_when_asked(mixed_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    caption(mixed_folder / "outside_link.jpg", mixed_folder / "rgb.jpg", "--checkpoint", tiny_checkpoint,
+            "--out", out, "--method", "greedy", "--follow-links")
+    lines = read_lines(out)
+    assert [line["file"] for line in lines] == ["outside_link.jpg", "rgb.jpg"]  # files given: their names
+    assert all("captions" in line for line in lines)
+
+
+def test_results_are_the_predictors(mixed_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    status = caption(mixed_folder / "rgb.jpg", mixed_folder / "sub", "--checkpoint", tiny_checkpoint, "--out", out,
+                     "--beam-size", "3", "--num-captions", "2", "--batch-size", "1")
+    assert status == 0
+    lines = read_lines(out)
+    assert [line["file"] for line in lines] == ["rgb.jpg", "inner.png"]  # relative to the folder given
+    predictor = Predictor.from_checkpoint(tiny_checkpoint)
+    from captioner.decoding import DecodeOptions
+
+    for line, path in zip(lines, [mixed_folder / "rgb.jpg", mixed_folder / "sub" / "inner.png"]):
+        [expected] = predictor.caption([path], DecodeOptions(beam_size=3, num_captions=2))
+        assert [c["text"] for c in line["captions"]] == [c["text"] for c in expected["captions"]]
+        assert [c["log_prob"] for c in line["captions"]] == pytest.approx(
+            [c["log_prob"] for c in expected["captions"]], abs=1e-3)
+        assert "attention" not in line["captions"][0]
+
+
+def test_a_torn_last_line_is_cut_and_its_image_redone(mixed_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    args = (mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy", "--batch-size", "1")
+    caption(*args)
+    complete = out.read_text()
+    lines = complete.splitlines(keepends=True)
+    out.write_text("".join(lines[:3]) + lines[3][:25])  # killed while writing the fourth line
+    assert recover(out).done == {json.loads(line)["file"] for line in lines[:3]}
+    assert out.read_text() == "".join(lines[:3])
+    caption(*args)
+    assert out.read_text() == complete
+
+
+def test_a_rerun_of_a_finished_run_does_nothing(mixed_folder, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "captions.jsonl"
+    args = (mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy")
+    caption(*args)
+    first = out.read_text()
+    capsys.readouterr()
+    assert caption(*args) == 1  # the broken images are still in the output
+    assert out.read_text() == first
+    assert "captioned 0, failed 0, skipped 0, already done 16" in capsys.readouterr().err
+
+
+def test_an_output_that_is_not_ours_is_refused(mixed_folder, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "captions.jsonl"
+    out.write_text("file,caption\nrgb.jpg,a photo\n")
+    assert caption(mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out) == 2
+    assert "not a captioner result" in capsys.readouterr().err
+    assert out.read_text() == "file,caption\nrgb.jpg,a photo\n"
+
+
+def test_shards_are_disjoint_and_merge_into_the_single_run(mixed_folder, tiny_checkpoint, tmp_path):
+    common = ("--recursive", "--checkpoint", tiny_checkpoint, "--method", "greedy", "--batch-size", "1")
+    single = tmp_path / "single.jsonl"
+    caption(mixed_folder, "--out", single, *common)
+    parts = [tmp_path / f"part{i}.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        caption(mixed_folder, "--out", part, "--shard", f"{i}/2", *common)
+    names = [{line["file"] for line in read_lines(part)} for part in parts]
+    assert names[0] and names[1] and not names[0] & names[1]
+    assert names[0] | names[1] == set(ORDER)
+    merged = tmp_path / "merged.jsonl"
+    assert caption(mixed_folder, "--recursive", "--out", merged, "--merge", *parts) == 1  # failures are kept
+    assert merged.read_text() == single.read_text()
+
+
+def test_shard_membership_depends_on_the_name_alone():
+    names = [f"folder{i % 7}/image_{i}.jpg" for i in range(500)]
+    for count in (1, 2, 3, 8):
+        owners = [[s for s in range(count) if Shard(s, count).holds(n)] for n in names]
+        assert all(len(o) == 1 for o in owners)
+        sizes = np.bincount([o[0] for o in owners], minlength=count)
+        assert sizes.min() > 500 / count * 0.6  # none is starved
+    with pytest.raises(ValueError):
+        Shard(2, 2)
+
+
+def test_csv_has_a_row_per_caption_and_one_per_failure(mixed_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.csv"
+    caption(mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--num-captions", "2")
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    good = [n for n in ORDER if n in GOOD_IMAGES and "/" not in n]
+    assert [r["file"] for r in rows if r["rank"] == "1"] == good
+    assert [r["file"] for r in rows if r["rank"] == "2"] == good
+    errors = {r["file"]: r["error_code"] for r in rows if r["error_code"]}
+    assert errors == {**FAILED, **SKIPPED}
+    journal = read_lines(tmp_path / "captions.csv.jsonl")  # what a rerun resumes from
+    expected = [(line["file"], c["text"], c["log_prob"]) for line in journal for c in line.get("captions", [])]
+    assert sorted((r["file"], r["caption"], float(r["log_prob"])) for r in rows if r["rank"]) == sorted(expected)
+
+
+def test_coco_results_load_for_evaluation(tmp_path, tiny_checkpoint):
+    from pycocotools.coco import COCO
+
+    folder = tmp_path / "val"
+    folder.mkdir()
+    ids = [7, 42, 123456]
+    for i in ids:
+        _picture("RGB").save(folder / f"shapes_test_{i:012d}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    out = tmp_path / "results.json"
+    caption(folder, "--checkpoint", tiny_checkpoint, "--out", out, "--format", "coco")
+    results = json.loads(out.read_text())
+    assert sorted(r["image_id"] for r in results) == ids
+    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
+
+    truth = COCO()
+    truth.dataset = {"images": [{"id": i} for i in ids], "annotations": [
+        {"id": n, "image_id": i, "caption": "a shape"} for n, i in enumerate(ids, 1)]}
+    truth.createIndex()
+    assert sorted(truth.loadRes(str(out)).getImgIds()) == ids
+
+
+def test_coco_ids_come_from_names_or_from_the_order():
+    assert coco_image_ids(["COCO_val2014_000000123456.jpg", "a/000000000042.jpg"]) == [123456, 42]
+    assert coco_image_ids(["a/1.jpg", "b/1.jpg"]) == [1, 2]  # the same number twice
+    assert coco_image_ids(["cat.jpg", "dog_3.jpg"]) == [1, 2]  # not every name has one
+
+
+def test_overlays_are_pngs_named_after_the_file(mixed_folder, tiny_checkpoint, tmp_path):
+    out, sheets = tmp_path / "captions.jsonl", tmp_path / "sheets"
+    caption(mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", out, "--overlays", sheets,
+            "--method", "greedy", "--max-length", "3")
+    written = sorted(str(p.relative_to(sheets)) for p in sheets.rglob("*.png"))
+    assert written == sorted(f"{name}.png" for name in GOOD_IMAGES)
+    for path in sheets.rglob("*.png"):
+        with Image.open(path) as sheet:
+            sheet.verify()
+            assert sheet.format == "PNG"
+    for line in read_lines(out):
+        if "captions" in line:
+            assert "attention" not in line["captions"][0]  # decoded for the sheets, not asked for
+            with Image.open(sheets / f"{line['file']}.png") as sheet:  # the picture, then a heatmap per word
+                assert sheet.width == min(1 + len(line["captions"][0]["tokens"]), 5) * 224
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "257"], "--batch-size"),
+    (["--workers", "33"], "--workers"),
+    (["--shard", "2/2"], "--shard"),
+    (["--format", "xml"], "--format"),
+])
+def test_out_of_range_flags_are_usage_errors(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        caption(tmp_path, "--out", tmp_path / "o.jsonl", *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [
+    ["--beam-size", "11"], ["--method", "greedy", "--num-captions", "2"], ["--temperature", "0"],
+    ["--beam-size", "2", "--num-captions", "3"],
+])
+def test_bad_decoding_options_are_usage_errors(flags, tmp_path, capsys):
+    assert caption(tmp_path, "--out", tmp_path / "o.jsonl", *flags) == 2
+    assert "captioner caption: error:" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_missing_paths_and_models_are_reported(tmp_path, capsys):
+    assert caption(tmp_path / "nope", "--out", tmp_path / "o.jsonl") == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert caption(tmp_path, "--out", tmp_path / "o.jsonl", "--checkpoint", tmp_path / "none.safetensors") == 2
+    assert "cannot load the model" in capsys.readouterr().err
+
+
+def test_two_roots_with_the_same_names_are_refused(tmp_path):
+    for root in ("a", "b"):
+        (tmp_path / root).mkdir()
+        _picture("RGB").save(tmp_path / root / "same.jpg")
+    with pytest.raises(ValueError, match="same.jpg"):
+        find_entries([tmp_path / "a", tmp_path / "b"])
+    assert [e.file for e in find_entries([tmp_path / "a", tmp_path / "a" / "same.jpg"])] == ["same.jpg"]
+
+
+def test_a_link_loop_is_entered_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    _picture("RGB").save(tmp_path / "a" / "x.jpg")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    names = [e.file for e in find_entries([tmp_path], recursive=True, follow_links=True)]
+    assert names == ["a/x.jpg"]
+
+
+def test_outputs_inside_the_folder_are_never_inputs(mixed_folder, tiny_checkpoint, tmp_path, capsys):
+    args = (mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", mixed_folder / "captions.csv",
+            "--overlays", mixed_folder / "sheets", "--method", "greedy", "--max-length", "2")
+    caption(*args)
+    caption(*args)
+    assert "captioned 0, failed 0, skipped 0, already done 18" in capsys.readouterr().err
+    journal = read_lines(mixed_folder / "captions.csv.jsonl")
+    assert [line["file"] for line in journal] == ORDER
