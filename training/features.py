@@ -86,8 +86,12 @@ def cached_features(encoder: Encoder, paths: Sequence[Path], cache_dir: Path, na
     h, w = encoder.grid
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), h * w, encoder.dim))
-    _encode_into(out, encoder, paths, batch_size, workers, device, f"features {name}" if progress else None)
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    try:
+        _encode_into(out, encoder, paths, batch_size, workers, device, f"features {name}" if progress else None)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted build must not leave a (possibly huge) temporary file
+        tmp.unlink(missing_ok=True)
+        raise
     return np.load(path, mmap_mode="r")
