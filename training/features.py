@@ -52,7 +52,10 @@ def _encode_into(out: np.ndarray, encoder: Encoder, paths: Sequence[Path], batch
                  device, desc: str | None) -> None:
     """Fill `out` (N, P, D) with the encoder's features of `paths`, images decoded by `workers` processes."""
     preset = ImagePreset(encoder.image_size, encoder.mean, encoder.std)
-    loader = DataLoader(_ImageFiles(paths, preset), batch_size=batch_size, num_workers=workers)
+    # its own generator: drawing the workers' seed from the global one would shift a training run's
+    # dropout masks depending on whether its feature cache was built or found
+    loader = DataLoader(_ImageFiles(paths, preset), batch_size=batch_size, num_workers=workers,
+                        generator=torch.Generator())
     was_training = encoder.training
     encoder.eval()
     start = 0
