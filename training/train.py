@@ -312,7 +312,8 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
             model.encoder.train(fine_tune)  # frozen BatchNorm statistics stay as pretrained
             loader = torch.utils.data.DataLoader(
                 images, batch_sampler=[b.indices for b in batches.epoch(epoch, skip)],
-                num_workers=config.workers if fine_tune else 0)
+                num_workers=config.workers if fine_tune else 0,
+                generator=torch.Generator().manual_seed(config.seed))  # not the global RNG: see resume_state's "rng"
             bar = tqdm(zip(loader, batches.epoch(epoch, skip)), total=len(batches) - skip,
                        desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (config.progress and dist.main))
             for batch_index, (inputs, batch) in enumerate(bar, start=skip):
