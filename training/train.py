@@ -273,18 +273,20 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
 
     start_epoch, skip, step, best, bad_epochs, history = 0, 0, 0, -1.0, 0, []
+    last_loss = float("nan")  # the cross-entropy of the latest step, the epoch's "loss" in history
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scaler.load_state_dict(resumed["scaler"])
         start_epoch, skip, step = resumed["epoch"], resumed["batch"], resumed["step"]
         best, bad_epochs, history = resumed["best"], resumed["bad_epochs"], resumed["history"]
+        last_loss = resumed.get("last_loss", last_loss)  # stopped after an epoch's last step: no step before its end
         torch.set_rng_state(resumed["rng"])
 
     def resume_state(epoch: int, batch: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "batch": batch, "step": step, "best": best, "bad_epochs": bad_epochs,
-                "history": history, "rng": torch.get_rng_state(), "vocab": vocab.to_json(),
+                "history": history, "last_loss": last_loss, "rng": torch.get_rng_state(), "vocab": vocab.to_json(),
                 "model_config": model_config.to_dict(), "train_config": dataclasses.asdict(config)}
 
     # SIGINT/SIGTERM: finish the step, save the resume state, stop
@@ -335,7 +337,8 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
                     writer.add_scalar("train/cross_entropy", ce.item(), step)
                     writer.add_scalar("train/grad_norm", float(grad_norm), step)
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                bar.set_postfix(loss=f"{ce.item():.3f}")
+                last_loss = ce.item()
+                bar.set_postfix(loss=f"{last_loss:.3f}")
                 if stop["signal"] is not None or (config.checkpoint_every and step % config.checkpoint_every == 0):
                     if dist.main:
                         save_state(resume_path, resume_state(epoch, batch_index + 1))
@@ -353,7 +356,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
                 score = scores["CIDEr"]
                 for name, value in scores.items():
                     writer.add_scalar(f"val/{name}", value, epoch + 1)
-                history.append({"epoch": epoch + 1, "loss": round(ce.item(), 4),
+                history.append({"epoch": epoch + 1, "loss": round(last_loss, 4),
                                 "seconds": round(time.time() - started, 1),
                                 **{f"val_{k}": round(v, 4) for k, v in scores.items()}})
                 print(f"epoch {epoch + 1}: " + ", ".join(f"val {k} {v:.3f}" for k, v in scores.items()))
