@@ -311,7 +311,9 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
     try:
         for epoch in range(start_epoch, config.epochs):
             model.train()
-            model.encoder.train(fine_tune)  # frozen BatchNorm statistics stay as pretrained
+            model.encoder.eval()  # frozen BatchNorm statistics stay as pretrained
+            for module in trainable_encoder:  # only the fine-tuned tail trains
+                module.train()
             loader = torch.utils.data.DataLoader(
                 images, batch_sampler=[b.indices for b in batches.epoch(epoch, skip)],
                 num_workers=config.workers if fine_tune else 0,
