@@ -310,6 +310,8 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
     started = time.time()
     try:
         for epoch in range(start_epoch, config.epochs):
+            if bad_epochs >= config.patience:  # resuming a run that had stopped early (every rank read the same state)
+                break
             model.train()
             model.encoder.eval()  # frozen BatchNorm statistics stay as pretrained
             for module in trainable_encoder:  # only the fine-tuned tail trains
