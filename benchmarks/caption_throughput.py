@@ -8,27 +8,32 @@ attention on, in one process, it measures images per second of
   (a) the encoder alone on ready-made pixels at its best batch size and thread
       layout: the floor no captioner can beat;
   (b) a one-image-at-a-time loop as the popular tutorials write it: decode one
-      image, encode it, run a per-image beam search, write its JSON line;
+      image, encode it, run a per-image beam search, write its JSON line (with
+      its best torch thread count);
   (c) `captioner caption` end to end, in-process, model loading included.
 The contenders take turns for --rounds rounds and each keeps its best round,
-so a neighbour's burst of CPU on a shared machine hurts all three alike.
-Targets: (c) >= 0.75 x (a) and (c) >= 3 x (b). The section
-"## Folder captioning throughput" of --out is replaced with the results.
+so a neighbour's burst of CPU on a shared machine hurts all three alike; the
+CPU time each spends per image is reported too, since the load of other
+processes barely changes it. Targets: (c) >= 0.75 x (a) and (c) >= 3 x (b).
+The section "## Folder captioning throughput" of --out is replaced with the
+results; other sections are kept.
 
 --checkpoint defaults to the default model; with --stand-in, a missing
 checkpoint is replaced by a random-weight model of the same shape
-(efficientnet_lite0_s16 encoder, default decoder), which costs the same per
-step but never says <end>, so every beam runs to --max-length words.
+(efficientnet_lite0_s16 encoder, default decoder): the same cost per step.
 """
 
 import argparse
 import os
 import platform
+import resource
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +50,22 @@ BEAM_SIZE = 3
 SECTION = "## Folder captioning throughput"
 ENCODER_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 SWEEP_IMAGES = 64
-COST_BATCH = 16  # the CLI's default batch size
+CLI_BATCH_SIZE = 8  # captioner caption's default, for the stage costs
+
+
+class Rate(NamedTuple):
+    images_per_s: float
+    cpu_ms: float  # process CPU time (all threads) per image
+
+
+def measure(run: Callable[[], None], count: int) -> Rate:
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    start_wall, start_cpu = time.perf_counter(), cpu()
+    run()
+    return Rate(count / (time.perf_counter() - start_wall), 1000 * (cpu() - start_cpu) / count)
 
 
 # --- inputs ----------------------------------------------------------------------
@@ -86,28 +106,29 @@ def stand_in_checkpoint(path: Path) -> None:
 # --- (a) the encoder alone ---------------------------------------------------------
 
 
-def encoder_rate(predictor: Predictor, pixels: torch.Tensor, batch_size: int, streams: int) -> float:
-    """Images/s encoding `pixels` (N, 3, S, S) in batches, on `streams` threads of
+def encoder_rate(predictor: Predictor, pixels: torch.Tensor, batch_size: int, streams: int) -> Rate:
+    """Encoding `pixels` (N, 3, S, S) in batches, on `streams` threads of
     torch.get_num_threads() // streams intra-op threads each."""
     encoder = predictor.model.encoder
     threads = max(1, torch.get_num_threads() // streams)
     batches = list(pixels.split(batch_size))
 
-    def run(mine: list[torch.Tensor]) -> None:
+    def stream(mine: list[torch.Tensor]) -> None:
         torch.set_num_threads(threads)
         with torch.inference_mode():
             for batch in mine:
                 encoder(batch)  # (B, P, D)
 
+    def run() -> None:
+        workers = [threading.Thread(target=stream, args=(batches[s::streams],)) for s in range(streams)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
     with torch.inference_mode():
         encoder(batches[0][:1])  # warm up
-    start = time.perf_counter()
-    workers = [threading.Thread(target=run, args=(batches[s::streams],)) for s in range(streams)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return len(pixels) / (time.perf_counter() - start)
+    return measure(run, len(pixels))
 
 
 # --- (b) the tutorial loop ---------------------------------------------------------
@@ -151,47 +172,53 @@ def tutorial_beam_search(predictor: Predictor, pixels: torch.Tensor, beam_size: 
     return max(complete, key=lambda h: h.score)
 
 
-def tutorial_rate(predictor: Predictor, paths: list[Path], out: Path, max_length: int, threads: int) -> float:
+def tutorial_rate(predictor: Predictor, paths: list[Path], out: Path, max_length: int, threads: int) -> Rate:
     options = DecodeOptions(beam_size=BEAM_SIZE, attention=True, max_length=max_length)
+
+    def run() -> None:
+        with open(out, "w") as f, torch.inference_mode():
+            for path in paths:
+                image = predictor.prepare(path)
+                best = tutorial_beam_search(predictor, image.pixels, BEAM_SIZE, max_length)
+                f.write(result_line(path.name, predictor.format_result(image, [best], options)))
+                f.flush()
+
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    start = time.perf_counter()
-    with open(out, "w") as f, torch.inference_mode():
-        for path in paths:
-            image = predictor.prepare(path)
-            best = tutorial_beam_search(predictor, image.pixels, BEAM_SIZE, max_length)
-            f.write(result_line(path.name, predictor.format_result(image, [best], options)))
-            f.flush()
-    seconds = time.perf_counter() - start
-    torch.set_num_threads(default_threads)
-    return len(paths) / seconds
+    try:
+        return measure(run, len(paths))
+    finally:
+        torch.set_num_threads(default_threads)
 
 
 # --- (c) captioner caption ---------------------------------------------------------
 
 
-def cli_rate(checkpoint: Path, folder: Path, count: int, out: Path, extra: list[str]) -> float:
+def cli_rate(checkpoint: Path, folder: Path, count: int, out: Path, extra: list[str]) -> Rate:
     out.unlink(missing_ok=True)  # or the run resumes and does nothing
     argv = ["caption", str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--method", "beam",
             "--beam-size", str(BEAM_SIZE), "--attention", *extra]
-    start = time.perf_counter()
-    status = cli.main(argv)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"captioner caption exited with {status}")
+    default_threads = torch.get_num_threads()
+
+    def run() -> None:
+        status = cli.main(argv)
+        if status != 0:
+            raise RuntimeError(f"captioner caption exited with {status}")
+
+    rate = measure(run, count)
+    torch.set_num_threads(default_threads)  # the command sets them for the process
     lines = sum(1 for _ in open(out))
     if lines != count:
         raise RuntimeError(f"captioner caption wrote {lines} lines for {count} images")
-    return count / seconds
+    return rate
 
 
 # --- where the time goes ------------------------------------------------------------
 
 
 def stage_costs(predictor: Predictor, paths: list[Path], batch_size: int, max_length: int) -> dict:
-    """CPU milliseconds per image of each stage on one thread (thread time: another
-    process's load does not count). With every core busy, (c) can at best reach
-    encoder / total of (a)."""
+    """CPU milliseconds per image of each stage of (c), on one thread (thread time, which
+    another process's load barely changes), and the words per caption."""
     options = DecodeOptions(beam_size=BEAM_SIZE, attention=True, max_length=max_length)
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -216,8 +243,20 @@ def stage_costs(predictor: Predictor, paths: list[Path], batch_size: int, max_le
         costs["result line"] += clock() - t
         lengths += [len(h[0].token_ids) for h in captions]
     torch.set_num_threads(default_threads)
-    ms = {stage: 1000 * seconds / len(paths) for stage, seconds in costs.items()}
-    return {"ms": ms, "words": sum(lengths) / len(lengths)}
+    return {"ms": {stage: 1000 * seconds / len(paths) for stage, seconds in costs.items()},
+            "words": sum(lengths) / len(lengths)}
+
+
+def encoder_cpu_ms(predictor: Predictor, pixels: torch.Tensor, batch_size: int) -> float:
+    """The encoder's CPU milliseconds per image on one thread."""
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.thread_time()
+    with torch.inference_mode():
+        for batch in pixels.split(batch_size):
+            predictor.model.encoder(batch)  # (B, P, D)
+    torch.set_num_threads(default_threads)
+    return 1000 * (time.thread_time() - start) / len(pixels)
 
 
 # --- report ------------------------------------------------------------------------
@@ -245,44 +284,49 @@ def write_section(path: Path, text: str) -> None:
     path.write_text(new.rstrip("\n") + "\n")
 
 
-def report(info: dict, setup: dict, sweep: dict, tutorial_threads: dict, costs: dict, rounds: list[dict],
-           stand_in: bool) -> str:
-    best = {key: max(r[key] for r in rounds) for key in rounds[0]}
-    a, b, c = best["encoder"], best["tutorial"], best["caption"]
-    encoder_cfg = max(sweep, key=sweep.get)
+def report(info: dict, setup: dict, sweep: dict, tutorial_threads: dict, costs: dict, rounds: list[dict]) -> str:
+    best = {key: max((r[key] for r in rounds), key=lambda rate: rate.images_per_s) for key in rounds[0]}
+    a, b, c = (best[k].images_per_s for k in ("encoder", "tutorial", "caption"))
+    batch, streams = max(sweep, key=lambda cfg: sweep[cfg].images_per_s)
+    threads = max(tutorial_threads, key=lambda t: tutorial_threads[t].images_per_s)
+    stages = costs["ms"]
+    bound = costs["encoder_best_ms"] / sum(stages.values())
     lines = [
         SECTION, "",
         f"`{setup['command']}`", "",
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"Python {info['python']}, {info['os']}. Load average before / after: {setup['load_before']} / "
-        f"{setup['load_after']} (other work on a shared machine slows every contender).", "",
+        f"Python {info['python']}, {info['os']}. Load average (1 min) before / after: {setup['load_before']} / "
+        f"{setup['load_after']}: other work on a shared machine slows every contender.", "",
         f"Model: {setup['model']}. {setup['images']} images, {setup['image_kind']}; beam size {BEAM_SIZE}, "
-        f"attention on, at most {setup['max_length']} words; best of {len(rounds)} rounds.", "",
-        "| | images/s | captioner caption / this | target |",
-        "| --- | ---: | ---: | --- |",
-        f"| (a) encoder alone, best layout: batch {encoder_cfg[0]}, {encoder_cfg[1]} stream(s) | {a:.1f} | "
-        f"{c / a:.2f} | >= 0.75: {'met' if c / a >= 0.75 else 'NOT met'} |",
-        f"| (b) tutorial loop: one image at a time, per-image beam search, "
-        f"{max(tutorial_threads, key=tutorial_threads.get)} torch thread(s) | {b:.1f} | {c / b:.2f} | "
-        f">= 3: {'met' if c / b >= 3 else 'NOT met'} |",
-        f"| (c) `captioner caption` end to end ({setup['cli_args']}) | {c:.1f} | 1.00 | |",
+        f"attention on, at most {setup['max_length']} words ({costs['words']:.1f} on average); best of "
+        f"{len(rounds)} rounds.", "",
+        "| | images/s | CPU ms per image | (c) / this | target |",
+        "| --- | ---: | ---: | ---: | --- |",
+        f"| (a) encoder alone: batch {batch}, {streams} stream(s) of {setup['threads'] // streams} thread(s) | "
+        f"{a:.1f} | {best['encoder'].cpu_ms:.1f} | {c / a:.2f} | >= 0.75: {'met' if c / a >= 0.75 else 'not met'} |",
+        f"| (b) tutorial loop: one image at a time, per-image beam search, {threads} torch thread(s) | {b:.1f} | "
+        f"{best['tutorial'].cpu_ms:.1f} | {c / b:.2f} | >= 3: {'met' if c / b >= 3 else 'not met'} |",
+        f"| (c) `captioner caption` end to end ({setup['cli_args']}) | {c:.1f} | {best['caption'].cpu_ms:.1f} | "
+        f"1.00 | |",
         "",
-        "Every round (images/s): " + "; ".join(
-            f"a {r['encoder']:.1f}, b {r['tutorial']:.1f}, c {r['caption']:.1f}" for r in rounds) + ".", "",
-        "Encoder alone on the first images (batch size, streams: images/s): " + ", ".join(
-            f"{bs}x{s}: {rate:.1f}" for (bs, s), rate in sorted(sweep.items())) + ". "
-        "Tutorial loop on the first images (torch threads: images/s): " + ", ".join(
-            f"{t}: {rate:.1f}" for t, rate in sorted(tutorial_threads.items())) + ".", "",
-        f"Where the time goes, CPU ms per image on one thread (batches of {setup['cost_batch']}; "
-        f"{costs['words']:.1f} words per caption on average): " + ", ".join(
-            f"{stage} {ms:.1f}" for stage, ms in costs["ms"].items()) + ". "
-        f"Even with every core busy and perfect overlap, (c) is bounded by encoder / all stages = "
-        f"{costs['ms']['encoder'] / sum(costs['ms'].values()):.2f} of (a).", "",
+        f"(c) includes starting the command and loading the model (about {setup['load_seconds']:.1f} s here).", "",
+        "Every round, images/s: " + "; ".join(
+            f"a {r['encoder'].images_per_s:.1f}, b {r['tutorial'].images_per_s:.1f}, "
+            f"c {r['caption'].images_per_s:.1f}" for r in rounds) + ".", "",
+        f"Encoder alone on the first {SWEEP_IMAGES} images, batch size x streams: images/s: " + ", ".join(
+            f"{bs}x{s}: {rate.images_per_s:.1f}" for (bs, s), rate in sorted(sweep.items())) + ". "
+        f"Tutorial loop on the first {SWEEP_IMAGES // 4} images, torch threads: images/s: " + ", ".join(
+            f"{t}: {rate.images_per_s:.1f}" for t, rate in sorted(tutorial_threads.items())) + ".", "",
+        f"Where the time of (c) goes, CPU ms per image on one thread, batches of {CLI_BATCH_SIZE}: " + ", ".join(
+            f"{stage} {ms:.1f}" for stage, ms in stages.items()) + f"; total {sum(stages.values()):.1f}. "
+        f"The encoder alone costs {costs['encoder_best_ms']:.1f} at batch {batch}. With every core busy and "
+        f"perfect overlap, (c) can reach at most {costs['encoder_best_ms']:.1f} / {sum(stages.values()):.1f} "
+        f"= {bound:.2f} of (a).", "",
     ]
-    if stand_in:
+    if setup["stand_in"]:
         lines += ["The model is a random-weight stand-in: its captions end at random, and a batch's beam search "
-                  "runs until its last image is done, often to the maximum length. A trained model's decoding "
-                  "costs about as much (its batches run until their longest caption ends).", ""]
+                  "runs until its last image is done, often to the maximum length; a trained model's batches "
+                  "also run until their longest caption ends.", ""]
     return "\n".join(lines)
 
 
@@ -312,41 +356,46 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir()
             draw_images(folder, args.images)
         paths = sorted(p for p in folder.iterdir() if p.is_file())
+        start = time.perf_counter()
         predictor = Predictor.from_checkpoint(checkpoint)
+        load_seconds = time.perf_counter() - start
         pixels = torch.stack([predictor.prepare(p).pixels for p in paths])  # (N, 3, S, S)
+        threads = torch.get_num_threads()
         load_before = "%.1f" % os.getloadavg()[0]
 
-        streams = sorted({1, torch.get_num_threads()})
         sweep = {(bs, s): encoder_rate(predictor, pixels[:SWEEP_IMAGES], bs, s)
-                 for bs in ENCODER_BATCH_SIZES for s in streams}
-        batch_size, stream_count = max(sweep, key=sweep.get)
-        print(f"encoder sweep: best batch {batch_size}, {stream_count} stream(s)", file=sys.stderr)
+                 for bs in ENCODER_BATCH_SIZES for s in sorted({1, threads})}
+        batch, streams = max(sweep, key=lambda cfg: sweep[cfg].images_per_s)
         tutorial_threads = {t: tutorial_rate(predictor, paths[:SWEEP_IMAGES // 4], tmp / "tutorial.jsonl",
-                                             args.max_length, t) for t in sorted({1, torch.get_num_threads()})}
-        threads = max(tutorial_threads, key=tutorial_threads.get)
-        costs = stage_costs(predictor, paths[:SWEEP_IMAGES], COST_BATCH, args.max_length)
+                                             args.max_length, t) for t in sorted({1, threads})}
+        loop_threads = max(tutorial_threads, key=lambda t: tutorial_threads[t].images_per_s)
+        costs = stage_costs(predictor, paths[:SWEEP_IMAGES], CLI_BATCH_SIZE, args.max_length)
+        costs["encoder_best_ms"] = encoder_cpu_ms(predictor, pixels[:SWEEP_IMAGES], batch)
+        print(f"encoder: best at batch {batch}, {streams} stream(s); tutorial: best with {loop_threads} thread(s)",
+              file=sys.stderr)
         extra = args.caption_args.split()
         rounds = []
         for r in range(args.rounds):
             rates = {
-                "encoder": encoder_rate(predictor, pixels, batch_size, stream_count),
-                "tutorial": tutorial_rate(predictor, paths, tmp / "tutorial.jsonl", args.max_length, threads),
+                "encoder": encoder_rate(predictor, pixels, batch, streams),
+                "tutorial": tutorial_rate(predictor, paths, tmp / "tutorial.jsonl", args.max_length, loop_threads),
                 "caption": cli_rate(checkpoint, folder, len(paths), tmp / "caption.jsonl",
                                     ["--max-length", str(args.max_length), *extra]),
             }
-            print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f} images/s" for k, v in rates.items()), file=sys.stderr)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v.images_per_s:.1f} images/s" for k, v in rates.items()),
+                  file=sys.stderr)
             rounds.append(rates)
         setup = {
             "command": "python benchmarks/caption_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "load_before": load_before, "load_after": "%.1f" % os.getloadavg()[0],
+            "load_before": load_before, "load_after": "%.1f" % os.getloadavg()[0], "threads": threads,
             "model": "random-weight stand-in (efficientnet_lite0_s16, 14x14 grid, default decoder)" if stand_in
             else f"{checkpoint}",
-            "images": len(paths), "image_kind": "640x480 JPEGs drawn by the benchmark" if args.images_dir is None
-            else f"from {args.images_dir}",
+            "stand_in": stand_in, "images": len(paths),
+            "image_kind": "640x480 JPEGs drawn by the benchmark" if args.images_dir is None else f"from {args.images_dir}",
             "max_length": args.max_length, "cli_args": " ".join(extra) or "default settings",
-            "cost_batch": COST_BATCH,
+            "load_seconds": load_seconds,
         }
-        text = report(machine(), setup, sweep, tutorial_threads, costs, rounds, stand_in)
+        text = report(machine(), setup, sweep, tutorial_threads, costs, rounds)
     print(text)
     if args.out:
         write_section(args.out, text)

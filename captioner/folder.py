@@ -111,8 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--recursive", action="store_true", help="enter subfolders")
     parser.add_argument("--follow-links", action="store_true",
                         help="read symbolic links that lead outside the folder")
-    parser.add_argument("--batch-size", type=_bounded(1, MAX_BATCH_SIZE), default=16,
-                        help="images per model call (default %(default)s)")
+    parser.add_argument("--batch-size", type=_bounded(1, MAX_BATCH_SIZE), default=8,
+                        help="images per model call (default %(default)s: on a CPU, larger batches "
+                             "decode a little faster but encode slower)")
     parser.add_argument("--workers", type=_bounded(1, MAX_WORKERS), default=2,
                         help="image decoding threads (default %(default)s)")
     parser.add_argument("--threads", type=_bounded(1, 256), default=None,
@@ -152,7 +153,8 @@ class Outputs:
     def written_here(self, path: Path) -> bool:
         """OUT, its journal, parts, temporary files and the overlays folder are never inputs,
         even inside a folder being captioned: a rerun must find the same files."""
-        if path.name.lstrip(".").startswith(self.out.name):
+        name = path.name.removeprefix(".")
+        if name == self.out.name or name.startswith(self.out.name + "."):
             return path.parent.resolve() == self.out.parent.resolve()
         return self.overlays is not None and path.resolve() == self.overlays.resolve()
 
@@ -176,7 +178,13 @@ def main(args: argparse.Namespace) -> int:
         return _usage_error(str(e))
     order = {entry.file: i for i, entry in enumerate(entries)}
     if args.merge:
-        merge([outputs.journal, *args.merge], order, outputs.journal)
+        missing = [str(p) for p in args.merge if not p.is_file()]
+        if missing:
+            return _usage_error(f"no such part: {', '.join(missing)}")
+        try:
+            merge([outputs.journal, *args.merge], order, outputs.journal)
+        except ValueError as e:
+            return _usage_error(f"cannot merge: {e}")
         return _finish(outputs, label=f"merged {len(args.merge)} parts: ")
 
     shard = Shard(*distributed) if distributed else args.shard
@@ -188,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
         if distributed:
             earlier.done |= recover(outputs.journal).done  # a rerun after the parts were merged
     except ValueError as e:
-        return _usage_error(str(e))
+        return _usage_error(f"{e}; give another --out or delete it")
     todo = [e for e in entries if e.file not in earlier.done]
     try:
         predictor, threads = _load(args)

@@ -55,18 +55,23 @@ def _whole_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield offset, raw.decode()
 
 
+def _records(path: Path) -> Iterator[tuple[int, str, str, bool]]:
+    """(offset after the line, line, name, failed) for every whole line."""
+    for number, (end, line) in enumerate(_whole_lines(path), 1):
+        try:
+            name, failed = _name_and_failure(line)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} line {number} is not a captioner result ({e})") from e
+        yield end, line, name, failed
+
+
 def recover(path: Path) -> JournalState:
     """What an earlier run wrote to `path`, with its torn last line cut off the file."""
     state = JournalState(set(), 0)
     if not path.exists():
         return state
     end = 0
-    for number, (end, line) in enumerate(_whole_lines(path), 1):
-        try:
-            name, failed = _name_and_failure(line)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path} line {number} is not a captioner result ({e}); "
-                             "give another --out or delete it") from e
+    for end, _, name, failed in _records(path):
         state.done.add(name)
         state.failed += failed
     if path.stat().st_size > end:
@@ -96,12 +101,8 @@ def merge(sources: list[Path], order: dict[str, int], out: Path) -> None:
     `out` may be one of the sources; it is replaced atomically. Names missing
     from `order` go last.
     """
-    def keyed(path: Path) -> Iterator[tuple[int, str, str]]:
-        for _, line in _whole_lines(path):
-            name, _ = _name_and_failure(line)
-            yield order.get(name, len(order)), name, line
-
-    streams = [keyed(p) for p in sources if p.exists()]
+    streams = [((order.get(name, len(order)), name, line) for _, line, name, _ in _records(p))
+               for p in sources if p.exists()]
     tmp = out.with_name(f".{out.name}.merging")
     seen: set[str] = set()
     with open(tmp, "w", encoding="utf-8") as f:

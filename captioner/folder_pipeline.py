@@ -29,10 +29,10 @@ OVERLAY_TILE = 224  # pixels per tile of an overlay sheet; pictures are kept no 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    batch_size: int = 32  # images per encoder and decoder call
+    batch_size: int = 8  # images per encoder and decoder call
     workers: int = 2  # decoding threads
-    lanes: int = 1  # batches in the model at once
-    threads_per_lane: int = 2  # torch threads of each lane
+    lanes: int = 2  # batches in the model at once
+    threads_per_lane: int = 1  # torch threads of each lane
     overlays: Path | None = None  # folder for one PNG sheet per image
     keep_attention: bool = True  # attention in the output lines (decoding may need it only for overlays)
 

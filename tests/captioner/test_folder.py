@@ -324,3 +324,14 @@ def test_outputs_inside_the_folder_are_never_inputs(mixed_folder, tiny_checkpoin
     assert "captioned 0, failed 0, skipped 0, already done 18" in capsys.readouterr().err
     journal = read_lines(mixed_folder / "captions.csv.jsonl")
     assert [line["file"] for line in journal] == ORDER
+
+
+def test_merging_missing_or_foreign_parts_is_refused(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    out = tmp_path / "captions.jsonl"
+    assert caption(tmp_path / "photos", "--out", out, "--merge", tmp_path / "part0.jsonl") == 2
+    assert "no such part" in capsys.readouterr().err
+    (tmp_path / "part0.jsonl").write_text('{"caption": "no file key"}\n')
+    assert caption(tmp_path / "photos", "--out", out, "--merge", tmp_path / "part0.jsonl") == 2
+    assert "not a captioner result" in capsys.readouterr().err
+    assert not out.exists()
