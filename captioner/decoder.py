@@ -49,6 +49,13 @@ class Memory(NamedTuple):
 CELL_TYPES = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 
 
+def _cell_centres(h: int, w: int) -> torch.Tensor:
+    """(P, 2) centres (x, y) of the grid's cells in row-major order, in [-1, 1]."""
+    ys = (torch.arange(h) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w) + 0.5) / w * 2 - 1
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+
+
 class Decoder(nn.Module):
     def __init__(self, config: ModelConfig, vocab_size: int, encoder_dim: int, grid: tuple[int, int]):
         super().__init__()
@@ -57,8 +64,14 @@ class Decoder(nn.Module):
         num_regions = grid[0] * grid[1]
         self.feature_norm = nn.LayerNorm(encoder_dim)
         self.region_proj = nn.Linear(encoder_dim, c.region_dim)
-        # positions matter only to attention: without it the regions are averaged away
-        self.region_pos = nn.Parameter(torch.zeros(num_regions, c.region_dim)) if c.positional and c.attention else None
+        # Where each region is: a learned embedding per cell, plus a linear map of the cell's
+        # (x, y) centre, which makes "left of" and "above" simple sums from the first step.
+        # Positions matter only to attention: without it the regions are averaged away.
+        self.region_pos = None
+        if c.positional and c.attention:
+            self.region_pos = nn.Parameter(torch.zeros(num_regions, c.region_dim))
+            self.coord_proj = nn.Linear(2, c.region_dim)
+            self.register_buffer("coords", _cell_centres(*grid), persistent=False)  # (P, 2)
         self.embed = nn.Embedding(vocab_size, c.embed_dim, padding_idx=0)
         self.dropout = nn.Dropout(c.dropout)
         if c.attention:
@@ -95,7 +108,7 @@ class Decoder(nn.Module):
         """Region features (B, P, D) from the encoder -> what every step reads."""
         regions = self.region_proj(self.feature_norm(features))  # (B, P, R)
         if self.region_pos is not None:
-            regions = regions + self.region_pos  # (B, P, R)
+            regions = regions + self.region_pos + self.coord_proj(self.coords)  # (B, P, R)
         regions = self.dropout(regions)
         if self.config.attention:
             keys = self.key_proj(regions)  # (B, P, A)

@@ -1,0 +1,32 @@
+# make demo   build, train and serve the default Shapes model (http://127.0.0.1:8000)
+# make test   the whole test suite
+# make bench  the benchmarks, written to benchmarks/RESULTS.md
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo model test bench clean
+
+$(BIN)/captioner: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(BIN)/captioner
+
+demo: install
+	$(BIN)/captioner demo
+
+model: install
+	$(BIN)/captioner demo --no-serve
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: model
+	$(BIN)/python benchmarks/caption_throughput.py --out benchmarks/RESULTS.md
+
+clean:
+	rm -rf $(VENV) *.egg-info
