@@ -71,7 +71,7 @@ def vary_caption_lengths(model: CaptionModel, features: torch.Tensor, max_length
     memory = model.decoder.prepare(features)
     end = model.vocab.end_id
     best_count, best_bias = 0, 0.0
-    for bias in torch.arange(-2.0, 6.0, 0.5).tolist():
+    for bias in torch.arange(-4.0, 8.0, 0.25).tolist():
         model.decoder.out.bias[end] = bias
         count = len({len(h.token_ids) for h in greedy(model.decoder, memory, max_length)})
         if count > best_count:
