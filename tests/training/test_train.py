@@ -379,7 +379,7 @@ def test_resume_of_a_finished_run_changes_nothing(shapes_root, tmp_path):
 @pytest.mark.slow
 def test_captioner_train_stopped_by_sigint_resumes_to_the_uninterrupted_result(shapes_root, tmp_path):
     """The real thing: `captioner train` in its own process, SIGINT once its first checkpoint is on disk."""
-    args = ["--data", str(shapes_root), "--out", str(tmp_path / "run"), "--epochs", "8", "--batch-size", "4",
+    args = ["--data", str(shapes_root), "--out", str(tmp_path / "run"), "--epochs", "12", "--batch-size", "4",
             "--lr", "0.01", "--warmup-steps", "0", "--patience", "100", "--threads", "1", "--workers", "0",
             "--no-progress", "--cache-dir", str(tmp_path / "features"), "--checkpoint-every", "1",
             "--encoder", "tiny", "--embed-dim", "32", "--region-dim", "32", "--hidden-dim", "64",
@@ -397,7 +397,7 @@ def test_captioner_train_stopped_by_sigint_resumes_to_the_uninterrupted_result(s
         process.kill()
     assert process.returncode == 0, stderr
     assert "stopped by signal" in stdout
-    total = 8 * 6
+    total = 12 * 6
     assert 1 <= last_state(tmp_path / "run")["step"] < total
 
     assert cli.main(["train", *args, "--resume"]) == 0
