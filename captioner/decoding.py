@@ -82,7 +82,7 @@ def decode(decoder: Decoder, memory: Memory, options: DecodeOptions) -> list[lis
 
 def _next_word_log_probs(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
     """The model's own log-probabilities (N, V), with the words it may not say set to -inf:
-    never <pad> or <start>; on the last step, only <end>.
+    never <pad>, <start> or <unk> (a caption of unknown words tells nobody anything); on the last step, only <end>.
 
     Normalised before masking, so a caption's summed log-probability is the one teacher
     forcing gives, and a forced <end> costs what the model says it costs.
@@ -93,7 +93,7 @@ def _next_word_log_probs(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
         log_probs.fill_(float("-inf"))
         log_probs[:, Vocabulary.end_id] = end
     else:
-        log_probs[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
+        log_probs[:, [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = float("-inf")
     return log_probs
 
 

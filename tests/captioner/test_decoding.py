@@ -144,15 +144,16 @@ def test_max_length_is_respected_and_end_is_forced_and_scored(make_model, strate
             assert h.log_prob < -25
 
 
-def test_pad_and_start_are_never_emitted_even_when_the_model_prefers_them(make_model):
+def test_pad_start_and_unk_are_never_emitted_even_when_the_model_prefers_them(make_model):
     model = make_model()
+    never = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
     with torch.no_grad():
-        model.decoder.out.bias[[Vocabulary.pad_id, Vocabulary.start_id]] = 50.0
+        model.decoder.out.bias[never] = 50.0
     features = region_features(model, 2)
     for strategy in all_strategies().values():
         for hypotheses in decode_features(model, features, **strategy, max_length=5):
             for h in hypotheses:
-                assert Vocabulary.pad_id not in h.token_ids and Vocabulary.start_id not in h.token_ids
+                assert not set(never) & set(h.token_ids)
 
 
 # --- greedy and beam search ----------------------------------------------------------------
@@ -230,12 +231,13 @@ def test_length_penalty_zero_ranks_by_log_prob(make_model):
 
 @pytest.mark.parametrize("config", [{}, dict(attention=False, cell="gru")], ids=["attention", "show-and-tell"])
 def test_wide_beam_finds_every_caption_exhaustive_search_finds(make_model, config):
-    """Vocabulary {<unk>, "cat"} and at most 2 words: 7 captions in all, so a beam of 7 must return
-    every one of them, with the log-probabilities exhaustive teacher forcing gives, best first."""
-    model = make_model(vocab=Vocabulary.build(["cat"]), **config)
+    """Vocabulary {"cat", "dog"} (<unk> is never said) and at most 2 words: 7 captions in all, so a
+    beam of 7 must return every one of them, with the log-probabilities exhaustive teacher forcing
+    gives, best first."""
+    model = make_model(vocab=Vocabulary.build(["cat dog"]), **config)
     features = region_features(model, 3)
     memory = model.decoder.prepare(features)
-    words = [Vocabulary.unk_id, 4]
+    words = [4, 5]
     everything = [list(c) for n in range(3) for c in itertools.product(words, repeat=n)]
     assert len(everything) == 7
     beams = beam_search(model.decoder, memory, beam_size=7, num_captions=7, max_length=2, length_penalty=0.0)
