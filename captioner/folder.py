@@ -31,9 +31,9 @@ MAX_WORKERS = 32
 EPILOG = """\
 output:
   One JSON line per file, in the order the files are found (roots as given,
-  folders sorted by name): the result format of the HTTP API plus "file", the
-  path relative to the root it was found under (a file given directly: its
-  name). A file that cannot be read or decoded gives
+  folders sorted by name): the core's result format (as in the HTTP API)
+  plus "file", the path relative to the root it was found under (a file given
+  directly: its name). A file that cannot be read or decoded gives
   {"file": ..., "error": {"code": ..., "message": ...}}, with the codes of the
   HTTP API (unreadable, too_large, unsupported_format, too_many_pixels,
   corrupt_image). Files skipped by design get such a line too: not_an_image
@@ -46,10 +46,16 @@ output:
   written at the end from the JSON lines journal OUT.jsonl, which stays beside
   OUT.
 
+progress:
+  A progress bar (images/s) on a terminal, and a summary line on stderr:
+  captioned, failed, skipped, already done, time.
+
 resuming:
   Lines are flushed to disk after every batch. Rerun the same command with the
   same --out to caption only the files not yet in the output; an interrupted
   run loses at most the batches in flight. To start over, delete the output.
+  OUT, its journal and the --overlays folder are never taken as inputs, even
+  inside a folder being captioned.
 
 exit status:
   0 when every image was captioned (skipped files do not count), 1 when the
@@ -59,15 +65,18 @@ exit status:
 more than one machine:
   On machine I of N, with the same folder (a shared or copied file system):
       captioner caption data/ -r --shard I/N --out part-I.jsonl
-  then, on one machine, merge the parts into the single-run order:
+  A file's shard is a hash of its name, so the parts are disjoint, cover every
+  file, and do not change when files are added. Then, on one machine, merge
+  the parts into the single-run order (the same PATHs find that order):
       captioner caption data/ -r --merge part-*.jsonl --out captions.jsonl
   (cat part-*.jsonl > captions.jsonl gives the same lines in another order.)
   On one machine with several processes, torchrun splits the work by rank:
-      torchrun --standalone --nproc_per_node 2 -m captioner.cli caption data/ -r --out captions.jsonl
+      torchrun --standalone --nproc_per_node 2 -m captioner.cli \\
+          caption data/ -r --out captions.jsonl
   each rank writes OUT.rank<R>, and rank 0 merges them into OUT at the end
   (its exit status is the run's; the other ranks exit 0). torchrun across
   machines works the same way when OUT is on a file system they share: on each,
-      torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d \
+      torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d \\
           --rdzv_endpoint HOST:29400 --rdzv_id captions -m captioner.cli caption ...
 """
 
