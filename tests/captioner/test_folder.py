@@ -7,14 +7,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from captioner import cli
+from captioner.decoding import DecodeOptions
 from captioner.folder_files import Shard, find_entries
 from captioner.folder_journal import coco_image_ids, recover
 from captioner.predictor import Predictor
 
 RED = (220, 40, 40)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The command sets torch's threads for its process: give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _picture(mode: str, size=(40, 30)) -> Image.Image:
@@ -140,8 +150,6 @@ def test_results_are_the_predictors(mixed_folder, tiny_checkpoint, tmp_path):
     lines = read_lines(out)
     assert [line["file"] for line in lines] == ["rgb.jpg", "inner.png"]  # relative to the folder given
     predictor = Predictor.from_checkpoint(tiny_checkpoint)
-    from captioner.decoding import DecodeOptions
-
     for line, path in zip(lines, [mixed_folder / "rgb.jpg", mixed_folder / "sub" / "inner.png"]):
         [expected] = predictor.caption([path], DecodeOptions(beam_size=3, num_captions=2))
         assert [c["text"] for c in line["captions"]] == [c["text"] for c in expected["captions"]]

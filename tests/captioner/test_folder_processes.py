@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from captioner import cli
+from tests.captioner.test_folder import keep_torch_threads  # noqa: F401 (autouse fixture)
 
 BIN = Path(sys.executable).parent
 
