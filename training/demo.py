@@ -36,7 +36,7 @@ DEMO_MODEL = ModelConfig(
     word_in_query=True,
 )
 DEMO_TRAINING = TrainConfig(
-    epochs=10,
+    epochs=8,
     batch_size=32,
     lr=2e-3,
     warmup_steps=50,
@@ -58,11 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--epochs", type=int, default=DEMO_TRAINING.epochs)
-    parser.add_argument("--train-images", type=int, default=DEMO_SPLITS["train"])
+    for split, count in DEMO_SPLITS.items():
+        parser.add_argument(f"--{split}-images", type=int, default=count, help=f"default {count}")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
-def build_default_model(workdir: Path, epochs: int, train_images: int, progress: bool = True) -> Path:
+def build_default_model(workdir: Path, epochs: int = DEMO_TRAINING.epochs, splits: dict[str, int] = DEMO_SPLITS,
+                        progress: bool = True) -> Path:
     """Data, features, training, evaluation on the test split: the saved default model's path."""
     from captioner.checkpoint import load_checkpoint, save_checkpoint
     from captioner.decoding import DecodeOptions
@@ -74,17 +76,19 @@ def build_default_model(workdir: Path, epochs: int, train_images: int, progress:
 
     started = time.time()
     data = workdir / "shapes"
-    generate(data, {**DEMO_SPLITS, "train": train_images}, DEMO_SEED)
+    generate(data, splits, DEMO_SEED)
     run = workdir / "run"
     shutil.rmtree(run, ignore_errors=True)  # a fresh run: the demo's recipe, not a stale resume
     config = dataclasses.replace(DEMO_TRAINING, data=str(data), out=str(run), epochs=epochs,
-                                 cache_dir=str(workdir / "features"), progress=progress, seed=DEMO_SEED)
+                                 cache_dir=str(workdir / "features"), progress=progress, seed=DEMO_SEED,
+                                 val_limit=min(DEMO_TRAINING.val_limit, splits["val"]))
     best = train(config, DEMO_MODEL)
     trained = time.time() - started
 
     model, card = load_checkpoint(best)
     options = DecodeOptions(method="beam", beam_size=3)
-    _, scores = evaluate(Predictor(model, card), load_split(data, "test"), options, batch_size=64, progress=progress)
+    test = load_split(data, "test")
+    _, scores = evaluate(Predictor(model, card), test, options, batch_size=64, progress=progress)
     card = {
         **card,
         "name": "Shapes demo",
@@ -92,7 +96,7 @@ def build_default_model(workdir: Path, epochs: int, train_images: int, progress:
         "training_data": {**card.get("training_data", {}), "name": "Shapes world v1 (procedurally drawn)"},
         "scores": {**card.get("scores", {}), **{f"test_{k}": round(v, 4) for k, v in scores.items()
                                                  if isinstance(v, float)}},
-        "evaluation": "Shapes test split, 500 images, beam size 3",
+        "evaluation": f"Shapes test split, {len(test)} images, beam size 3",
         "minutes_to_train": round(trained / 60, 1),
     }
     path = workdir / "model.safetensors"
@@ -107,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
     workdir = args.workdir or default_workdir()
     model = workdir / "model.safetensors"
     if args.retrain or not model.exists():
-        model = build_default_model(workdir, args.epochs, args.train_images, args.progress)
+        splits = {split: getattr(args, f"{split}_images") for split in DEMO_SPLITS}
+        model = build_default_model(workdir, args.epochs, splits, args.progress)
     else:
         print(f"using the default model at {model} (--retrain to train it again)")
     if args.serve:

@@ -175,9 +175,9 @@ def pointing_hit(grid: np.ndarray, bbox: tuple[float, ...]) -> bool:
 
 def pointing_hits(caption: Caption, scene: Scene) -> tuple[int, int]:
     """(hits, scored) over shape words whose preceding color word names an object of the image."""
-    if caption["attention"] is None:
-        return 0, 0
     tokens = caption["tokens"]
+    if caption["attention"] is None or not tokens:  # an empty caption's attention is [] of no shape
+        return 0, 0
     attention = np.asarray(caption["attention"], dtype=np.float64)  # (T, h, w)
     if attention.ndim != 3 or attention.shape[0] < len(tokens):
         raise ValueError(f"attention of shape {attention.shape} for {len(tokens)} tokens: need (T >= tokens, h, w)")

@@ -190,6 +190,8 @@ def test_pointing_game_attention_checks():
         score_captions({1: TWO}, {1: cap("a red circle", extra[:2])})
     no_attention = score_captions({1: TWO}, {1: cap("a red circle")})
     assert no_attention.pointing_count == 0 and math.isnan(no_attention.pointing_accuracy)
+    empty = score_captions({1: TWO}, {1: {"tokens": [], "attention": []}})  # a caption that is only <end>
+    assert empty.pointing_count == 0 and empty.exact_object_set == 0.0
 
 
 def test_unknown_image_id_is_an_error():
