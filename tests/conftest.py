@@ -21,17 +21,24 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**fields, **overrides})
 
 
+def talkative_tiny_model():
+    """A random tiny model that says words before <end>: captions with tokens and attention to check."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), Vocabulary.build(TINY_CAPTIONS)).eval()
+    with torch.no_grad():
+        model.decoder.out.bias[model.vocab.end_id] = -2.0
+    return model
+
+
 @pytest.fixture
 def tiny_model():
-    torch.manual_seed(0)
-    return build_model(tiny_config(), Vocabulary.build(TINY_CAPTIONS)).eval()
+    return talkative_tiny_model()
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A saved tiny attention model with a model card, for the CLI and the API."""
-    torch.manual_seed(0)
-    model = build_model(tiny_config(), Vocabulary.build(TINY_CAPTIONS))
+    model = talkative_tiny_model()
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
     save_checkpoint(model, path, {"training_data": "tests", "scores": {"CIDEr": 0.0}})
     return path
