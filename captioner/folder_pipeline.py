@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .decoding import DecodeOptions
-from .folder_files import Entry
+from .folder_files import SKIP_CODES, Entry
 from .folder_journal import result_line
 from .images import ImageError, open_image
 from .overlay import caption_sheet
@@ -63,10 +63,10 @@ def caption_entries(predictor: Predictor, entries: list[Entry], options: DecodeO
         lines = []
         for entry, result in zip(segment, results):
             if "error" in result:
-                if entry.skip is None:
-                    tally.failed += 1
-                else:
+                if result["error"]["code"] in SKIP_CODES:
                     tally.skipped += 1
+                else:
+                    tally.failed += 1
             else:
                 tally.captioned += 1
                 if not config.keep_attention:
