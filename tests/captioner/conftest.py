@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner.decoder import Decoder
 from captioner.model import CaptionModel, build_model
 from captioner.vocab import Vocabulary
 from tests.conftest import TINY_CAPTIONS, tiny_config
@@ -163,3 +164,17 @@ def png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def step_rows(monkeypatch):
+    """The number of rows of every decoder step."""
+    rows = []
+    real_step = Decoder.step
+
+    def spy(self, words, state, memory):
+        rows.append(words.size(0))
+        return real_step(self, words, state, memory)
+
+    monkeypatch.setattr(Decoder, "step", spy)
+    return rows

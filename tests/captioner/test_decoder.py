@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from captioner.decoder import Decoder, Memory
+from captioner.decoder import Memory
 from captioner.decoding import beam_search, greedy, sample
 from tests.captioner.conftest import random_images, region_features
 
@@ -156,16 +156,9 @@ def test_step_treats_every_row_independently(make_model):
 
 
 @pytest.mark.parametrize("attention", [True, False])
-def test_teacher_forcing_and_every_decoding_strategy_go_through_step(make_model, monkeypatch, attention):
+def test_teacher_forcing_and_every_decoding_strategy_go_through_step(make_model, step_rows, attention):
     model = make_model(attention=attention)
-    calls = []
-    real_step = Decoder.step
-
-    def counting_step(self, words, state, memory):
-        calls.append(words.size(0))
-        return real_step(self, words, state, memory)
-
-    monkeypatch.setattr(Decoder, "step", counting_step)
+    calls = step_rows
     decoder = model.decoder
     features = region_features(model, 2)
     with torch.no_grad():

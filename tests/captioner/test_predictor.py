@@ -4,7 +4,6 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.decoder import Decoder
 from captioner.decoding import DecodeOptions
 from captioner.encoder import Encoder
 from captioner.images import ImageError, ImageLimits
@@ -20,20 +19,6 @@ RESULT_KEYS = {"width", "height", "method", "attention_grid", "captions"}
 @pytest.fixture
 def predictor(tiny_model):
     return Predictor(tiny_model)
-
-
-@pytest.fixture
-def step_rows(monkeypatch):
-    """The number of rows of every decoder step."""
-    rows = []
-    real_step = Decoder.step
-
-    def spy(self, words, state, memory):
-        rows.append(words.size(0))
-        return real_step(self, words, state, memory)
-
-    monkeypatch.setattr(Decoder, "step", spy)
-    return rows
 
 
 @pytest.fixture
