@@ -38,6 +38,7 @@ def save_checkpoint(model: CaptionModel, path: str | Path, card: dict | None = N
     }
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, tmp, metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a server in a container runs as another user
     os.replace(tmp, path)
 
 

@@ -174,3 +174,10 @@ def test_saving_replaces_the_file_whole_and_leaves_no_temporary(make_model, tmp_
     _, card = load_checkpoint(path)
     assert card == {"v": 2}
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]
+
+
+def test_a_saved_checkpoint_is_readable_by_other_users(tiny_model, tmp_path):
+    """A server in a container (a non-root user) reads the model the demo saved."""
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(tiny_model, path)
+    assert path.stat().st_mode & 0o044 == 0o044
