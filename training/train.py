@@ -187,8 +187,9 @@ def validate(model: CaptionModel, features: np.ndarray, split, limit: int, beam_
     model.eval()
     captions = {}
     for start in range(0, len(image_ids), batch_size):
-        feats = torch.from_numpy(np.asarray(features[start:start + batch_size], dtype=np.float32)).to(device)
-        for image_id, hyps in zip(image_ids[start:start + batch_size], model.caption_features(feats, options)):
+        end = min(start + batch_size, len(image_ids))
+        feats = torch.from_numpy(np.asarray(features[start:end], dtype=np.float32)).to(device)  # (B, P, D)
+        for image_id, hyps in zip(image_ids[start:end], model.caption_features(feats, options)):
             best = hyps[0]
             captions[image_id] = {"tokens": [model.vocab.words[i] for i in best.token_ids],
                                   "attention": None if best.attention is None else best.attention.view(-1, h, w).numpy()}
