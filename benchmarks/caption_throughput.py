@@ -46,6 +46,9 @@ from captioner.home import default_checkpoint
 from captioner.predictor import Predictor
 from captioner.vocab import Vocabulary
 
+sys.path.insert(0, str(Path(__file__).parent))
+from results_file import write_section  # noqa: E402
+
 BEAM_SIZE = 3
 SECTION = "## Folder captioning throughput"
 ENCODER_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -272,16 +275,16 @@ def machine() -> dict:
             "python": platform.python_version(), "os": platform.platform()}
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of `path`, keeping every other section."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
-    path.write_text(new.rstrip("\n") + "\n")
+def describe(predictor: Predictor, checkpoint: Path, stand_in: bool) -> str:
+    c = predictor.model.config
+    shape = (f"{c.encoder}, {'x'.join(map(str, predictor.model.grid))} grid, {c.cell} decoder with hidden "
+             f"{c.hidden_dim}, region {c.region_dim}, attention {c.attention_dim}")
+    if stand_in:
+        return f"random-weight stand-in ({shape})"
+    data = predictor.card.get("training_data", {})
+    cider = predictor.card.get("scores", {}).get("test_CIDEr")
+    trained = f"; trained on {data.get('name', 'unknown data')}" if isinstance(data, dict) else ""
+    return f"{checkpoint} ({shape}{trained}{f', test CIDEr {cider}' if cider is not None else ''})"
 
 
 def report(info: dict, setup: dict, sweep: dict, tutorial_threads: dict, costs: dict, rounds: list[dict]) -> str:
@@ -388,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = {
             "command": "python benchmarks/caption_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "load_before": load_before, "load_after": "%.1f" % os.getloadavg()[0], "threads": threads,
-            "model": "random-weight stand-in (efficientnet_lite0_s16, 14x14 grid, default decoder)" if stand_in
-            else f"{checkpoint}",
+            "model": describe(predictor, checkpoint, stand_in),
             "stand_in": stand_in, "images": len(paths),
             "image_kind": "640x480 JPEGs drawn by the benchmark" if args.images_dir is None else f"from {args.images_dir}",
             "max_length": args.max_length, "cli_args": " ".join(extra) or "default settings",
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         text = report(machine(), setup, sweep, tutorial_threads, costs, rounds)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, SECTION, text)
     return 0
 
 
