@@ -45,6 +45,10 @@ class Memory(NamedTuple):
         """Each row becomes k rows reading the same image."""
         return Memory(self.regions, self.keys, self.rows_per_image * k)
 
+    def take_images(self, index: torch.Tensor) -> "Memory":
+        """Only the images `index` (positions or a boolean mask) picks, with their rows."""
+        return Memory(self.regions[index], self.keys[index], self.rows_per_image)
+
 
 CELL_TYPES = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 

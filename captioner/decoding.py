@@ -169,49 +169,51 @@ def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: 
     Each step ranks the 2K best continuations of an image's beams: those ending
     in <end> among the first K are finished; the first K others stay alive, so
     beams of one image and of different images may finish at different steps.
-    An image is done once it has K finished captions (beam size 1 is greedy).
+    An image is done once it has K finished captions (beam size 1 is greedy),
+    and leaves the batch, so a batch costs what its images need, not K x its
+    longest caption for all.
     """
     B, K = memory.rows, beam_size
     device = memory.regions.device
-    memory = memory.repeat(K)  # beam row i*K + j reads image i
+    active = torch.arange(B, device=device)  # the images still searching; done ones leave the batch
+    memory = memory.repeat(K)  # beam row i*K + j reads active image i
     state = decoder.init_state(memory)
     words = torch.full((B * K,), Vocabulary.start_id, dtype=torch.long, device=device)
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start equal: keep one, or the first step picks K copies
-    tokens = torch.zeros(B * K, 0, dtype=torch.long, device=device)  # (B*K, t)
-    alphas = memory.regions.new_zeros(B * K, 0, memory.regions.size(1))  # (B*K, t, P)
+    tokens = torch.zeros(B * K, 0, dtype=torch.long, device=device)  # (n*K, t)
+    alphas = memory.regions.new_zeros(B * K, 0, memory.regions.size(1))  # (n*K, t, P)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    done = [False] * B
     for t in range(max_length + 1):
+        n = active.numel()
         logits, state, alpha = decoder.step(words, state, memory)
-        log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (B*K, V)
+        log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (n*K, V)
         V = log_probs.size(1)
-        candidates = (scores.view(-1, 1) + log_probs).view(B, K * V)  # (B, K*V)
-        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
-        parent = top_index // V  # (B, 2K) beam each candidate extends
-        word = top_index % V  # (B, 2K)
+        candidates = (scores.view(-1, 1) + log_probs).view(n, K * V)  # (n, K*V)
+        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (n, 2K)
+        parent = top_index // V  # (n, 2K) beam each candidate extends
+        word = top_index % V  # (n, 2K)
         is_end = word == Vocabulary.end_id
-        parent_row = parent + torch.arange(B, device=device).unsqueeze(1) * K  # (B, 2K) rows of B*K
+        parent_row = parent + torch.arange(n, device=device).unsqueeze(1) * K  # (n, 2K) rows of n*K
 
-        if is_end.any():
-            for b, j in (is_end[:, :K] & top_scores[:, :K].isfinite()).nonzero().tolist():
-                if done[b]:
-                    continue
-                row = int(parent_row[b, j])
-                lp = float(top_scores[b, j])
-                finished[b].append(Hypothesis(tokens[row].tolist(), lp, rank_score(lp, t, length_penalty),
-                                              alphas[row].clone() if alpha is not None else None))
-            done = [d or len(f) >= K for d, f in zip(done, finished)]
-            if all(done):
-                break
+        for i, j in (is_end[:, :K] & top_scores[:, :K].isfinite()).nonzero().tolist():
+            row = int(parent_row[i, j])
+            lp = float(top_scores[i, j])
+            finished[int(active[i])].append(Hypothesis(tokens[row].tolist(), lp, rank_score(lp, t, length_penalty),
+                                                       alphas[row].clone() if alpha is not None else None))
+        going = torch.tensor([len(finished[b]) < K for b in active.tolist()], device=device)  # (n,)
+        if not bool(going.any()):
+            break
 
-        rank = torch.arange(top_scores.size(1), device=device).expand(B, -1)  # (B, 2K)
+        rank = torch.arange(top_scores.size(1), device=device).expand(n, -1)  # (n, 2K)
         keep = (is_end.long() * top_scores.size(1) + rank).argsort(dim=1)[:, :K]  # first K that go on
-        scores = top_scores.gather(1, keep)  # (B, K)
-        rows = parent_row.gather(1, keep).view(-1)  # (B*K,)
-        words = word.gather(1, keep).view(-1)  # (B*K,)
+        scores = top_scores.gather(1, keep)[going]  # (n', K)
+        rows = parent_row.gather(1, keep)[going].view(-1)  # (n'*K,)
+        words = word.gather(1, keep)[going].view(-1)  # (n'*K,)
+        if not bool(going.all()):
+            active, memory = active[going], memory.take_images(going)
         state = state.index_select(rows)
-        tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)  # (B*K, t+1)
+        tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)  # (n'*K, t+1)
         if alpha is not None:
-            alphas = torch.cat([alphas[rows], alpha[rows].unsqueeze(1)], dim=1)  # (B*K, t+1, P)
+            alphas = torch.cat([alphas[rows], alpha[rows].unsqueeze(1)], dim=1)  # (n'*K, t+1, P)
     return [sorted(f, key=lambda h: -h.score)[:num_captions] for f in finished]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+ORIENTATION = 0x0112  # the EXIF tag; 5 to 8 turn the picture a quarter
 ImageSource = bytes | str | Path | Image.Image
 
 
@@ -35,8 +36,14 @@ class ImageLimits:
     formats: tuple[str, ...] = FORMATS
 
 
-def open_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """An 8-bit RGB image from bytes, a path or a PIL image; ImageError on anything else."""
+def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_size: int | None = None) -> Image.Image:
+    """An 8-bit RGB image from bytes, a path or a PIL image; ImageError on anything else.
+
+    With `min_size`, a JPEG is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8
+    scales that keeps both sides >= min_size: several times faster for a model
+    that only wants min_size pixels, and still the whole picture. The picture's
+    full size (upright) is then in `info["full_size"]`.
+    """
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, (str, Path)):
@@ -67,10 +74,15 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Imag
         raise ImageError("too_many_pixels", f"{width}x{height} is over the limit of {limits.max_pixels} pixels")
     try:
         image.seek(0)  # the first frame of an animation
+        if min_size and fmt == "JPEG":
+            image.draft(image.mode, (min_size, min_size))
         image.load()
-        return to_rgb(image)
+        upright = (height, width) if image.getexif().get(ORIENTATION) in (5, 6, 7, 8) else (width, height)
+        rgb = to_rgb(image)
     except Exception as e:
         raise ImageError("corrupt_image", f"cannot decode the image: {e}") from e
+    rgb.info["full_size"] = upright
+    return rgb
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -196,3 +196,26 @@ def test_preset_normalises_with_its_mean_and_std():
     x = preset(Image.new("RGB", (20, 10), (255, 0, 128)))
     expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(preset.mean)) / torch.tensor(preset.std)
     torch.testing.assert_close(x[:, 4, 4], expected)
+
+
+def test_a_jpeg_read_for_a_small_model_is_decoded_small_but_keeps_its_full_upright_size(tmp_path):
+    """libjpeg's scaled decoding: a 1600x1200 photo read for a 224-px model comes out at 400x300
+    (1/4), the whole picture, and reports the size the user's picture really has."""
+    import numpy as np
+    from captioner.images import open_image
+    from PIL import Image
+
+    pixels = np.zeros((1200, 1600, 3), dtype=np.uint8)
+    pixels[:, :800] = (255, 0, 0)  # left half red, right half blue
+    pixels[:, 800:] = (0, 0, 255)
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter: upright it is 1200 wide, 1600 high
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    image = open_image(path, min_size=224)
+    assert max(image.size) == 400 and min(image.size) == 300
+    assert image.info["full_size"] == (1200, 1600)
+    full = open_image(path)
+    assert full.size == (1200, 1600)
+    small = np.asarray(image.resize(full.size)).astype(int)
+    assert np.abs(small - np.asarray(full).astype(int)).mean() < 8  # the same picture

@@ -38,7 +38,7 @@ def encoder_calls(monkeypatch):
 def test_real_files_of_every_mode_are_captioned_in_one_batch(predictor, image_files, encoder_calls, step_rows):
     names = list(IMAGE_CASES)
     results = predictor.caption([image_files[n] for n in names], DecodeOptions(beam_size=2, max_length=5))
-    assert encoder_calls == [len(names)]
+    assert sum(encoder_calls) == len(names) and max(encoder_calls) <= predictor.encoder_batch_size
     assert step_rows and set(step_rows) == {len(names) * 2}  # every step decodes all beams of all images
     assert len(results) == len(names)
     for name, result in zip(names, results):
@@ -77,9 +77,13 @@ def test_batches_are_cut_at_max_batch_size_without_changing_results(tiny_model, 
     small = Predictor(tiny_model, max_batch_size=2).caption(paths, options)
     assert encoder_calls == [2, 2, 1]
     encoder_calls.clear()
-    large = Predictor(tiny_model).caption(paths, options)
+    large = Predictor(tiny_model, encoder_batch_size=8).caption(paths, options)
     assert encoder_calls == [5]
-    assert [r["captions"][0]["tokens"] for r in small] == [r["captions"][0]["tokens"] for r in large]
+    encoder_calls.clear()
+    split = Predictor(tiny_model, encoder_batch_size=2).caption(paths, options)  # one decoding batch
+    assert encoder_calls == [2, 2, 1]
+    tokens = lambda results: [r["captions"][0]["tokens"] for r in results]
+    assert tokens(small) == tokens(large) == tokens(split)
 
 
 @pytest.mark.parametrize("options", [
