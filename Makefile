@@ -1,12 +1,13 @@
 # make demo   build, train and serve the default Shapes model (http://127.0.0.1:8000)
 # make test   the whole test suite
-# make bench  the benchmarks, written to benchmarks/RESULTS.md
+# make bench    folder-captioning throughput, written to benchmarks/RESULTS.md
+# make compare  decoder variants on Shapes (about 15 min), written to benchmarks/RESULTS.md
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo model test bench clean
+.PHONY: install demo model test bench compare clean
 
 $(BIN)/captioner: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ test: install
 
 bench: model
 	$(BIN)/python benchmarks/caption_throughput.py --out benchmarks/RESULTS.md
+
+compare: model
+	$(BIN)/python benchmarks/compare_decoders.py --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) *.egg-info

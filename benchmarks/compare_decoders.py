@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [SECTION, "",
              f"Shapes world, {DEMO_SPLITS['train']} training images, {args.epochs} epochs each, the default "
              f"recipe otherwise; test split ({len(test)} images), beam size 3. "
-             "Pointing game: n/a without attention.", "",
+             "Pointing game: n/a without attention. Training time is wall-clock time on the machine "
+             "that ran it, which other jobs may have shared.", "",
              "| variant | " + " | ".join(COLUMNS) + " | training time |",
              "|---|" + "---|" * (len(COLUMNS) + 1)]
     for name, scores, minutes in rows:
