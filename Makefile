@@ -9,9 +9,9 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo model test bench compare clean
 
-$(BIN)/captioner: requirements.txt pyproject.toml
+$(BIN)/captioner: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -80,7 +80,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if f.type is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default)
