@@ -35,6 +35,7 @@ function describeTraining(data) {
   if (typeof data === "string") return data;
   if (typeof data === "object") {
     const name = data.name || data.dataset || data.source;
+    if (name) return name;  // a named data set says enough; its paths and split sizes are in the JSON card
     const rest = Object.entries(data).filter(([k]) => !["name", "dataset", "source"].includes(k))
       .map(([k, v]) => `${k.replace(/_/g, " ")}: ${typeof v === "object" ? JSON.stringify(v) : v}`);
     return [name, rest.length ? `(${rest.join(", ")})` : ""].filter(Boolean).join(" ");
@@ -53,10 +54,11 @@ function renderCard(card) {
   const lead = document.createElement("p");
   lead.className = "lead";
   const trained = describeTraining(card.training_data);
-  lead.textContent = trained
+  lead.textContent = (trained
     ? `This model was trained on ${trained}. It only knows what it saw there: ` +
       `pictures unlike its training data still get captions in its own ${card.vocabulary.length} words.`
-    : `This model's card does not say what it was trained on. It can only use its ${card.vocabulary.length} words.`;
+    : `This model's card does not say what it was trained on. It can only use its ${card.vocabulary.length} words.`) +
+    (card.description ? ` ${card.description}` : "");
   box.append(lead);
 
   const facts = document.createElement("p");
