@@ -5,6 +5,10 @@ over the regions gives `alpha`, the f_beta gate scales the attended context, and
 the cell reads [word embedding; context]. Without attention it is Show and Tell
 (Vinyals et al., 2015): the image is fed once, before <start>.
 
+Two departures, each a config switch measured on the Shapes world (README):
+regions carry their position (`positional`), and the attention query sees the
+word just read as well as the previous hidden state (`word_in_query`).
+
 `step()` is the one place a word is predicted: teacher forcing (`forward`) and
 every decoding strategy in `captioner.decoding` call it.
 """
@@ -18,8 +22,8 @@ from .config import ModelConfig
 
 
 class DecoderState(NamedTuple):
-    h: torch.Tensor  # (L, B, H)
-    c: torch.Tensor  # (L, B, H) LSTM cell state; zeros, unused, for GRU and RNN
+    h: torch.Tensor  # (L, N, H), one row per caption, beam or sample
+    c: torch.Tensor  # (L, N, H) LSTM cell state; zeros, unused, for GRU and RNN
 
     def index_select(self, index: torch.Tensor) -> "DecoderState":
         return DecoderState(self.h.index_select(1, index), self.c.index_select(1, index))
