@@ -53,7 +53,7 @@ BEAM_SIZE = 3
 SECTION = "## Folder captioning throughput"
 ENCODER_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 SWEEP_IMAGES = 64
-CLI_BATCH_SIZE = 8  # captioner caption's default, for the stage costs
+CLI_BATCH_SIZE = 32  # captioner caption's default, for the stage costs
 
 
 class Rate(NamedTuple):
@@ -235,7 +235,9 @@ def stage_costs(predictor: Predictor, paths: list[Path], batch_size: int, max_le
         costs["read and prepare"] += clock() - t
         with torch.inference_mode():
             t = clock()
-            features = predictor.model.encoder(torch.stack([im.pixels for im in images]))  # (B, P, D)
+            pixels = torch.stack([im.pixels for im in images])  # (B, 3, S, S)
+            features = torch.cat([predictor.model.encoder(part)
+                                  for part in pixels.split(predictor.encoder_batch_size)])  # (B, P, D), as (c) does
             costs["encoder"] += clock() - t
             t = clock()
             captions = predictor.model.caption_features(features, options)
