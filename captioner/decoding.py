@@ -6,7 +6,8 @@ every returned log-probability includes the end of the caption.
 """
 
 import numbers
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -55,6 +56,28 @@ class DecodeOptions:
             raise ValueError(f"max_length must be in [1, {MAX_LENGTH}]")
         if not 0.0 <= self.length_penalty <= 2.0:
             raise ValueError("length_penalty must be in [0, 2]")
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser, seed: int | None = None, num_captions: bool = True) -> None:
+    """The decoding flags of every command, named and defaulted as DecodeOptions' fields."""
+    d = DecodeOptions()
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--method", choices=METHODS, default=d.method, help=f"default {d.method}")
+    group.add_argument("--beam-size", type=int, default=d.beam_size)
+    if num_captions:
+        group.add_argument("--num-captions", type=int, default=d.num_captions, help="n-best (beam) or samples (sample)")
+    group.add_argument("--temperature", type=float, default=d.temperature, help="sampling")
+    group.add_argument("--top-k", type=int, default=d.top_k, help="sampling; 0: the whole vocabulary")
+    group.add_argument("--max-length", type=int, default=d.max_length, help="words per caption")
+    group.add_argument("--length-penalty", type=float, default=d.length_penalty,
+                       help="captions rank by log_prob / (words + 1) ** this")
+    group.add_argument("--seed", type=int, default=seed, help=f"sampling (default {seed})")
+
+
+def decode_options_from_args(args: argparse.Namespace, **overrides) -> DecodeOptions:
+    """DecodeOptions from the flags present in `args`; ValueError for values out of bounds."""
+    given = {f.name: getattr(args, f.name) for f in fields(DecodeOptions) if hasattr(args, f.name)}
+    return DecodeOptions(**{**given, **overrides})
 
 
 @dataclass

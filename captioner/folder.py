@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .decoding import METHODS, DecodeOptions
+from .decoding import DecodeOptions, add_decode_arguments, decode_options_from_args
 from .folder_files import Entry, Shard, find_entries
 from .folder_journal import JournalWriter, merge, recover, write_coco, write_csv
 from .home import default_checkpoint
@@ -107,13 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output file; rerunning resumes it")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="default: csv for an --out ending in .csv, else jsonl")
-    parser.add_argument("--method", choices=METHODS, default="beam", help="default beam")
-    parser.add_argument("--beam-size", type=int, default=3)
-    parser.add_argument("--num-captions", type=int, default=1, help="n-best (beam) or samples (sample)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling")
-    parser.add_argument("--top-k", type=int, default=0, help="sampling; 0: the whole vocabulary")
-    parser.add_argument("--max-length", type=int, default=20, help="words per caption")
-    parser.add_argument("--seed", type=int, default=None, help="sampling")
+    add_decode_arguments(parser)
     parser.add_argument("--attention", action="store_true", help="one attention grid per word in the output")
     parser.add_argument("--overlays", type=Path, metavar="DIR",
                         help="write DIR/<file>.png: the picture, its best caption and a heatmap per word")
@@ -170,8 +164,7 @@ class Outputs:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        options = DecodeOptions(args.method, args.beam_size, args.num_captions, args.temperature, args.top_k,
-                                args.max_length, seed=args.seed, attention=args.attention or bool(args.overlays))
+        options = decode_options_from_args(args, attention=args.attention or bool(args.overlays))
     except ValueError as e:
         return _usage_error(str(e))
     distributed = _torchrun_rank()

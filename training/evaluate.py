@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from captioner.decoding import METHODS, DecodeOptions
+from captioner.decoding import DecodeOptions, add_decode_arguments, decode_options_from_args
 from captioner.predictor import PreparedImage, Predictor
 from training.caption_metrics import CocoScorer
 from training.coco import CaptionSplit, load_split
@@ -144,20 +144,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads preparing images (default %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--spice", action="store_true", help="also SPICE, if its Stanford models are on disk")
-    defaults = DecodeOptions()
-    parser.add_argument("--method", choices=METHODS, default=defaults.method)
-    parser.add_argument("--beam-size", type=int, default=defaults.beam_size)
-    parser.add_argument("--max-length", type=int, default=defaults.max_length)
-    parser.add_argument("--length-penalty", type=float, default=defaults.length_penalty)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--seed", type=int, default=0, help="for --method sample (default 0)")
+    add_decode_arguments(parser, seed=0, num_captions=False)  # only the best caption is scored
 
 
 def main(args: argparse.Namespace) -> int:
-    options = DecodeOptions(method=args.method, beam_size=args.beam_size, max_length=args.max_length,
-                            length_penalty=args.length_penalty, temperature=args.temperature, top_k=args.top_k,
-                            seed=args.seed)
+    options = decode_options_from_args(args)
     split = load_split(args.data, args.split, args.karpathy)
     if args.limit is not None:
         split = split.first(args.limit)
