@@ -37,7 +37,10 @@ def images_fingerprint(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-class _ImageFiles(Dataset):
+class ImageFiles(Dataset):
+    """Images decoded and preprocessed, one tensor (3, S, S) per path: the cache's input, and
+    training's when the encoder is fine-tuned."""
+
     def __init__(self, paths: Sequence[Path], preset: ImagePreset):
         self.paths, self.preset = list(paths), preset
 
@@ -54,7 +57,7 @@ def _encode_into(out: np.ndarray, encoder: Encoder, paths: Sequence[Path], batch
     preset = ImagePreset(encoder.image_size, encoder.mean, encoder.std)
     # its own generator: drawing the workers' seed from the global one would shift a training run's
     # dropout masks depending on whether its feature cache was built or found
-    loader = DataLoader(_ImageFiles(paths, preset), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(ImageFiles(paths, preset), batch_size=batch_size, num_workers=workers,
                         generator=torch.Generator())
     was_training = encoder.training
     encoder.eval()

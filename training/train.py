@@ -156,21 +156,17 @@ def init_distributed(device: str) -> Distributed:
     return dist
 
 
-class ImageTensors(torch.utils.data.Dataset):
-    """What a batch's images are: cached region features, or pixels when fine-tuning."""
+class FeatureRows(torch.utils.data.Dataset):
+    """Cached region features, one image's (P, D) at a time, as float32."""
 
-    def __init__(self, features: np.ndarray | None, paths, preset):
-        self.features, self.paths, self.preset = features, paths, preset
+    def __init__(self, features: np.ndarray):
+        self.features = features
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.features)
 
     def __getitem__(self, i):
-        if self.features is not None:
-            return torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))  # (P, D)
-        from captioner.images import open_image
-
-        return self.preset(open_image(self.paths[i]))  # (3, S, S)
+        return torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))  # (P, D)
 
 
 def validate(model: CaptionModel, features: np.ndarray, split, limit: int, beam_size: int,
@@ -213,7 +209,7 @@ def save_state(path: Path, state: dict) -> None:
 def train(config: TrainConfig, model_config: ModelConfig) -> Path:
     """Train; returns the path of the best checkpoint."""
     from training.coco import load_split
-    from training.features import cached_features, encode_images
+    from training.features import ImageFiles, cached_features, encode_images
 
     dist = init_distributed(config.device)
     if config.threads:
@@ -259,7 +255,8 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
     captions = encode_captions(train_split.captions, vocab, config.max_words)
     batches = CaptionBatches(captions, config.batch_size, config.captions_per_image, config.seed,
                              dist.rank, dist.world_size)
-    images = ImageTensors(None if fine_tune else caches[train_split.name], train_split.image_paths, model.preset)
+    # what a batch's images are: cached region features, or pixels when the encoder learns too
+    images = ImageFiles(train_split.image_paths, model.preset) if fine_tune else FeatureRows(caches[train_split.name])
     total_steps = config.epochs * len(batches)
 
     # what learns: the decoder on cached features, or the whole model from pixels
