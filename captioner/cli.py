@@ -16,6 +16,8 @@ import argparse
 import importlib
 import sys
 
+from .allocator import keep_freed_memory
+
 # name -> (module, one-line help). The CLI is the composition root: it names the
 # packages that build on `captioner` without importing them until asked.
 COMMANDS = {
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"captioner {ns.command}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    keep_freed_memory()
     return int(module.main(args) or 0)
 
 

@@ -158,7 +158,8 @@ class Decoder(nn.Module):
         B, P, A = memory.keys.shape
         k = memory.rows_per_image
         q = self.query_proj(query).view(B, k, 1, A)  # (B, k, 1, A)
-        energy = self.score(torch.tanh(memory.keys.unsqueeze(1) + q)).squeeze(3)  # (B, k, P)
+        hidden = torch.tanh_(memory.keys.unsqueeze(1) + q)  # (B, k, P, A), in place: the step's largest tensor
+        energy = hidden @ self.score.weight[0] + self.score.bias  # (B, k, P)
         alpha = energy.softmax(dim=2)  # (B, k, P)
         context = torch.bmm(alpha, memory.regions)  # (B, k, R)
         return alpha.view(B * k, P), context.view(B * k, -1)

@@ -184,6 +184,16 @@ def sample(decoder: Decoder, memory: Memory, num_samples: int, max_length: int, 
     return [sorted(paths[b * num_samples:(b + 1) * num_samples], key=lambda h: -h.score) for b in range(B)]
 
 
+@dataclass
+class _Finished:
+    """A caption that ended, remembered by where it ended; its words are read back only if it is returned."""
+
+    score: float
+    log_prob: float
+    step: int  # its <end> was chosen at this step, so it has `step` words
+    row: int  # the row of that step that chose <end>
+
+
 @torch.no_grad()
 def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: int = 1, max_length: int = 20,
                 length_penalty: float = 0.7) -> list[list[Hypothesis]]:
@@ -192,51 +202,86 @@ def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: 
     Each step ranks the 2K best continuations of an image's beams: those ending
     in <end> among the first K are finished; the first K others stay alive, so
     beams of one image and of different images may finish at different steps.
-    An image is done once it has K finished captions (beam size 1 is greedy),
-    and leaves the batch, so a batch costs what its images need, not K x its
-    longest caption for all.
+    An image is done once it has K finished captions (beam size 1 is greedy), or
+    as soon as no live beam can overtake its `num_captions` best (a live beam's
+    words only lower its log-probability, so its best possible score is that
+    log-probability over the longest length allowed): what it returns is the same
+    either way. Done images leave the batch, so a batch costs what its images
+    need, not K x its longest caption for all. At the first step the K beams of
+    an image are one and the same, so one row stands for them.
+
+    Each step keeps only back-pointers (which row each row came from and the word
+    it read); a returned caption's words and attention are read back at the end.
     """
     B, K = memory.rows, beam_size
     device = memory.regions.device
     active = torch.arange(B, device=device)  # the images still searching; done ones leave the batch
-    memory = memory.repeat(K)  # beam row i*K + j reads active image i
-    state = decoder.init_state(memory)
-    words = torch.full((B * K,), Vocabulary.start_id, dtype=torch.long, device=device)
+    state = decoder.init_state(memory)  # (L, B, H): one row per image for the first step
+    words = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=device)
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start equal: keep one, or the first step picks K copies
-    tokens = torch.zeros(B * K, 0, dtype=torch.long, device=device)  # (n*K, t)
-    alphas = memory.regions.new_zeros(B * K, 0, memory.regions.size(1))  # (n*K, t, P)
-    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    best_possible_divisor = (max_length + 1) ** length_penalty
+    came_from: list[list[int]] = []  # came_from[t][r]: the row of step t that row r of step t+1 extends
+    read: list[list[int]] = []  # read[t][r]: the word row r of step t+1 reads
+    alphas: list[torch.Tensor] = []  # alphas[t]: (rows of step t, P)
+    finished: list[list[_Finished]] = [[] for _ in range(B)]
     for t in range(max_length + 1):
         n = active.numel()
-        logits, state, alpha = decoder.step(words, state, memory)
-        log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (n*K, V)
+        rows_per_image = 1 if t == 0 else K
+        logits, state, alpha = decoder.step(words, state, memory.repeat(rows_per_image))
+        log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (n*rows_per_image, V)
         V = log_probs.size(1)
-        candidates = (scores.view(-1, 1) + log_probs).view(n, K * V)  # (n, K*V)
-        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (n, 2K)
-        parent = top_index // V  # (n, 2K) beam each candidate extends
+        candidates = (scores.view(n, -1, 1) + log_probs.view(n, rows_per_image, V))  # (n, K, V) at t=0 too
+        top_scores, top_index = candidates.view(n, K * V).topk(min(2 * K, K * V), dim=1)  # (n, 2K)
         word = top_index % V  # (n, 2K)
+        parent = top_index // V if t else torch.zeros_like(top_index)  # (n, 2K) beam each candidate extends
+        parent_row = parent + torch.arange(n, device=device).unsqueeze(1) * rows_per_image  # (n, 2K) rows of this step
         is_end = word == Vocabulary.end_id
-        parent_row = parent + torch.arange(n, device=device).unsqueeze(1) * K  # (n, 2K) rows of n*K
+        if alpha is not None:
+            alphas.append(alpha)
 
         for i, j in (is_end[:, :K] & top_scores[:, :K].isfinite()).nonzero().tolist():
-            row = int(parent_row[i, j])
             lp = float(top_scores[i, j])
-            finished[int(active[i])].append(Hypothesis(tokens[row].tolist(), lp, rank_score(lp, t, length_penalty),
-                                                       alphas[row].clone() if alpha is not None else None))
-        going = torch.tensor([len(finished[b]) < K for b in active.tolist()], device=device)  # (n,)
+            finished[int(active[i])].append(_Finished(rank_score(lp, t, length_penalty), lp, t, int(parent_row[i, j])))
+        rank = torch.arange(top_scores.size(1), device=device).expand(n, -1)  # (n, 2K)
+        keep = (is_end.long() * top_scores.size(1) + rank).argsort(dim=1)[:, :K]  # first K that go on
+        live_scores = top_scores.gather(1, keep)  # (n, K)
+        best_possible = (live_scores.max(dim=1).values / best_possible_divisor).tolist()  # (n,)
+        going = torch.tensor([not _settled(finished[b], K, num_captions, bound)
+                              for b, bound in zip(active.tolist(), best_possible)], device=device)  # (n,)
         if not bool(going.any()):
             break
 
-        rank = torch.arange(top_scores.size(1), device=device).expand(n, -1)  # (n, 2K)
-        keep = (is_end.long() * top_scores.size(1) + rank).argsort(dim=1)[:, :K]  # first K that go on
-        scores = top_scores.gather(1, keep)[going]  # (n', K)
+        scores = live_scores[going]  # (n', K)
         rows = parent_row.gather(1, keep)[going].view(-1)  # (n'*K,)
         words = word.gather(1, keep)[going].view(-1)  # (n'*K,)
         if not bool(going.all()):
             active, memory = active[going], memory.take_images(going)
         state = state.index_select(rows)
-        tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)  # (n'*K, t+1)
-        if alpha is not None:
-            alphas = torch.cat([alphas[rows], alpha[rows].unsqueeze(1)], dim=1)  # (n'*K, t+1, P)
-    return [sorted(f, key=lambda h: -h.score)[:num_captions] for f in finished]
+        came_from.append(rows.tolist())
+        read.append(words.tolist())
+    return [[_read_back(f, came_from, read, alphas) for f in sorted(done, key=lambda f: -f.score)[:num_captions]]
+            for done in finished]
+
+
+def _settled(finished: list[_Finished], beam_size: int, num_captions: int, best_possible: float) -> bool:
+    if len(finished) >= beam_size:
+        return True
+    if len(finished) < num_captions:
+        return False
+    return sorted(f.score for f in finished)[-num_captions] > best_possible
+
+
+def _read_back(f: _Finished, came_from: list[list[int]], read: list[list[int]],
+               alphas: list[torch.Tensor]) -> Hypothesis:
+    """A finished caption's words, and the attention that chose each, from the back-pointers."""
+    token_ids, steps, row = [], [], f.row
+    for t in range(f.step - 1, -1, -1):
+        token_ids.append(read[t][row])
+        row = came_from[t][row]
+        steps.append((t, row))  # that word was chosen at step t by this row
+    attention = None
+    if alphas:
+        P = alphas[0].size(1)
+        attention = torch.stack([alphas[t][r] for t, r in reversed(steps)]) if steps else alphas[0].new_zeros(0, P)
+    return Hypothesis(token_ids[::-1], f.log_prob, f.score, attention)

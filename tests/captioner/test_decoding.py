@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from captioner.decoding import DecodeOptions, Hypothesis, beam_search, decode, greedy, rank_score, sample
+from captioner.decoding import (DecodeOptions, Hypothesis, _next_word_log_probs, beam_search, decode, greedy,
+                                rank_score, sample)
 from captioner.vocab import Vocabulary
 from tests.captioner.conftest import region_features, vary_caption_lengths
 
@@ -203,6 +204,53 @@ def test_batched_decoding_equals_decoding_each_image_alone(make_model, strategy)
         alone = decode_features(model, features[image:image + 1], **options, max_length=8)[0]
         assert [h.token_ids for h in alone] == [h.token_ids for h in together[image]]
         assert [h.log_prob for h in alone] == pytest.approx([h.log_prob for h in together[image]], abs=1e-5)
+
+
+@torch.no_grad()
+def textbook_beam_search(decoder, features: torch.Tensor, beam_size: int, max_length: int,
+                         length_penalty: float) -> list[Hypothesis]:
+    """One image, one beam at a time, no shortcuts: every step ranks all continuations of the
+    live beams; ends among the first K finish, the first K others live on; until K have finished."""
+    memory = decoder.prepare(features.unsqueeze(0))
+    beams = [(0.0, [Vocabulary.start_id], decoder.init_state(memory))]
+    finished = []
+    for t in range(max_length + 1):
+        candidates = []
+        for log_prob, tokens, state in beams:
+            logits, next_state, _ = decoder.step(torch.tensor(tokens[-1:]), state, memory)
+            step_log_probs = _next_word_log_probs(logits, last_step=t == max_length)[0]
+            candidates += [(log_prob + float(lp), tokens + [w], next_state)
+                           for w, lp in enumerate(step_log_probs) if lp.isfinite()]
+        candidates.sort(key=lambda c: -c[0])
+        beams = []
+        for rank, (log_prob, tokens, state) in enumerate(candidates[:2 * beam_size]):
+            if tokens[-1] == Vocabulary.end_id:
+                if rank < beam_size:
+                    words = tokens[1:-1]
+                    finished.append(Hypothesis(words, log_prob, rank_score(log_prob, len(words), length_penalty),
+                                               None))
+            elif len(beams) < beam_size:
+                beams.append((log_prob, tokens, state))
+        if len(finished) >= beam_size:
+            break
+    return sorted(finished, key=lambda h: -h.score)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.7, 2.0])
+def test_beam_search_returns_what_the_textbook_search_returns(make_model, length_penalty):
+    """Batched, stopping an image once no live beam can overtake its best, one row per image at the
+    first step: none of these shortcuts changes a returned caption or its log-probability."""
+    model = make_model()
+    features = region_features(model, 6)
+    varied(model, features, 8)
+    for beam_size, num_captions in [(2, 1), (3, 1), (4, 2), (5, 5)]:
+        batched = decode_features(model, features, beam_size=beam_size, num_captions=num_captions, max_length=8,
+                                  length_penalty=length_penalty)
+        for image in range(6):
+            textbook = textbook_beam_search(model.decoder, features[image], beam_size, 8,
+                                            length_penalty)[:num_captions]
+            assert [h.token_ids for h in batched[image]] == [h.token_ids for h in textbook]
+            assert [h.log_prob for h in batched[image]] == pytest.approx([h.log_prob for h in textbook], abs=1e-5)
 
 
 def test_beam_n_best_are_distinct_and_sorted_by_normalised_score(make_model):

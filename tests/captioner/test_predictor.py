@@ -39,7 +39,8 @@ def test_real_files_of_every_mode_are_captioned_in_one_batch(predictor, image_fi
     names = list(IMAGE_CASES)
     results = predictor.caption([image_files[n] for n in names], DecodeOptions(beam_size=2, max_length=5))
     assert sum(encoder_calls) == len(names) and max(encoder_calls) <= predictor.encoder_batch_size
-    assert step_rows and set(step_rows) == {len(names) * 2}  # every step decodes all beams of all images
+    assert step_rows[0] == len(names)  # one row per image until the first word: the beams are still one
+    assert set(step_rows[1:]) == {len(names) * 2}  # then every step decodes all beams of all images
     assert len(results) == len(names)
     for name, result in zip(names, results):
         assert set(result) == RESULT_KEYS
