@@ -87,7 +87,8 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_siz
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB, upright, alpha over white."""
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright picture
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(image, dtype=np.float64)
         scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
@@ -113,8 +114,16 @@ class ImagePreset:
     std: tuple[float, float, float]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        """(3, S, S) normalised pixels, laid out channels-last in memory as the encoder wants them."""
         resized = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0  # (3, S, S)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        x = torch.from_numpy(np.array(resized)).float()  # (S, S, 3), 0..255
+        if len(set(self.mean)) == 1 and len(set(self.std)) == 1:  # scalar ops: several times faster
+            x.sub_(255 * self.mean[0]).div_(255 * self.std[0])
+        else:
+            x.sub_(255 * torch.tensor(self.mean)).div_(255 * torch.tensor(self.std))
+        return x.permute(2, 0, 1)  # (3, S, S)
+
+
+def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """A batch (B, 3, S, S) of ImagePreset outputs, channels-last: one copy, no transposition."""
+    return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)

@@ -13,13 +13,13 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .decoding import DecodeOptions, Hypothesis
-from .images import ImageLimits, ImageSource, open_image
+from .images import ImageLimits, ImageSource, open_image, stack_pixels
 from .model import CaptionModel
 
 
 @dataclass
 class PreparedImage:
-    pixels: torch.Tensor  # (3, S, S), normalised
+    pixels: torch.Tensor  # (3, S, S), normalised, channels-last in memory
     width: int  # of the user's picture, after EXIF orientation
     height: int
 
@@ -68,7 +68,7 @@ class Predictor:
         results = []
         for start in range(0, len(images), self.max_batch_size):
             chunk = images[start:start + self.max_batch_size]
-            pixels = torch.stack([im.pixels for im in chunk]).to(self.device)  # (B, 3, S, S)
+            pixels = stack_pixels([im.pixels for im in chunk]).to(self.device)  # (B, 3, S, S)
             with torch.inference_mode():
                 features = torch.cat([self.model.encoder(part)
                                       for part in pixels.split(self.encoder_batch_size)])  # (B, P, D)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from captioner.images import ImageError, ImageLimits, ImagePreset, open_image
+from captioner.images import ImageError, ImageLimits, ImagePreset, open_image, stack_pixels
 from tests.captioner.conftest import IMAGE_CASES, IMAGE_MODES, RED, WHITE, image_bytes, png_header
 
 
@@ -191,11 +191,22 @@ def test_preset_resizes_the_whole_picture_without_cropping():
     assert pixels[1, 32, 32] > 200  # green in the middle
 
 
-def test_preset_normalises_with_its_mean_and_std():
-    preset = ImagePreset(8, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+@pytest.mark.parametrize("mean, std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)],
+                         ids=["per-channel", "uniform"])
+def test_preset_normalises_with_its_mean_and_std(mean, std):
+    preset = ImagePreset(8, mean, std)
     x = preset(Image.new("RGB", (20, 10), (255, 0, 128)))
     expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(preset.mean)) / torch.tensor(preset.std)
     torch.testing.assert_close(x[:, 4, 4], expected)
+
+
+def test_a_stack_of_preset_pixels_is_the_same_batch_laid_out_channels_last():
+    preset = ImagePreset(16, (0.5,) * 3, (0.5,) * 3)
+    pictures = [Image.effect_noise((30, 20), 60 + 10 * i).convert("RGB") for i in range(3)]
+    pixels = [preset(p) for p in pictures]
+    batch = stack_pixels(pixels)  # (3, 3, 16, 16)
+    assert batch.shape == (3, 3, 16, 16) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([p.contiguous() for p in pixels]))
 
 
 def test_a_jpeg_read_for_a_small_model_is_decoded_small_but_keeps_its_full_upright_size(tmp_path):
