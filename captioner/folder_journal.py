@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from .folder_files import SKIP_CODES
 
 _PREFIX = '{"file":'
@@ -24,7 +26,11 @@ _DECODER = json.JSONDecoder()
 
 def result_line(file: str, result: dict) -> str:
     """`result` is the core's result format or {"error": {"code", "message"}}."""
-    return json.dumps({"file": file, **result}, separators=(",", ":")) + "\n"
+    line = {"file": file, **result}
+    try:  # orjson writes the attention grids' floats about 10x faster than json
+        return orjson.dumps(line).decode() + "\n"
+    except orjson.JSONEncodeError:  # a file name that is not UTF-8 (surrogate escapes): json escapes it
+        return json.dumps(line, separators=(",", ":")) + "\n"
 
 
 @dataclass

@@ -127,6 +127,21 @@ def test_every_file_gets_one_line_in_walk_order(mixed_folder, tiny_checkpoint, t
     assert "captioned 14, failed 2, skipped 2" in summary
 
 
+def test_names_in_any_script_and_names_that_are_not_utf8_are_written_and_resumed(tiny_checkpoint, tmp_path, capsys):
+    root = tmp_path / "photos"
+    root.mkdir()
+    names = ["café 東京.jpg", os.fsdecode(b"raw\xff.jpg")]  # the second: bytes no encoding reads
+    for name in names:
+        _picture("RGB").save(root / name, format="JPEG")
+    out = tmp_path / "captions.jsonl"
+    assert caption(root, "--checkpoint", tiny_checkpoint, "--out", out) == 0
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(line["file"] for line in lines) == sorted(names)
+    assert all(line["captions"][0]["text"] for line in lines)
+    assert caption(root, "--checkpoint", tiny_checkpoint, "--out", out) == 0
+    assert "captioned 0, failed 0, skipped 0, already done 2" in capsys.readouterr().err
+
+
 def test_without_recursive_subfolders_are_left_out(mixed_folder, tiny_checkpoint, tmp_path):
     out = tmp_path / "captions.jsonl"
     caption(mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy")
