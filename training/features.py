@@ -48,7 +48,10 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.preset(open_image(self.paths[i], ImageLimits(formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))))
+        # decoded as serving decodes them (a JPEG at libjpeg's reduced scale when that still
+        # covers the preset), so a model trains on the pixels it will be shown
+        limits = ImageLimits(formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))
+        return self.preset(open_image(self.paths[i], limits, min_size=self.preset.size))
 
 
 def _encode_into(out: np.ndarray, encoder: Encoder, paths: Sequence[Path], batch_size: int, workers: int,

@@ -88,6 +88,22 @@ def test_overlays_are_png_data_uris_one_per_word_over_a_bounded_picture(make_cli
         assert image.size == (64, 43)  # the picture's aspect ratio, longest side overlay_size
 
 
+def test_a_large_turned_photo_reports_its_full_upright_size_and_keeps_its_shape_in_overlays(make_client):
+    """A JPEG is decoded at a reduced scale (only the model's and the overlays' pixels are needed),
+    yet the result describes the user's picture: 1600x1200 stored, turned a quarter by EXIF."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = encode(picture((1600, 1200)), "JPEG", quality=90, exif=exif)
+    client = make_client(overlay_size=64)
+    r = caption(client, ("photo.jpg", photo), overlays="true", method="greedy")
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    assert (result["width"], result["height"]) == (1200, 1600)
+    uri = result["captions"][0]["overlays"][0]
+    overlay = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert overlay.size == (48, 64)
+
+
 def test_greedy_gives_one_caption_and_sampling_with_a_seed_repeats(client):
     r = caption(client, ("a.png", png()), method="greedy")
     assert r.status_code == 200 and len(r.json()["results"][0]["captions"]) == 1

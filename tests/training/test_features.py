@@ -193,3 +193,19 @@ def test_building_the_cache_leaves_the_global_random_state_alone(encoder, images
     cached_features(encoder, images, tmp_path / "cache", "x", workers=workers, progress=False)
     encode_images(encoder, images, workers=workers)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_training_reads_a_photo_with_the_very_pixels_serving_feeds_the_model(tiny_model, tmp_path):
+    """No skew between training and serving: a large JPEG (decoded at a reduced scale by both)."""
+    from captioner.predictor import Predictor
+    from training.features import ImageFiles
+
+    path = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(path, quality=90)
+    predictor = Predictor(tiny_model)
+    served = predictor.prepare(path).pixels  # (3, S, S)
+    trained = ImageFiles([path], predictor.preset)[0]
+    assert torch.equal(trained, served)
+    full = predictor.preset(Image.open(path).convert("RGB"))  # the whole picture decoded: other pixels
+    assert not torch.equal(trained, full)
