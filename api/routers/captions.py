@@ -76,7 +76,7 @@ def _prepare(predictor: Predictor, names: list[str], uploads: list[bytes],
     """Decode and preprocess every upload; keep a small copy of the picture for overlays.
 
     A JPEG is decoded only as large as the model and the overlays need (libjpeg's
-    reduced scales): a 12-megapixel photo decodes in a few milliseconds."""
+    reduced scales): about half the time of a full decode for a 12-megapixel photo."""
     needed = max(predictor.preset.size, overlay_size or 0)  # pixels, on the picture's shorter side
     images, pictures = [], []
     for name, data in zip(names, uploads):
