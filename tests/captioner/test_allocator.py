@@ -7,7 +7,7 @@ import pytest
 
 from captioner.allocator import keep_freed_memory
 
-# Two worker threads allocate and free tensors of 4 to 28 MB, some living a while, as the
+# A worker thread allocates and frees tensors of 4 to 28 MB, some living a while, as the
 # folder pipeline's lanes do; prints the page faults of the second of two rounds.
 WORKLOAD = """
 import resource, sys
@@ -32,7 +32,7 @@ def faults(pool):
         done.result()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-with ThreadPoolExecutor(2) as pool:
+with ThreadPoolExecutor(1) as pool:
     faults(pool)
     print(faults(pool))
 """
