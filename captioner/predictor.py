@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .decoding import DecodeOptions, Hypothesis
+from .encoder import fold_batch_norms
 from .images import ImageLimits, ImageSource, open_image, stack_pixels
 from .model import CaptionModel
 
@@ -40,6 +41,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "Predictor":
         model, card = load_checkpoint(path, device)
+        fold_batch_norms(model.encoder)  # this model only serves
         return cls(model, card, device, **kwargs)
 
     def info(self) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.encoder import ENCODERS, build_encoder, load_efficientnet_lite0
+from captioner.encoder import ENCODERS, build_encoder, fold_batch_norms, load_efficientnet_lite0
 from captioner.images import ImagePreset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -135,3 +135,29 @@ def test_efficientnet_lite0_is_the_real_pretrained_network(chelsea):
     assert 281 <= int(logits.argmax()) <= 285
     assert features.shape == (1, 7 * 7, 1280) and encoder.grid == (7, 7)
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)  # the encoder is that network, headless
+
+
+def _randomise_batch_norms(encoder: torch.nn.Module) -> None:
+    """Statistics and affine parameters far from the identity, as a trained network has."""
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite0_s16", "resnet50"])
+def test_folding_the_batch_norms_into_the_convolutions_keeps_the_features(name):
+    torch.manual_seed(0)
+    encoder = build_encoder(name, pretrained=False).eval()
+    _randomise_batch_norms(encoder)
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        before = encoder(images)  # (2, P, D)
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    assert fold_batch_norms(encoder) == batch_norms > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    with torch.no_grad():
+        after = encoder(images)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))

@@ -174,3 +174,27 @@ def test_from_checkpoint_and_info(tiny_checkpoint, image_files):
 
 def test_an_empty_batch_gives_no_results(predictor):
     assert predictor.caption_batch([], DecodeOptions()) == []
+
+
+def test_a_served_model_has_its_batch_norms_folded_and_says_the_same(tmp_path):
+    """from_checkpoint folds the encoder's BatchNorms into its convolutions: same captions, same scores."""
+    from captioner.checkpoint import load_checkpoint, save_checkpoint
+    from captioner.config import ModelConfig
+    from captioner.model import build_model
+    from captioner.vocab import Vocabulary
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(["a red circle left of a blue square"])
+    model = build_model(ModelConfig(encoder="efficientnet_lite0_s16"), vocab, pretrained=False)
+    path = tmp_path / "s16.safetensors"
+    save_checkpoint(model, path, {})
+    served = Predictor.from_checkpoint(path)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.model.encoder.modules())
+    unfolded = Predictor(load_checkpoint(path)[0])
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.model.encoder.modules())
+    pictures = [Image.effect_noise((300, 200), 40 + 20 * i).convert("RGB") for i in range(2)]
+    options = DecodeOptions(beam_size=2, num_captions=2, max_length=6)
+    for ours, reference in zip(served.caption(pictures, options), unfolded.caption(pictures, options)):
+        assert [c["tokens"] for c in ours["captions"]] == [c["tokens"] for c in reference["captions"]]
+        assert [c["log_prob"] for c in ours["captions"]] == pytest.approx(
+            [c["log_prob"] for c in reference["captions"]], abs=1e-3)
