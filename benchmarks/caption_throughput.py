@@ -327,12 +327,17 @@ LOOPS = {"tutorial": True, "shortcuts": False}  # (b) and (b'): literal or not
 LABELS = {"tutorial": "b", "shortcuts": "b'"}
 
 
+def fastest_threads(loop_threads: dict[tuple[str, int], Rate]) -> dict[str, int]:
+    """For each loop, the torch thread count it ran fastest with."""
+    return {loop: max((t for (l, t) in loop_threads if l == loop), key=lambda t: loop_threads[loop, t].images_per_s)
+            for loop in LOOPS}
+
+
 def report(info: dict, setup: dict, sweep: dict, loop_threads: dict, costs: dict, rounds: list[dict]) -> str:
     best = {key: max((r[key] for r in rounds), key=lambda rate: rate.images_per_s) for key in rounds[0]}
     a, b, b2, c = (best[k].images_per_s for k in ("encoder", "tutorial", "shortcuts", "caption"))
     batch, streams = max(sweep, key=lambda cfg: sweep[cfg].images_per_s)
-    threads = {loop: max((t for (l, t) in loop_threads if l == loop), key=lambda t: loop_threads[loop, t].images_per_s)
-               for loop in LOOPS}
+    threads = fastest_threads(loop_threads)
     stages = costs["ms"]
     bound = stages["encoder"] / sum(stages.values())
     lines = [
@@ -428,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         loop_threads = {(loop, t): tutorial_rate(predictor, paths[:SWEEP_IMAGES // 4], tmp / "tutorial.jsonl",
                                                  args.max_length, t, literal)
                         for loop, literal in LOOPS.items() for t in sorted({1, threads})}
-        best_threads = {loop: max((t for (l, t) in loop_threads if l == loop),
-                                  key=lambda t: loop_threads[loop, t].images_per_s) for loop in LOOPS}
+        best_threads = fastest_threads(loop_threads)
         costs = stage_costs(predictor, paths[:SWEEP_IMAGES], CLI_BATCH_SIZE, args.max_length)
         costs["encoder_batch_size"] = predictor.encoder_batch_size
         print(f"encoder: best at batch {batch}, {streams} stream(s); loops: best with {best_threads} thread(s)",
