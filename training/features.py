@@ -37,6 +37,9 @@ def images_fingerprint(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+DATASET_IMAGE_LIMITS = ImageLimits(formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))  # data sets may hold TIFFs
+
+
 class ImageFiles(Dataset):
     """Images decoded and preprocessed, one tensor (3, S, S) per path: the cache's input, and
     training's when the encoder is fine-tuned."""
@@ -50,8 +53,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         # decoded as serving decodes them (a JPEG at libjpeg's reduced scale when that still
         # covers the preset), so a model trains on the pixels it will be shown
-        limits = ImageLimits(formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))
-        return self.preset(open_image(self.paths[i], limits, min_size=self.preset.size))
+        return self.preset(open_image(self.paths[i], DATASET_IMAGE_LIMITS, min_size=self.preset.size))
 
 
 def _encode_into(out: np.ndarray, encoder: Encoder, paths: Sequence[Path], batch_size: int, workers: int,
