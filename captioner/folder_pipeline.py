@@ -25,6 +25,7 @@ from .overlay import caption_sheet
 from .predictor import PreparedImage, Predictor
 
 OVERLAY_TILE = 224  # pixels per tile of an overlay sheet; pictures are kept no larger
+MIN_TAIL_BATCH = 4  # the shortest batch near the end: smaller ones cost more per image than they save
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def caption_entries(predictor: Predictor, entries: list[Entry], options: DecodeO
         progress(sum(entry.skip is None for entry in segment))
 
     try:
-        for segment in _segments(entries, config.batch_size):
+        for segment in _segments(entries, config.batch_size, config.lanes):
             loads = [None if e.skip else workers.submit(_load, predictor, e.path, keep_picture) for e in segment]
             in_flight.append((segment, lanes.submit(_caption_segment, predictor, segment, loads, options)))
             if len(in_flight) > config.lanes + 1:
@@ -90,15 +91,23 @@ def caption_entries(predictor: Predictor, entries: list[Entry], options: DecodeO
     return tally
 
 
-def _segments(entries: list[Entry], batch_size: int) -> Iterator[list[Entry]]:
-    """Runs of entries holding `batch_size` images each (files skipped by design ride along)."""
-    segment, images = [], 0
+def _segments(entries: list[Entry], batch_size: int, lanes: int) -> Iterator[list[Entry]]:
+    """Runs of entries holding `batch_size` images each (files skipped by design ride along),
+    shorter near the end so that the lanes finish together: a lane that took the last full
+    batch would run on alone while the others wait (guided self-scheduling)."""
+    remaining = sum(entry.skip is None for entry in entries)
+
+    def next_size() -> int:
+        return max(min(batch_size, -(-remaining // (2 * lanes))), min(batch_size, MIN_TAIL_BATCH))
+
+    segment, images, size = [], 0, next_size()
     for entry in entries:
         segment.append(entry)
         images += entry.skip is None
-        if images == batch_size:
+        if images == size:
             yield segment
-            segment, images = [], 0
+            remaining -= images
+            segment, images, size = [], 0, next_size()
     if segment:
         yield segment
 

@@ -358,3 +358,21 @@ def test_merging_missing_or_foreign_parts_is_refused(tmp_path, capsys):
     assert caption(tmp_path / "photos", "--out", out, "--merge", tmp_path / "part0.jsonl") == 2
     assert "not a captioner result" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_batches_shrink_near_the_end_so_the_lanes_finish_together(tmp_path):
+    from captioner.folder_files import Entry
+    from captioner.folder_pipeline import MIN_TAIL_BATCH, _segments
+    from captioner.images import ImageError
+
+    skipped = ImageError("not_an_image", "a text file")
+    entries = [Entry(f"{i}.jpg", tmp_path / f"{i}.jpg", skipped if i % 7 == 3 else None) for i in range(400)]
+    segments = list(_segments(entries, batch_size=32, lanes=2))
+
+    assert [e for segment in segments for e in segment] == entries  # every entry once, in order
+    sizes = [sum(e.skip is None for e in segment) for segment in segments]
+    assert sizes[:6] == [32] * 6  # full batches while there is plenty left
+    assert sizes == sorted(sizes, reverse=True)  # then shorter and shorter
+    assert min(sizes[:-1]) == MIN_TAIL_BATCH and sizes[-1] <= MIN_TAIL_BATCH  # the last takes what is left
+    assert sum(sizes) == sum(e.skip is None for e in entries)
+    assert sizes[-2] * 2 * 2 <= 32  # the last batches are small next to a full one
