@@ -12,8 +12,10 @@ from PIL import Image
 
 from captioner import cli
 from captioner.decoding import DecodeOptions
-from captioner.folder_files import Shard, find_entries
+from captioner.folder_files import Entry, Shard, find_entries
 from captioner.folder_journal import coco_image_ids, recover
+from captioner.folder_pipeline import MIN_TAIL_BATCH, _segments
+from captioner.images import ImageError
 from captioner.predictor import Predictor
 
 RED = (220, 40, 40)
@@ -361,10 +363,6 @@ def test_merging_missing_or_foreign_parts_is_refused(tmp_path, capsys):
 
 
 def test_batches_shrink_near_the_end_so_the_lanes_finish_together(tmp_path):
-    from captioner.folder_files import Entry
-    from captioner.folder_pipeline import MIN_TAIL_BATCH, _segments
-    from captioner.images import ImageError
-
     skipped = ImageError("not_an_image", "a text file")
     entries = [Entry(f"{i}.jpg", tmp_path / f"{i}.jpg", skipped if i % 7 == 3 else None) for i in range(400)]
     segments = list(_segments(entries, batch_size=32, lanes=2))
