@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from captioner.decoding import DecodeOptions
 from captioner.encoder import build_encoder
 from captioner.home import default_workdir
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.workdir / "shapes"
     generate(data, DEMO_SPLITS, DEMO_SEED)
     test = load_split(data, "test")
+    torch.manual_seed(DEMO_SEED)  # as train() seeds it: an encoder without pretrained weights gets the same ones
     encoder = build_encoder(DEMO_MODEL.encoder).eval()
     for split in ("train", "val"):  # every variant reads these: built before any clock starts, as train() names them
         cached_features(encoder, load_split(data, split).image_paths, args.workdir / "features",
