@@ -44,6 +44,6 @@ def test_every_variant_is_scored_on_one_feature_cache_and_the_other_sections_are
         assert len(cells) == len(compare.COLUMNS) + 1 and cells[-1].endswith(" min")
     no_attention = next(row for row in rows if "no attention" in row)
     assert no_attention.count("n/a") == 2  # relations and pointing need attention maps
-    # the variants share the cache built before the first clock started: one file per split, no more
+    # the variants share one feature cache: one file per split, no more
     caches = sorted(p.name.split("-")[1] for p in (tmp_path / "work" / "features").glob("*.npy"))
     assert caches == ["train", "val"]
