@@ -42,7 +42,7 @@ def load_predictor(settings: Settings) -> Predictor:
         raise ModelMissing(missing_model_message(settings.checkpoint))
     limits = ImageLimits(max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
     return Predictor.from_checkpoint(settings.checkpoint, settings.device, limits=limits,
-                                     max_batch_size=settings.max_batch_size)
+                                     max_batch_size=settings.max_batch_size, amp=settings.amp)
 
 
 @asynccontextmanager

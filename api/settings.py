@@ -21,7 +21,9 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(default_factory=default_checkpoint,
                              description="the model to serve (default: the one `captioner demo` trains)")
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps")
+    amp: bool = Field(False, description="mixed-precision encoder: bf16 on a CPU (fast where it has AMX), "
+                                        "fp16 on a GPU; captions may differ slightly")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     threads: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -49,6 +51,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_this_machine_has(cls, value):
+        from captioner.device import resolve_device  # torch: only once a device is asked for
+
+        return str(resolve_device(value))
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -16,7 +16,9 @@ attention on, in one process, it measures images per second of
   (b') the same loop with this library's per-image shortcuts: JPEGs decoded at
       reduced scale and the image projected once: a stronger baseline than the
       tutorials, to show what batching alone buys;
-  (c) `captioner caption` end to end, in-process, model loading included.
+  (c) `captioner caption` end to end, in-process, model loading included;
+      and, for information, the same with --amp (the encoder in bf16), which
+      the targets do not compare: (a) runs in float32.
 Each contender runs with its best torch thread count. The contenders take turns
 for --rounds rounds and each keeps its best round, so a neighbour's burst of CPU
 on a shared machine hurts all alike; the CPU time each spends per image is
@@ -335,7 +337,7 @@ def fastest_threads(loop_threads: dict[tuple[str, int], Rate]) -> dict[str, int]
 
 def report(info: dict, setup: dict, sweep: dict, loop_threads: dict, costs: dict, rounds: list[dict]) -> str:
     best = {key: max((r[key] for r in rounds), key=lambda rate: rate.images_per_s) for key in rounds[0]}
-    a, b, b2, c = (best[k].images_per_s for k in ("encoder", "tutorial", "shortcuts", "caption"))
+    a, b, b2, c, c_amp = (best[k].images_per_s for k in ("encoder", "tutorial", "shortcuts", "caption", "caption_amp"))
     batch, streams = max(sweep, key=lambda cfg: sweep[cfg].images_per_s)
     threads = fastest_threads(loop_threads)
     stages = costs["ms"]
@@ -360,18 +362,22 @@ def report(info: dict, setup: dict, sweep: dict, loop_threads: dict, costs: dict
         f"{threads['shortcuts']} torch thread(s) | {b2:.1f} | {best['shortcuts'].cpu_ms:.1f} | {c / b2:.2f} | |",
         f"| (c) `captioner caption` end to end ({setup['cli_args']}) | {c:.1f} | {best['caption'].cpu_ms:.1f} | "
         f"1.00 | |",
+        f"| (c) with `--amp`: the encoder in bf16 (not the targets' comparison: (a) runs in float32) | "
+        f"{c_amp:.1f} | {best['caption_amp'].cpu_ms:.1f} | {c / c_amp:.2f} | |",
         "",
         f"(c) includes starting the command and loading the model (about {setup['load_seconds']:.2f} s in this "
         f"warm process; a fresh `captioner` process first spends about 3 s importing torch and timm). "
         f"Images whose best caption is the same as (c)'s: (b) {100 * setup['agree']['tutorial']:.1f}%, "
-        f"(b') {100 * setup['agree']['shortcuts']:.1f}%. (b') reads the pixels (c) reads; (b) decodes the whole "
+        f"(b') {100 * setup['agree']['shortcuts']:.1f}%, (c) with --amp {100 * setup['agree']['caption_amp']:.1f}%. "
+        f"(b') reads the pixels (c) reads; (b) decodes the whole "
         f"picture, and captions of pictures unlike the model's training data hang on small pixel differences. "
         f"The rest is beam search: the tutorials' beam narrows as beams finish, ours keeps K beams alive until "
         f"K captions have finished.", "",
         "Every round, images/s (and the ratios within the round, where the machine's load is the most alike): "
         + "; ".join(
             f"a {r['encoder'].images_per_s:.1f}, b {r['tutorial'].images_per_s:.1f}, "
-            f"b' {r['shortcuts'].images_per_s:.1f}, c {r['caption'].images_per_s:.1f} "
+            f"b' {r['shortcuts'].images_per_s:.1f}, c {r['caption'].images_per_s:.1f}, "
+            f"c --amp {r['caption_amp'].images_per_s:.1f} "
             f"(c/a {r['caption'].images_per_s / r['encoder'].images_per_s:.2f}, "
             f"c/b {r['caption'].images_per_s / r['tutorial'].images_per_s:.2f})" for r in rounds) + ".", "",
         f"Encoder alone on the first {SWEEP_IMAGES} images, batch size x streams: images/s: " + ", ".join(
@@ -447,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                                        literal) for loop, literal in LOOPS.items()},
                 "caption": cli_rate(checkpoint, folder, len(paths), tmp / "caption.jsonl",
                                     ["--max-length", str(args.max_length), *extra]),
+                "caption_amp": cli_rate(checkpoint, folder, len(paths), tmp / "caption_amp.jsonl",
+                                        ["--max-length", str(args.max_length), "--amp", *extra]),
             }
             print(f"round {r + 1}: " + ", ".join(f"{k} {v.images_per_s:.1f} images/s" for k, v in rates.items()),
                   file=sys.stderr)
@@ -459,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             "image_kind": "640x480 JPEGs drawn by the benchmark" if args.images_dir is None else f"from {args.images_dir}",
             "max_length": args.max_length, "cli_args": " ".join(extra) or "default settings",
             "load_seconds": load_seconds,
-            "agree": {loop: same_best_caption(tmp / "caption.jsonl", tmp / f"{loop}.jsonl") for loop in LOOPS},
+            "agree": {run: same_best_caption(tmp / "caption.jsonl", tmp / f"{run}.jsonl")
+                      for run in (*LOOPS, "caption_amp")},
         }
         text = report(machine(), setup, sweep, loop_threads, costs, rounds)
     print(text)

@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .decoding import DecodeOptions, add_decode_arguments, decode_options_from_args
+from .device import add_device_arguments, resolve_device
 from .folder_files import Entry, Shard, find_entries
 from .folder_journal import JournalWriter, merge, recover, write_coco, write_csv
 from .home import default_checkpoint
@@ -121,6 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image decoding threads (default %(default)s)")
     parser.add_argument("--threads", type=_bounded(1, 256), default=None,
                         help="torch threads (default: the CPUs available, shared among torchrun's local ranks)")
+    add_device_arguments(parser)
     parser.add_argument("--shard", type=_shard, metavar="I/N", help="caption only the I-th of N disjoint parts")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="PART",
                         help="merge shard outputs into --out in the single-run order, captioning nothing")
@@ -167,6 +169,10 @@ def main(args: argparse.Namespace) -> int:
         options = decode_options_from_args(args, attention=args.attention or bool(args.overlays))
     except ValueError as e:
         return _usage_error(str(e))
+    try:
+        device = resolve_device(args.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        return _usage_error(str(e))
     distributed = _torchrun_rank()
     if distributed and (args.shard or args.merge):
         return _usage_error("under torchrun each rank takes its shard itself; drop --shard and --merge")
@@ -201,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
         return _usage_error(f"{e}; give another --out or delete it")
     todo = [e for e in entries if e.file not in earlier.done]
     try:
-        predictor, threads = _load(args)
+        predictor, threads = _load(args, device)
     except _ModelUnavailable as e:
         return _usage_error(str(e))
     if not distributed:
@@ -230,8 +236,8 @@ class _ModelUnavailable(Exception):
     pass
 
 
-def _load(args: argparse.Namespace):
-    """The predictor, with torch's threads set once: (predictor, threads)."""
+def _load(args: argparse.Namespace, device):
+    """The predictor on `device`, with torch's threads set once: (predictor, threads)."""
     import torch
 
     from .checkpoint import CheckpointError
@@ -241,7 +247,7 @@ def _load(args: argparse.Namespace):
     torch.set_num_threads(threads)
     checkpoint = args.checkpoint or default_checkpoint()
     try:
-        return Predictor.from_checkpoint(checkpoint, max_batch_size=args.batch_size), threads
+        return Predictor.from_checkpoint(checkpoint, device, max_batch_size=args.batch_size, amp=args.amp), threads
     except (OSError, CheckpointError) as e:
         hint = "" if args.checkpoint else "; train it with `captioner demo` or give --checkpoint"
         raise _ModelUnavailable(f"cannot load the model: {e}{hint}") from e

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from captioner.decoding import DecodeOptions, add_decode_arguments, decode_options_from_args
+from captioner.device import add_device_arguments
 from captioner.predictor import PreparedImage, Predictor
 from training.caption_metrics import CocoScorer
 from training.coco import CaptionSplit, load_split
@@ -142,17 +144,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                         help="threads preparing images (default %(default)s)")
-    parser.add_argument("--device", default="cpu")
+    add_device_arguments(parser)
     parser.add_argument("--spice", action="store_true", help="also SPICE, if its Stanford models are on disk")
     add_decode_arguments(parser, seed=0, num_captions=False)  # only the best caption is scored
 
 
 def main(args: argparse.Namespace) -> int:
     options = decode_options_from_args(args)
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, max_batch_size=args.batch_size,
+                                              amp=args.amp)
+    except ValueError as e:
+        print(f"captioner evaluate: error: {e}", file=sys.stderr)
+        return 2
     split = load_split(args.data, args.split, args.karpathy)
     if args.limit is not None:
         split = split.first(args.limit)
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, max_batch_size=args.batch_size)
     out_dir = args.out or args.checkpoint.parent
     with CocoScorer(spice=args.spice) as scorer:
         _, scores = evaluate(predictor, split, options, args.batch_size, out_dir, scorer, args.workers, progress=True)

@@ -73,6 +73,15 @@ def test_attention_grids_have_the_model_grid_and_sum_to_one(client):
             assert min(map(min, grid)) >= 0
 
 
+def test_a_server_with_amp_captions_with_a_bfloat16_encoder(make_client):
+    client = make_client(amp=True)
+    assert client.app.state.predictor.amp
+    r = caption(client, ("a.png", png()), attention="true")
+    assert r.status_code == 200, r.text
+    [best] = r.json()["results"][0]["captions"]
+    assert best["tokens"] and len(best["attention"]) == len(best["tokens"])
+
+
 def test_overlays_are_png_data_uris_one_per_word_over_a_bounded_picture(make_client):
     client = make_client(overlay_size=64)
     r = caption(client, ("big.png", png((300, 200))), overlays="true", method="greedy")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from api import serve
 from api.settings import Settings, get_settings
@@ -50,6 +51,17 @@ def test_the_default_checkpoint_is_the_demo_model(monkeypatch, tmp_path):
 def test_an_invalid_flag_value_exits_2_naming_the_flag(capsys):
     assert serve.main(parse("--max-batch-size", "0")) == 2
     assert "--max-batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_this_machine_lacks_exits_2_before_the_server_starts(capsys):
+    assert serve.main(parse("--device", "cuda")) == 2
+    assert "--device: Value error, device cuda: no CUDA GPU is available here" in capsys.readouterr().err
+
+
+def test_amp_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CAPTIONER_AMP", "true")
+    assert Settings().amp and not Settings(amp="false").amp
 
 
 def test_a_missing_model_exits_2_saying_what_to_run(capsys, tmp_path):

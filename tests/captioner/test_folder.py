@@ -12,6 +12,7 @@ from PIL import Image
 
 from captioner import cli
 from captioner.decoding import DecodeOptions
+from captioner.encoder import Encoder
 from captioner.folder_files import Entry, Shard, find_entries
 from captioner.folder_journal import coco_image_ids, recover
 from captioner.folder_pipeline import MIN_TAIL_BATCH, _segments
@@ -322,6 +323,40 @@ def test_missing_paths_and_models_are_reported(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert caption(tmp_path, "--out", tmp_path / "o.jsonl", "--checkpoint", tmp_path / "none.safetensors") == 2
     assert "cannot load the model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_this_machine_lacks_is_a_usage_error_before_any_work(mixed_folder, tiny_checkpoint, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "o.jsonl"
+    assert caption(mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--device", "cuda") == 2
+    assert "captioner caption: error: device cuda: no CUDA GPU is available here" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_amp_runs_the_encoder_in_bfloat16_and_captions_the_same_files(mixed_folder, tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    encoder_dtypes = []
+    real_forward = Encoder.forward
+
+    def spy(self, images):
+        features = real_forward(self, images)
+        encoder_dtypes.append(features.dtype)
+        return features
+
+    monkeypatch.setattr(Encoder, "forward", spy)
+    outs = {amp: tmp_path / f"amp{amp}.jsonl" for amp in ("", "--amp")}
+    for amp, out in outs.items():
+        encoder_dtypes.clear()
+        args = [mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy"]
+        assert caption(*args, *([amp] if amp else [])) == 1  # the two broken files
+        assert set(encoder_dtypes) == {torch.bfloat16 if amp else torch.float32}
+    exact, mixed = read_lines(outs[""]), read_lines(outs["--amp"])
+    assert [line["file"] for line in mixed] == [line["file"] for line in exact] == ORDER
+    for a, b in zip(exact, mixed):
+        assert ("error" in a, "error" in b) in [(True, True), (False, False)]
+        if "captions" in b:
+            assert b["captions"][0]["tokens"] and (a["width"], a["height"]) == (b["width"], b["height"])
 
 
 def test_two_roots_with_the_same_names_are_refused(tmp_path):

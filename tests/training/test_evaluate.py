@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 
 from captioner.cli import main as cli_main
@@ -159,6 +160,15 @@ def test_evaluate_command_writes_results_and_scores(tiny_checkpoint, shapes_root
     assert list(scores) == COCO_NAMES + TRUTH_NAMES
     printed = capsys.readouterr().out
     assert "3 images" in printed and all(name in printed for name in COCO_NAMES)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_evaluate_on_a_device_this_machine_lacks_exits_2(tiny_checkpoint, shapes_root, tmp_path, capsys):
+    code = cli_main(["evaluate", str(tiny_checkpoint), "--data", str(shapes_root), "--device", "cuda:1",
+                     "--out", str(tmp_path)])
+    assert code == 2
+    assert "device cuda:1: no CUDA GPU is available here" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_importing_evaluation_loads_no_coco_tools():
