@@ -75,7 +75,8 @@ more than one machine:
       torchrun --standalone --nproc_per_node 2 -m captioner.cli \\
           caption data/ -r --out captions.jsonl
   each rank writes OUT.rank<R>, and rank 0 merges them into OUT at the end
-  (its exit status is the run's; the other ranks exit 0). torchrun across
+  (its exit status is the run's; the other ranks exit 0). With --device cuda,
+  each rank runs on the GPU of its local rank (--nproc_per_node = GPUs). torchrun across
   machines works the same way when OUT is on a file system they share: on each,
       torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d \\
           --rdzv_endpoint HOST:29400 --rdzv_id captions -m captioner.cli caption ...
