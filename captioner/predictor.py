@@ -35,13 +35,14 @@ class Predictor:
         self.device = torch.device(device)
         self.limits = limits
         self.max_batch_size = max_batch_size
-        # On a CPU the encoder is cheapest per image in small batches (its activations stay in
-        # cache) while decoding is cheapest in large ones (fewer steps per image): each gets its own.
-        # A GPU wants the whole batch at once.
-        self.encoder_batch_size = encoder_batch_size or (4 if self.device.type == "cpu" else max_batch_size)
         # Mixed precision for the encoder only: bf16 on a CPU (fast where it has AMX), fp16 on a
         # GPU. Decoding stays in float32: its log-probabilities rank the beams.
         self.amp = amp
+        # On a CPU the float32 encoder is cheapest per image in small batches (its activations stay
+        # in cache) while decoding is cheapest in large ones (fewer steps per image): each gets its
+        # own. bf16's AMX kernels want larger batches (16: 8% more images/s than 4); a GPU, all of it.
+        default_encoder_batch = (16 if amp else 4) if self.device.type == "cpu" else max_batch_size
+        self.encoder_batch_size = encoder_batch_size or default_encoder_batch
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         self.preset = model.preset
 
