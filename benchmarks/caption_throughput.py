@@ -4,12 +4,12 @@
     .venv/bin/python benchmarks/caption_throughput.py --stand-in --images 256 --rounds 2
 
 On the same images (640x480 JPEGs drawn here, or --images-dir), beam size 3,
-attention on, in one process, it measures images per second of
+attention on, it measures images per second of
   (a) the encoder alone on ready-made pixels at its best batch size and thread
       layout: the floor no captioner can beat. A sweep on a few images finds
       the four fastest layouts (its ranking is noisy: a busy second can
-      reorder them); all four run on every image in every round and (a) is
-      the fastest;
+      reorder them); all four run on every image in every round, in a process
+      of their own, and (a) is the fastest;
   (b) a one-image-at-a-time loop as the popular tutorials write it (sgrvinod's
       PyTorch tutorial, TensorFlow's "image captioning with visual attention"):
       decode the whole picture and resize it, encode it, then a per-image beam
@@ -152,15 +152,21 @@ def encoder_rate(predictor: Predictor, pixels: torch.Tensor, batch_size: int, st
     return measure(run, len(pixels))
 
 
-def encoder_sweep(checkpoint: Path, paths: list[Path], threads: int) -> dict[tuple[int, int], Rate]:
-    """(a) at every batch size and stream count, in a process of its own: after batches of 16 and
-    more, this process's encoder stays about 10% slower at small batches (measured, cause unknown),
-    which would understate (a) and flatter (c)."""
+def encoder_rates(checkpoint: Path, paths: list[Path], threads: int,
+                  layouts: list[tuple[int, int]]) -> dict[tuple[int, int], Rate]:
+    """(a) at each (batch size, streams) layout, in a process of its own and smallest batches first:
+    after batches of 16 and more, a process's encoder stays up to 10% slower at small batches
+    (measured, cause unknown), which would understate (a), and (c) too if it ran there."""
     keep_freed_memory()
     torch.set_num_threads(threads)
     predictor = Predictor.from_checkpoint(checkpoint)
     pixels = stack_pixels([predictor.prepare(p).pixels for p in paths])  # (N, 3, S, S)
-    return {(bs, s): encoder_rate(predictor, pixels, bs, s) for bs in ENCODER_BATCH_SIZES for s in sorted({1, threads})}
+    return {layout: encoder_rate(predictor, pixels, *layout) for layout in sorted(layouts)}
+
+
+def in_child(function: Callable, *args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(function, *args).result()
 
 
 # --- (b) the tutorials' loop, and (b') the same with this library's shortcuts -------
@@ -439,12 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         Predictor.from_checkpoint(checkpoint)
         load_seconds = time.perf_counter() - start  # what (c) pays in this warm process
-        pixels = stack_pixels([predictor.prepare(p).pixels for p in paths])  # (N, 3, S, S), as (c) batches them
         threads = torch.get_num_threads()
         load_before = "%.1f" % os.getloadavg()[0]
 
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            sweep = child.submit(encoder_sweep, checkpoint, paths[:SWEEP_IMAGES], threads).result()
+        layouts = [(bs, s) for bs in ENCODER_BATCH_SIZES for s in sorted({1, threads})]
+        sweep = in_child(encoder_rates, checkpoint, paths[:SWEEP_IMAGES], threads, layouts)
         finalists = sorted(sweep, key=lambda cfg: sweep[cfg].images_per_s, reverse=True)[:ENCODER_FINALISTS]
         loop_threads = {(loop, t): tutorial_rate(predictor, paths[:SWEEP_IMAGES // 4], tmp / "tutorial.jsonl",
                                                  args.max_length, t, literal)
@@ -457,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = args.caption_args.split()
         rounds = []
         for r in range(args.rounds):
-            encoder = {encoder_key(bs, s): encoder_rate(predictor, pixels, bs, s) for bs, s in finalists}
+            encoder = {encoder_key(*layout): rate
+                       for layout, rate in in_child(encoder_rates, checkpoint, paths, threads, finalists).items()}
             rates = {
                 **encoder,
                 "encoder": max(encoder.values(), key=lambda rate: rate.images_per_s),
