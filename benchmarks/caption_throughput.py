@@ -8,8 +8,8 @@ attention on, it measures images per second of
   (a) the encoder alone on ready-made pixels at its best batch size and thread
       layout: the floor no captioner can beat. A sweep on a few images finds
       the four fastest layouts (its ranking is noisy: a busy second can
-      reorder them); all four run on every image in every round, in a process
-      of their own, and (a) is the fastest;
+      reorder them); all four run on every image in every round and (a) is
+      the fastest;
   (b) a one-image-at-a-time loop as the popular tutorials write it (sgrvinod's
       PyTorch tutorial, TensorFlow's "image captioning with visual attention"):
       decode the whole picture and resize it, encode it, then a per-image beam
@@ -19,12 +19,14 @@ attention on, it measures images per second of
   (b') the same loop with this library's per-image shortcuts: JPEGs decoded at
       reduced scale and the image projected once: a stronger baseline than the
       tutorials, to show what batching alone buys;
-  (c) `captioner caption` end to end, in-process, model loading included;
+  (c) `captioner caption` end to end, model loading included (imports not);
       and, for information, the same with --amp (the encoder in bf16), which
       the targets do not compare: (a) runs in float32.
-Each contender runs with its best torch thread count. The contenders take turns
-for --rounds rounds and each keeps its best round, so a neighbour's burst of CPU
-on a shared machine hurts all alike; the CPU time each spends per image is
+Each contender runs with its best torch thread count, in a fresh process of its
+own: a process's history changes its speed by several percent (after large
+encoder batches, small ones run slower), and no contender should inherit
+another's. The contenders take turns for --rounds rounds and each keeps its
+best round, so a neighbour's burst of CPU on a shared machine hurts all alike; the CPU time each spends per image is
 reported too. All run with the allocator `captioner` sets up
 (captioner.allocator). Targets: (c) >= 0.75 x (a) and (c) >= 3 x (b). The
 section "## Folder captioning throughput" of --out is replaced with the results;
@@ -154,10 +156,8 @@ def encoder_rate(predictor: Predictor, pixels: torch.Tensor, batch_size: int, st
 
 def encoder_rates(checkpoint: Path, paths: list[Path], threads: int,
                   layouts: list[tuple[int, int]]) -> dict[tuple[int, int], Rate]:
-    """(a) at each (batch size, streams) layout, in a process of its own and smallest batches first:
-    after batches of 16 and more, a process's encoder stays up to 10% slower at small batches
-    (measured, cause unknown), which would understate (a), and (c) too if it ran there."""
-    keep_freed_memory()
+    """(a) at each (batch size, streams) layout, smallest batches first: after batches of 16 and
+    more, a process's encoder stays up to 10% slower at small batches (measured, cause unknown)."""
     torch.set_num_threads(threads)
     predictor = Predictor.from_checkpoint(checkpoint)
     pixels = stack_pixels([predictor.prepare(p).pixels for p in paths])  # (N, 3, S, S)
@@ -165,7 +165,8 @@ def encoder_rates(checkpoint: Path, paths: list[Path], threads: int,
 
 
 def in_child(function: Callable, *args):
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+    """function(*args) in a fresh process: each contender's round starts as clean as the others'."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=keep_freed_memory) as child:
         return child.submit(function, *args).result()
 
 
@@ -243,10 +244,21 @@ def tutorial_rate(predictor: Predictor, paths: list[Path], out: Path, max_length
         torch.set_num_threads(default_threads)
 
 
+def fresh_tutorial_rate(checkpoint: Path, paths: list[Path], out: Path, max_length: int, threads: int,
+                        literal: bool) -> Rate:
+    """tutorial_rate in a process of its own, warmed up on one image first."""
+    predictor = Predictor.from_checkpoint(checkpoint)
+    tutorial_rate(predictor, paths[:1], out, max_length, threads, literal)
+    return tutorial_rate(predictor, paths, out, max_length, threads, literal)
+
+
 # --- (c) captioner caption ---------------------------------------------------------
 
 
 def cli_rate(checkpoint: Path, folder: Path, count: int, out: Path, extra: list[str]) -> Rate:
+    """`captioner caption` as a fresh process runs it once torch and timm are imported: loading
+    the model included, imports not (a first load imports them)."""
+    Predictor.from_checkpoint(checkpoint)
     out.unlink(missing_ok=True)  # or the run resumes and does nothing
     argv = ["caption", str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--method", "beam",
             "--beam-size", str(BEAM_SIZE), "--attention", *extra]
@@ -379,8 +391,8 @@ def report(info: dict, setup: dict, sweep: dict, loop_threads: dict, costs: dict
         f"| (c) with `--amp`: the encoder in bf16 (not the targets' comparison: (a) runs in float32) | "
         f"{c_amp:.1f} | {best['caption_amp'].cpu_ms:.1f} | {c / c_amp:.2f} | |",
         "",
-        f"(c) includes starting the command and loading the model (about {setup['load_seconds']:.2f} s in this "
-        f"warm process; a fresh `captioner` process first spends about 3 s importing torch and timm). "
+        f"(c) includes starting the command and loading the model (about {setup['load_seconds']:.2f} s once "
+        f"torch and timm are imported; a fresh `captioner` process first spends about 3 s importing them). "
         f"Images whose best caption is the same as (c)'s: (b) {100 * setup['agree']['tutorial']:.1f}%, "
         f"(b') {100 * setup['agree']['shortcuts']:.1f}%, (c) with --amp {100 * setup['agree']['caption_amp']:.1f}%. "
         f"(b') reads the pixels (c) reads; (b) decodes the whole "
@@ -444,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(checkpoint)  # the first load also pays for lazy imports
         start = time.perf_counter()
         Predictor.from_checkpoint(checkpoint)
-        load_seconds = time.perf_counter() - start  # what (c) pays in this warm process
+        load_seconds = time.perf_counter() - start  # what (c) pays once the imports are done
         threads = torch.get_num_threads()
         load_before = "%.1f" % os.getloadavg()[0]
 
@@ -467,11 +479,11 @@ def main(argv: list[str] | None = None) -> int:
             rates = {
                 **encoder,
                 "encoder": max(encoder.values(), key=lambda rate: rate.images_per_s),
-                **{loop: tutorial_rate(predictor, paths, tmp / f"{loop}.jsonl", args.max_length, best_threads[loop],
-                                       literal) for loop, literal in LOOPS.items()},
-                "caption": cli_rate(checkpoint, folder, len(paths), tmp / "caption.jsonl",
+                **{loop: in_child(fresh_tutorial_rate, checkpoint, paths, tmp / f"{loop}.jsonl", args.max_length,
+                                  best_threads[loop], literal) for loop, literal in LOOPS.items()},
+                "caption": in_child(cli_rate, checkpoint, folder, len(paths), tmp / "caption.jsonl",
                                     ["--max-length", str(args.max_length), *extra]),
-                "caption_amp": cli_rate(checkpoint, folder, len(paths), tmp / "caption_amp.jsonl",
+                "caption_amp": in_child(cli_rate, checkpoint, folder, len(paths), tmp / "caption_amp.jsonl",
                                         ["--max-length", str(args.max_length), "--amp", *extra]),
             }
             print(f"round {r + 1}: " + ", ".join(f"{k} {v.images_per_s:.1f} images/s" for k, v in rates.items()),
