@@ -1,6 +1,6 @@
 # make demo   build, train and serve the default Shapes model (http://127.0.0.1:8000)
 # make test   the whole test suite
-# make bench    folder-captioning throughput, written to benchmarks/RESULTS.md
+# make bench    folder-captioning throughput (about 10 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (about 10 min), written to benchmarks/RESULTS.md
 
 PYTHON ?= python3
