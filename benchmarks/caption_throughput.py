@@ -27,11 +27,11 @@ Each contender runs with its best torch thread count, in a fresh process of its
 own: a process's history changes its speed by several percent (after large
 encoder batches, small ones run slower), and no contender should inherit
 another's. The contenders take turns for --rounds rounds and each keeps its
-best round, so a neighbour's burst of CPU on a shared machine hurts all alike; the CPU time each spends per image is
-reported too. All run with the allocator `captioner` sets up
-(captioner.allocator). Targets: (c) >= 0.75 x (a) and (c) >= 3 x (b). The
-section "## Folder captioning throughput" of --out is replaced with the results;
-other sections are kept.
+best round, so a neighbour's burst of CPU on a shared machine hurts all alike;
+the CPU time each spends per image is reported too. All run with the allocator
+`captioner` sets up (captioner.allocator). Targets: (c) >= 0.75 x (a) and
+(c) >= 3 x (b). The section "## Folder captioning throughput" of --out is
+replaced with the results; other sections are kept.
 
 --checkpoint defaults to the default model; with --stand-in, a missing
 checkpoint is replaced by a random-weight model of the same shape
@@ -167,7 +167,8 @@ def encoder_rates(checkpoint: Path, paths: list[Path], threads: int,
 
 def in_child(function: Callable, *args):
     """function(*args) in a fresh process: each contender's round starts as clean as the others'."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=keep_freed_memory) as child:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=keep_freed_memory) as child:
         return child.submit(function, *args).result()
 
 

@@ -76,8 +76,9 @@ more than one machine:
           caption data/ -r --out captions.jsonl
   each rank writes OUT.rank<R>, and rank 0 merges them into OUT at the end
   (its exit status is the run's; the other ranks exit 0). With --device cuda,
-  each rank runs on the GPU of its local rank (--nproc_per_node = GPUs). torchrun across
-  machines works the same way when OUT is on a file system they share: on each,
+  each rank runs on the GPU of its local rank (--nproc_per_node = GPUs).
+  torchrun across machines works the same way when OUT is on a file system
+  they share: on each,
       torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d \\
           --rdzv_endpoint HOST:29400 --rdzv_id captions -m captioner.cli caption ...
 """
@@ -237,7 +238,7 @@ class _ModelUnavailable(Exception):
     pass
 
 
-def _load(args: argparse.Namespace, device):
+def _load(args: argparse.Namespace, device: "torch.device"):
     """The predictor on `device`, with torch's threads set once: (predictor, threads)."""
     import torch
 
