@@ -120,10 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_bounded(1, MAX_BATCH_SIZE), default=32,
                         help="images per decoding batch; the encoder takes them 4 at a time, cheapest "
                              "on a CPU (default %(default)s; a stop loses at most the batches in flight)")
-    parser.add_argument("--workers", type=_bounded(1, MAX_WORKERS), default=2,
-                        help="image decoding threads (default %(default)s)")
+    parser.add_argument("--workers", type=_bounded(1, MAX_WORKERS), default=None,
+                        help="batches captioned at once, each by a worker that reads, encodes and decodes it; "
+                             "processes on a CPU under Linux, else threads (default: the CPUs available, "
+                             "shared among torchrun's local ranks)")
     parser.add_argument("--threads", type=_bounded(1, 256), default=None,
-                        help="torch threads (default: the CPUs available, shared among torchrun's local ranks)")
+                        help="torch threads of each worker (default: the CPUs available shared among the workers)")
     add_device_arguments(parser)
     parser.add_argument("--shard", type=_shard, metavar="I/N", help="caption only the I-th of N disjoint parts")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="PART",
@@ -209,18 +211,18 @@ def main(args: argparse.Namespace) -> int:
         return _usage_error(f"{e}; give another --out or delete it")
     todo = [e for e in entries if e.file not in earlier.done]
     try:
-        predictor, threads = _load(args, device)
+        predictor = _load(args, device)
     except _ModelUnavailable as e:
         return _usage_error(str(e))
     if not distributed:
-        failed = _caption(args, predictor, threads, options, todo, output, already_done=len(entries) - len(todo))
+        failed = _caption(args, predictor, options, todo, output, already_done=len(entries) - len(todo))
         return _finish(outputs, earlier.failed + failed)
 
     import torch.distributed as dist
 
     rank, world_size = distributed
     dist.init_process_group("gloo")
-    _caption(args, predictor, threads, options, todo, output, len(entries) - len(todo), label=f"rank {rank}: ",
+    _caption(args, predictor, options, todo, output, len(entries) - len(todo), label=f"rank {rank}: ",
              show_progress=rank == 0)
     dist.monitored_barrier(timeout=timedelta(days=1))  # every rank's part is complete: wait for the slowest
     status = 0  # rank 0 speaks for the merged output
@@ -239,35 +241,39 @@ class _ModelUnavailable(Exception):
 
 
 def _load(args: argparse.Namespace, device: "torch.device"):
-    """The predictor on `device`, with torch's threads set once: (predictor, threads)."""
+    """The predictor on `device`, loaded with the CPUs available."""
     import torch
 
     from .checkpoint import CheckpointError
     from .predictor import Predictor
 
-    threads = args.threads or _default_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(_available_cpus())
     checkpoint = args.checkpoint or default_checkpoint()
     try:
-        return Predictor.from_checkpoint(checkpoint, device, max_batch_size=args.batch_size, amp=args.amp), threads
+        return Predictor.from_checkpoint(checkpoint, device, max_batch_size=args.batch_size, amp=args.amp)
     except (OSError, CheckpointError) as e:
         hint = "" if args.checkpoint else "; train it with `captioner demo` or give --checkpoint"
         raise _ModelUnavailable(f"cannot load the model: {e}{hint}") from e
 
 
-def _default_threads() -> int:
+def _available_cpus() -> int:
+    """This process's CPUs, shared among torchrun's local ranks."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def _caption(args: argparse.Namespace, predictor, threads: int, options: DecodeOptions, todo: list[Entry],
+def _caption(args: argparse.Namespace, predictor, options: DecodeOptions, todo: list[Entry],
              output: Path, already_done: int, label: str = "", show_progress: bool = True) -> int:
     """Caption `todo` into `output` and say how it went; returns how many images failed."""
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
 
     from .folder_pipeline import PipelineConfig, caption_entries
 
-    config = PipelineConfig(args.batch_size, args.workers, lanes=threads, threads_per_lane=1,
+    workers = args.workers or _available_cpus()
+    config = PipelineConfig(args.batch_size, lanes=workers,
+                            threads_per_lane=args.threads or max(1, _available_cpus() // workers),
                             overlays=args.overlays, keep_attention=args.attention)
     start = time.perf_counter()
     writer = JournalWriter(output)
@@ -280,6 +286,12 @@ def _caption(args: argparse.Namespace, predictor, threads: int, options: DecodeO
             print(f"{label}interrupted: {output} holds every finished batch; rerun the same command to go on",
                   file=sys.stderr)
             raise SystemExit(130) from None
+        except BrokenProcessPool:
+            bar.close()
+            print(f"{label}error: a worker process died (out of memory?); {output} holds every finished batch; "
+                  f"rerun the same command to go on, with fewer --workers or a smaller --batch-size",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
         finally:
             writer.close()
     seconds = time.perf_counter() - start

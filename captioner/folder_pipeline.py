@@ -1,16 +1,26 @@
-"""Captioning many files fast: decoding workers feed model lanes, and results come out in order.
+"""Captioning many files fast: lanes caption whole batches side by side, and results come out in order.
 
-Worker threads read and decode images (Pillow releases the GIL) for the next
-batches while the model lanes run the current ones, at most `lanes + 1`
-batches ahead, so memory stays bounded whatever the folder's size. Each lane
-is a thread with its own share of torch's threads; with one thread per lane,
-the lanes never wait on each other inside an operator. The calling thread
-writes every batch, in order, as soon as it is done.
+A lane reads and decodes its batch's images, runs the encoder and the
+decoding, writes the overlays and formats the output lines; the calling thread
+writes every batch, in order, as soon as it is done, with at most `lanes + 1`
+batches submitted ahead, so memory stays bounded whatever the folder's size.
+
+On a CPU under Linux the lanes are forked processes of one torch thread each.
+Decoding is thousands of small operators a second, and every one of them hands
+Python's lock over: lanes that were threads of one process slowed each other
+by a tenth (measured in benchmarks/RESULTS.md). Forked lanes share the model's
+weights with the parent and start in milliseconds. On a GPU, or where there is
+no safe fork, the lanes are threads.
 """
 
+import multiprocessing
+import os
+import signal
+import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +36,15 @@ from .predictor import PreparedImage, Predictor
 
 OVERLAY_TILE = 224  # pixels per tile of an overlay sheet; pictures are kept no larger
 MIN_TAIL_BATCH = 4  # the shortest batch near the end: smaller ones cost more per image than they save
+PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     batch_size: int = 8  # images per encoder and decoder call
-    workers: int = 2  # decoding threads
-    lanes: int = 2  # batches in the model at once
+    lanes: int = 2  # batches captioned at once
     threads_per_lane: int = 1  # torch threads of each lane
+    processes: bool = True  # lanes as forked processes where that is safe and useful (see above)
     overlays: Path | None = None  # folder for one PNG sheet per image
     keep_attention: bool = True  # attention in the output lines (decoding may need it only for overlays)
 
@@ -44,51 +55,74 @@ class Tally:
     failed: int = 0
     skipped: int = 0
 
+    def add(self, other: "Tally") -> None:
+        self.captioned += other.captioned
+        self.failed += other.failed
+        self.skipped += other.skipped
+
 
 def caption_entries(predictor: Predictor, entries: list[Entry], options: DecodeOptions, config: PipelineConfig,
                     write: Callable[[list[str]], None], progress: Callable[[int], object] = lambda n: None) -> Tally:
     """One output line per entry, handed to `write` a batch at a time in entry order."""
     tally = Tally()
-    workers = ThreadPoolExecutor(config.workers, "decode", initializer=torch.set_num_threads, initargs=(1,))
-    lanes = ThreadPoolExecutor(config.lanes, "lane", initializer=torch.set_num_threads,
-                               initargs=(config.threads_per_lane,))
-    keep_picture = config.overlays is not None
-    in_flight: deque[tuple[list[Entry], Future]] = deque()
+    lanes = _start_lanes(predictor, config)
+    in_flight: deque[tuple[int, Future]] = deque()
 
-    def finish(segment: list[Entry], outcome: Future) -> None:
-        results, pictures = outcome.result()
-        sheets = [workers.submit(_write_sheet, picture, result, config.overlays / f"{entry.file}.png")
-                  for entry, result, picture in zip(segment, results, pictures) if picture is not None]
-        for sheet in sheets:
-            sheet.result()  # the sheet exists before its line says the image is done
-        lines = []
-        for entry, result in zip(segment, results):
-            if "error" in result:
-                if result["error"]["code"] in SKIP_CODES:
-                    tally.skipped += 1
-                else:
-                    tally.failed += 1
-            else:
-                tally.captioned += 1
-                if not config.keep_attention:
-                    for caption in result["captions"]:
-                        caption.pop("attention", None)
-            lines.append(result_line(entry.file, result))
+    def finish(images: int, outcome: Future) -> None:
+        lines, segment_tally = outcome.result()
         write(lines)
-        progress(sum(entry.skip is None for entry in segment))
+        tally.add(segment_tally)
+        progress(images)
 
     try:
         for segment in _segments(entries, config.batch_size, config.lanes):
-            loads = [None if e.skip else workers.submit(_load, predictor, e.path, keep_picture) for e in segment]
-            in_flight.append((segment, lanes.submit(_caption_segment, predictor, segment, loads, options)))
+            images = sum(entry.skip is None for entry in segment)
+            in_flight.append((images, lanes.submit(_caption_segment, segment, options, config.overlays,
+                                                   config.keep_attention)))
             if len(in_flight) > config.lanes + 1:
                 finish(*in_flight.popleft())
         while in_flight:
             finish(*in_flight.popleft())
     finally:
         lanes.shutdown(cancel_futures=True)
-        workers.shutdown(cancel_futures=True)
     return tally
+
+
+def lanes_are_processes(device: torch.device, config: PipelineConfig) -> bool:
+    """Fork only on Linux (macOS's system libraries are not fork-safe), only on a CPU (CUDA cannot
+    be forked once started), and only for more than one lane."""
+    return (config.processes and config.lanes > 1 and device.type == "cpu"
+            and sys.platform.startswith("linux"))
+
+
+def _start_lanes(predictor: Predictor, config: PipelineConfig) -> Executor:
+    if lanes_are_processes(predictor.device, config):
+        return ProcessPoolExecutor(config.lanes, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_start_lane, initargs=(predictor, config.threads_per_lane, os.getpid()))
+    return ThreadPoolExecutor(config.lanes, "lane", initializer=_start_lane,
+                              initargs=(predictor, config.threads_per_lane))
+
+
+_lane = threading.local()  # the predictor of the lane running in this thread
+
+
+def _start_lane(predictor: Predictor, threads: int, parent: int | None = None) -> None:
+    """Runs once in each lane; `parent` is the pid a forked lane came from."""
+    _lane.predictor = predictor
+    torch.set_num_threads(threads)
+    if parent is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """A parent killed outright cannot shut its lanes down, and orphaned lanes would wait for work
+    forever: the kernel ends them with it (Linux's parent-death signal)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
 
 
 def _segments(entries: list[Entry], batch_size: int, lanes: int) -> Iterator[list[Entry]]:
@@ -112,28 +146,19 @@ def _segments(entries: list[Entry], batch_size: int, lanes: int) -> Iterator[lis
         yield segment
 
 
-def _load(predictor: Predictor, path: Path, keep_picture: bool) -> tuple[PreparedImage, Image.Image | None]:
-    """In a worker: the model's input and, for an overlay, the picture at sheet size."""
-    if not keep_picture:
-        return predictor.prepare(path), None
-    picture = open_image(path, predictor.limits)
-    prepared = predictor.prepare(picture)
-    picture.thumbnail((OVERLAY_TILE, OVERLAY_TILE))
-    return prepared, picture
-
-
-def _caption_segment(predictor: Predictor, segment: list[Entry], loads: list[Future | None],
-                     options: DecodeOptions) -> tuple[list[dict], list[Image.Image | None]]:
-    """In a lane: one result (or error) per entry, and the pictures kept for overlays."""
+def _caption_segment(segment: list[Entry], options: DecodeOptions, overlays: Path | None,
+                     keep_attention: bool) -> tuple[list[str], Tally]:
+    """In a lane: the output line of every entry, in order, and how they went."""
+    predictor: Predictor = _lane.predictor
     results: list[dict] = [{} for _ in segment]
     pictures: list[Image.Image | None] = [None] * len(segment)
     prepared, positions = [], []
-    for i, (entry, load) in enumerate(zip(segment, loads)):
+    for i, entry in enumerate(segment):
         if entry.skip is not None:
             results[i] = _error(entry.skip)
             continue
         try:
-            image, pictures[i] = load.result()
+            image, pictures[i] = _load(predictor, entry.path, overlays is not None)
         except ImageError as e:
             results[i] = _error(e)
             continue
@@ -142,7 +167,33 @@ def _caption_segment(predictor: Predictor, segment: list[Entry], loads: list[Fut
     if prepared:
         for i, result in zip(positions, predictor.caption_batch(prepared, options)):
             results[i] = result
-    return results, pictures
+
+    tally, lines = Tally(), []
+    for entry, result, picture in zip(segment, results, pictures):
+        if "error" in result:
+            if result["error"]["code"] in SKIP_CODES:
+                tally.skipped += 1
+            else:
+                tally.failed += 1
+        else:
+            tally.captioned += 1
+            if picture is not None:  # the sheet exists before its line says the image is done
+                _write_sheet(picture, result, overlays / f"{entry.file}.png")
+            if not keep_attention:
+                for caption in result["captions"]:
+                    caption.pop("attention", None)
+        lines.append(result_line(entry.file, result))
+    return lines, tally
+
+
+def _load(predictor: Predictor, path: Path, keep_picture: bool) -> tuple[PreparedImage, Image.Image | None]:
+    """The model's input and, for an overlay, the picture at sheet size."""
+    if not keep_picture:
+        return predictor.prepare(path), None
+    picture = open_image(path, predictor.limits)
+    prepared = predictor.prepare(picture)
+    picture.thumbnail((OVERLAY_TILE, OVERLAY_TILE))
+    return prepared, picture
 
 
 def _error(e: ImageError) -> dict:

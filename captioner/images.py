@@ -28,6 +28,9 @@ class ImageError(ValueError):
         self.code = code
         self.message = message
 
+    def __reduce__(self):  # pickled with both arguments: folder captioning sends them to its lanes
+        return ImageError, (self.code, self.message)
+
 
 @dataclass(frozen=True)
 class ImageLimits:

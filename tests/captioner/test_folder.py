@@ -348,7 +348,8 @@ def test_amp_runs_the_encoder_in_bfloat16_and_captions_the_same_files(mixed_fold
     outs = {amp: tmp_path / f"amp{amp}.jsonl" for amp in ("", "--amp")}
     for amp, out in outs.items():
         encoder_dtypes.clear()
-        args = [mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy"]
+        args = [mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy",
+                "--workers", "1"]  # one worker: a thread of this process, where the spy sees it
         assert caption(*args, *([amp] if amp else [])) == 1  # the two broken files
         assert set(encoder_dtypes) == {torch.bfloat16 if amp else torch.float32}
     exact, mixed = read_lines(outs[""]), read_lines(outs["--amp"])

@@ -33,28 +33,80 @@ def single_run(folder: Path, out: Path, *flags) -> str:
     return out.read_text()
 
 
-@pytest.mark.slow
-def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path, tiny_checkpoint):
-    folder = many_images(tmp_path / "photos", 150)
-    # beam 10 to 50 words, one image per batch: slow enough to be killed midway
-    flags = ["-r", "--checkpoint", tiny_checkpoint, "--batch-size", "1", "--beam-size", "10",
-             "--max-length", "50", "--threads", "1", "--workers", "1"]
-    out = tmp_path / "captions.jsonl"
-    command = [str(BIN / "captioner"), "caption", str(folder), "--out", str(out), *map(str, flags)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+def start_midway(command: list[str], out: Path) -> subprocess.Popen:
+    """The command, once it has written 5 lines."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
         assert process.poll() is None, process.stderr.read().decode()
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    return process
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"  # a zombie awaiting init
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+def slow_run(tmp_path, tiny_checkpoint) -> tuple[Path, list, Path, list[str]]:
+    """(folder, flags, out, command) of a run slow enough to be stopped midway: beam 10 to 50 words,
+    one image per batch, and two workers, which on a CPU are forked processes."""
+    folder = many_images(tmp_path / "photos", 150)
+    flags = ["-r", "--checkpoint", tiny_checkpoint, "--batch-size", "1", "--beam-size", "10", "--max-length", "50",
+             "--threads", "1", "--workers", "2"]
+    out = tmp_path / "captions.jsonl"
+    return folder, flags, out, [str(BIN / "captioner"), "caption", str(folder), "--out", str(out), *map(str, flags)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc (Linux)")
+def test_a_killed_run_takes_its_workers_along_and_resumes_to_the_uninterrupted_output(slow_run):
+    folder, flags, out, command = slow_run
+    process = start_midway(command, out)
+    workers = children(process.pid)
+    assert len(workers) == 2, "the lanes are not two forked processes"
+    process.send_signal(signal.SIGKILL)  # no handler runs: the kernel must end the workers
     process.wait()
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(pid) for pid in workers), "workers outlived a killed run"
     done = out.read_text().count("\n")
     assert 5 <= done < 151, "the run was not interrupted midway"
 
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"already done {done}" in resumed.stderr
-    assert out.read_text() == single_run(folder, tmp_path / "reference.jsonl", *flags)
+    assert out.read_text() == single_run(folder, out.with_name("reference.jsonl"), *flags)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_and_its_workers_cleanly_and_it_resumes(slow_run):
+    folder, flags, out, command = slow_run
+    process = start_midway(command, out)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    stderr = stderr.decode()
+    assert process.returncode == 130, stderr
+    assert "interrupted: " in stderr and "rerun the same command to go on" in stderr
+    assert "Traceback" not in stderr  # neither the command nor its workers
+    done = out.read_text().count("\n")
+    assert 5 <= done < 151
+
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_text() == single_run(folder, out.with_name("reference.jsonl"), *flags)
 
 
 @pytest.mark.slow
@@ -74,4 +126,4 @@ def test_torchrun_ranks_merge_into_the_single_run_output(tmp_path, tiny_checkpoi
     assert torchrun.returncode == 0, stderr
     assert "rank 0: captioned" in stderr and "rank 1: captioned" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "photos"]  # parts merged away
-    assert out.read_text() == single_run(folder, tmp_path / "reference.jsonl", *flags)
+    assert out.read_text() == single_run(folder, out.with_name("reference.jsonl"), *flags)

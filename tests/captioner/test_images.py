@@ -230,3 +230,12 @@ def test_a_jpeg_read_for_a_small_model_is_decoded_small_but_keeps_its_full_uprig
     assert full.size == (1200, 1600)
     small = np.asarray(image.resize(full.size)).astype(int)
     assert np.abs(small - np.asarray(full).astype(int)).mean() < 8  # the same picture
+
+
+def test_image_errors_survive_pickling_with_code_and_message():
+    """Folder captioning sends files already judged unusable to its worker processes."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ImageError("not_an_image", "a text file")))
+    assert isinstance(error, ImageError) and (error.code, error.message, str(error)) == (
+        "not_an_image", "a text file", "a text file")
