@@ -5,8 +5,10 @@ fresh pages, and hands freed memory back to the kernel. Tensor code frees and
 reallocates blocks of megabytes many times a second (every decoding step,
 every encoder layer), so their pages fault in again and again: with decoding
 lanes in threads, `captioner caption` spent a fifth of its CPU time in the
-kernel. One arena that keeps what it frees trades a resident size near the
-peak for that time (measured in benchmarks/RESULTS.md).
+kernel, and the encoder at 16 images a call, whose activations reach 77 MB,
+a fifth of its own. One arena that serves every block from its heap and keeps
+what it frees trades a resident size near the peak for that time (measured in
+benchmarks/RESULTS.md).
 """
 
 import ctypes
@@ -14,9 +16,8 @@ import sys
 
 # mallopt parameters, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit: larger blocks still get their own pages
 
 
 def keep_freed_memory() -> bool:
@@ -31,5 +32,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and other C libraries
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, 2**31 - 1))
+    # no block gets pages of its own (however large), and the heap never shrinks
+    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
     return all(mallopt(parameter, value) == 1 for parameter, value in settings)

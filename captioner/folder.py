@@ -51,6 +51,13 @@ progress:
   A progress bar (images/s) on a terminal, and a summary line on stderr:
   captioned, failed, skipped, already done, time.
 
+workers:
+  Each worker reads, encodes and decodes whole batches, and lines are written
+  in order as batches finish. On a CPU under Linux the workers are processes
+  forked from the command, one torch thread each: they share the model's
+  memory, and as threads of one process they would slow each other through
+  Python's lock. On a GPU, and elsewhere, they are threads.
+
 resuming:
   Lines are flushed to disk after every batch. Rerun the same command with the
   same --out to caption only the files not yet in the output; an interrupted
@@ -71,12 +78,13 @@ more than one machine:
   the parts into the single-run order (the same PATHs find that order):
       captioner caption data/ -r --merge part-*.jsonl --out captions.jsonl
   (cat part-*.jsonl > captions.jsonl gives the same lines in another order.)
-  On one machine with several processes, torchrun splits the work by rank:
+  On one machine the command keeps every CPU busy by itself (--workers). With
+  several GPUs, torchrun gives each its own process and splits the work by rank:
       torchrun --standalone --nproc_per_node 2 -m captioner.cli \\
-          caption data/ -r --out captions.jsonl
-  each rank writes OUT.rank<R>, and rank 0 merges them into OUT at the end
-  (its exit status is the run's; the other ranks exit 0). With --device cuda,
-  each rank runs on the GPU of its local rank (--nproc_per_node = GPUs).
+          caption data/ -r --device cuda --out captions.jsonl
+  each rank runs on the GPU of its local rank and writes OUT.rank<R>, and rank
+  0 merges them into OUT at the end (its exit status is the run's; the other
+  ranks exit 0).
   torchrun across machines works the same way when OUT is on a file system
   they share: on each,
       torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d \\
@@ -118,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow-links", action="store_true",
                         help="read symbolic links that lead outside the folder")
     parser.add_argument("--batch-size", type=_bounded(1, MAX_BATCH_SIZE), default=32,
-                        help="images per decoding batch; the encoder takes them 4 at a time, cheapest "
+                        help="images per decoding batch; the encoder takes them 16 at a time, cheapest "
                              "on a CPU (default %(default)s; a stop loses at most the batches in flight)")
     parser.add_argument("--workers", type=_bounded(1, MAX_WORKERS), default=None,
                         help="batches captioned at once, each by a worker that reads, encodes and decodes it; "

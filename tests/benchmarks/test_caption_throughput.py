@@ -27,7 +27,7 @@ def test_the_benchmark_measures_every_contender_and_keeps_the_other_sections(tmp
     ratios = re.search(r"\| (\S+) \| >= 0\.75: (met|not met) \|", section)
     assert ratios and abs(float(ratios.group(1)) - rates["(c)"] / rates["(a)"]) < 0.006
     assert "random-weight stand-in" in section and "6 images" in section
-    assert re.search(r"a [\d.]+ \((\d+x\d+: [\d.]+, ){3}\d+x\d+: [\d.]+\)", section)  # the 4 encoder finalists ran
+    assert re.search(r"a [\d.]+ \((\d+x\d+: [\d.]+, ){5}\d+x\d+: [\d.]+\)", section)  # the 6 encoder finalists ran
     amp = next(line for line in section.splitlines() if line.startswith("| (c) with `--amp`"))
     assert float(amp.split("|")[2]) > 0
     assert re.search(r"same as \(c\)'s: \(b\) [\d.]+%, \(b'\) [\d.]+%, \(c\) with --amp [\d.]+%", section)

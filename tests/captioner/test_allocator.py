@@ -7,8 +7,9 @@ import pytest
 
 from captioner.allocator import keep_freed_memory
 
-# A worker thread allocates and frees tensors of 4 to 28 MB, some living a while, as the
-# folder pipeline's lanes do; prints the page faults of the second of two rounds.
+# A worker thread allocates and frees tensors of 4 to 28 MB, some living a while, and every
+# third one of 48 MB (beyond the size glibc always maps afresh), as the encoder and decoding
+# do; prints the page faults of the second of two rounds.
 WORKLOAD = """
 import resource, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ torch.set_num_threads(1)
 def work():
     kept = []
     for i in range(60):
-        x = torch.ones((i % 7 + 1) * 1024 * 1024)
+        x = torch.ones((12 if i % 3 == 0 else i % 7 + 1) * 1024 * 1024)
         if i % 5 == 0:
             kept.append(x)
         if len(kept) > 3:
