@@ -54,9 +54,9 @@ progress:
 workers:
   Each worker reads, encodes and decodes whole batches, and lines are written
   in order as batches finish. On a CPU under Linux the workers are processes
-  forked from the command (one torch thread each by default): they share the model's
-  memory, and as threads of one process they would slow each other through
-  Python's lock. On a GPU, and elsewhere, they are threads.
+  forked from the command, one torch thread each by default: they share the
+  model's memory, and as threads of one process they would slow each other
+  through Python's lock. On a GPU, and elsewhere, they are threads.
 
 resuming:
   Lines are flushed to disk after every batch. Rerun the same command with the
