@@ -117,7 +117,8 @@ def _start_lane(predictor: Predictor, threads: int, parent: int | None = None) -
 
 def _die_with(parent: int) -> None:
     """A parent killed outright cannot shut its lanes down, and orphaned lanes would wait for work
-    forever: the kernel ends them with it (Linux's parent-death signal)."""
+    forever: the kernel ends them with it (Linux's parent-death signal, sent when the thread that
+    forked them ends; `caption_entries` forks them from its own thread and shuts them down itself)."""
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -34,8 +34,10 @@ def single_run(folder: Path, out: Path, *flags) -> str:
 
 
 def start_midway(command: list[str], out: Path) -> subprocess.Popen:
-    """The command, once it has written 5 lines."""
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
+    """The command, once it has written 5 lines; with Ctrl-C's default meaning even where this
+    test runs with SIGINT ignored (a background job of a shell does), which the command inherits."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
         assert process.poll() is None, process.stderr.read().decode()
