@@ -45,6 +45,15 @@ def start_midway(command: list[str], out: Path) -> subprocess.Popen:
     return process
 
 
+def wait_for(process: subprocess.Popen) -> str:
+    """Its stderr once it has exited; it and its workers are killed if it takes over a minute."""
+    try:
+        return process.communicate(timeout=60)[1].decode()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -94,12 +103,7 @@ def test_ctrl_c_stops_the_run_and_its_workers_cleanly_and_it_resumes(slow_run):
     folder, flags, out, command = slow_run
     process = start_midway(command, out)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
-    try:
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    stderr = stderr.decode()
+    stderr = wait_for(process)
     assert process.returncode == 130, stderr
     assert "interrupted: " in stderr and "rerun the same command to go on" in stderr
     assert "Traceback" not in stderr  # neither the command nor its workers
@@ -128,4 +132,20 @@ def test_torchrun_ranks_merge_into_the_single_run_output(tmp_path, tiny_checkpoi
     assert torchrun.returncode == 0, stderr
     assert "rank 0: captioned" in stderr and "rank 1: captioned" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "photos"]  # parts merged away
+    assert out.read_text() == single_run(folder, out.with_name("reference.jsonl"), *flags)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc (Linux)")
+def test_a_worker_that_dies_is_reported_and_the_rerun_finishes_the_job(slow_run):
+    folder, flags, out, command = slow_run
+    process = start_midway(command, out)
+    os.kill(children(process.pid)[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    stderr = wait_for(process)
+    assert process.returncode == 1, stderr
+    assert "error: a worker process died" in stderr and "Traceback" not in stderr
+    assert out.read_text().count("\n") < 151
+
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
     assert out.read_text() == single_run(folder, out.with_name("reference.jsonl"), *flags)
