@@ -8,7 +8,7 @@ lanes in threads, `captioner caption` spent a fifth of its CPU time in the
 kernel, and the encoder at 16 images a call, whose activations reach 77 MB,
 a fifth of its own. One arena that serves every block from its heap and keeps
 what it frees trades a resident size near the peak for that time (measured in
-benchmarks/RESULTS.md).
+the README's "Benchmarks").
 """
 
 import ctypes

@@ -8,7 +8,7 @@ batches submitted ahead, so memory stays bounded whatever the folder's size.
 On a CPU under Linux the lanes are forked processes of one torch thread each.
 Decoding is thousands of small operators a second, and every one of them hands
 Python's lock over: lanes that were threads of one process slowed each other
-by a tenth (measured in benchmarks/RESULTS.md). Forked lanes share the model's
+by a tenth (measured: README, "Benchmarks"). Forked lanes share the model's
 weights with the parent and start in milliseconds. On a GPU, or where there is
 no safe fork, the lanes are threads.
 """
