@@ -66,23 +66,22 @@ def caption_entries(predictor: Predictor, entries: list[Entry], options: DecodeO
     """One output line per entry, handed to `write` a batch at a time in entry order."""
     tally = Tally()
     lanes = _start_lanes(predictor, config)
-    in_flight: deque[tuple[int, Future]] = deque()
+    in_flight: deque[Future] = deque()
 
-    def finish(images: int, outcome: Future) -> None:
+    def finish(outcome: Future) -> None:
         lines, segment_tally = outcome.result()
         write(lines)
         tally.add(segment_tally)
-        progress(images)
+        progress(segment_tally.captioned + segment_tally.failed)  # images, not files skipped by design
 
     try:
         for segment in _segments(entries, config.batch_size, config.lanes):
-            images = sum(entry.skip is None for entry in segment)
-            in_flight.append((images, lanes.submit(_caption_segment, segment, options, config.overlays,
-                                                   config.keep_attention)))
+            in_flight.append(lanes.submit(_caption_segment, segment, options, config.overlays,
+                                          config.keep_attention))
             if len(in_flight) > config.lanes + 1:
-                finish(*in_flight.popleft())
+                finish(in_flight.popleft())
         while in_flight:
-            finish(*in_flight.popleft())
+            finish(in_flight.popleft())
     finally:
         lanes.shutdown(cancel_futures=True)
     return tally
