@@ -161,3 +161,21 @@ def test_folding_the_batch_norms_into_the_convolutions_keeps_the_features(name):
     with torch.no_grad():
         after = encoder(images)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+@pytest.mark.parametrize("name, stem", [("efficientnet_lite0", "net.conv_stem"), ("efficientnet_lite0_s16", "stem")])
+def test_inference_on_a_cpu_runs_the_high_resolution_front_image_by_image_with_the_same_features(name, stem):
+    """The front's batch sizes are seen by its first convolution: one image per call in inference,
+    the whole batch in training (BatchNorm's batch statistics need it); the features agree."""
+    torch.manual_seed(0)
+    encoder = build_encoder(name, pretrained=False).eval()
+    fold_batch_norms(encoder)  # no BatchNorm left, so training mode computes what inference does
+    batch_sizes = []
+    encoder.get_submodule(stem).register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].size(0)))
+    images = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        inferred = encoder(images)
+        assert batch_sizes == [1, 1, 1]
+        trained = encoder.train()(images)
+        assert batch_sizes == [1, 1, 1, 3]
+    torch.testing.assert_close(inferred, trained)
