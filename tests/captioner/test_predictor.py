@@ -83,8 +83,11 @@ def test_batches_are_cut_at_max_batch_size_without_changing_results(tiny_model, 
     encoder_calls.clear()
     split = Predictor(tiny_model, encoder_batch_size=2).caption(paths, options)  # one decoding batch
     assert encoder_calls == [2, 2, 1]
+    encoder_calls.clear()
+    even = Predictor(tiny_model, encoder_batch_size=4).caption(paths, options)
+    assert encoder_calls == [3, 2]  # as few calls as the limit allows, of equal sizes: not 4 and 1
     tokens = lambda results: [r["captions"][0]["tokens"] for r in results]
-    assert tokens(small) == tokens(large) == tokens(split)
+    assert tokens(small) == tokens(large) == tokens(split) == tokens(even)
 
 
 @pytest.mark.parametrize("options", [
