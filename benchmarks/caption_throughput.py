@@ -6,10 +6,11 @@
 On the same images (640x480 JPEGs drawn here, or --images-dir), beam size 3,
 attention on, it measures images per second of
   (a) the encoder alone on ready-made pixels at its best batch size and thread
-      layout: the floor no captioner can beat. A sweep on a few images finds
-      the four fastest layouts (its ranking is noisy: a busy second can
-      reorder them); all four run on every image in every round and (a) is
-      the fastest;
+      layout (streams of threads; more than one stream are processes, as
+      (c)'s workers are): the floor no captioner can beat. A sweep on a few
+      images finds the six fastest layouts (its ranking is noisy: a busy
+      second can reorder them); all six run on every image in every round and
+      (a) is the fastest;
   (b) a one-image-at-a-time loop as the popular tutorials write it (sgrvinod's
       PyTorch tutorial, TensorFlow's "image captioning with visual attention"):
       decode the whole picture and resize it, encode it, then a per-image beam
@@ -46,7 +47,6 @@ import platform
 import resource
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -131,28 +131,54 @@ def stand_in_checkpoint(path: Path) -> None:
 
 
 def encoder_rate(predictor: Predictor, pixels: torch.Tensor, batch_size: int, streams: int) -> Rate:
-    """Encoding `pixels` (N, 3, S, S) in batches, on `streams` threads of
-    torch.get_num_threads() // streams intra-op threads each."""
+    """Encoding `pixels` (N, 3, S, S) in batches, on `streams` streams of torch.get_num_threads() //
+    streams intra-op threads each. More than one stream are forked processes, as (c)'s lanes are:
+    the encoder runs its front image by image, and threads of one process would slow each other
+    through Python's lock. Each stream warms up before the clock starts."""
     encoder = predictor.model.encoder
     threads = max(1, torch.get_num_threads() // streams)
     batches = list(pixels.split(batch_size))
+    with torch.inference_mode():
+        encoder(batches[0])  # warm up: the first call at a batch size sets up its kernels and grows the heap
+    if streams == 1:
+        def run() -> None:
+            with torch.inference_mode():
+                for batch in batches:
+                    encoder(batch)  # (B, P, D)
+
+        return measure(run, len(pixels))
+
+    fork = multiprocessing.get_context("fork")
+    shares = [batches[s::streams] for s in range(streams) if batches[s::streams]]
+    ready, cpu_seconds = fork.Barrier(len(shares) + 1), fork.SimpleQueue()
 
     def stream(mine: list[torch.Tensor]) -> None:
-        torch.set_num_threads(threads)
-        with torch.inference_mode():
-            for batch in mine:
-                encoder(batch)  # (B, P, D)
+        try:
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                encoder(mine[0])  # its own heap grows here, not on the clock
+                ready.wait()
+                start = time.process_time()
+                for batch in mine:
+                    encoder(batch)  # (B, P, D)
+            cpu_seconds.put(time.process_time() - start)
+        except BaseException:
+            ready.abort()  # the parent stops waiting, whichever wait it is in
+            cpu_seconds.put(None)
+            raise
 
-    def run() -> None:
-        workers = [threading.Thread(target=stream, args=(batches[s::streams],)) for s in range(streams)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-
-    with torch.inference_mode():
-        encoder(batches[0])  # warm up: the first call at a batch size sets up its kernels
-    return measure(run, len(pixels))
+    workers = [fork.Process(target=stream, args=(mine,)) for mine in shares]
+    for worker in workers:
+        worker.start()
+    ready.wait()
+    start = time.perf_counter()
+    cpu = [cpu_seconds.get() for _ in workers]  # each arrives as its stream ends
+    wall = time.perf_counter() - start
+    for worker in workers:
+        worker.join()
+    if None in cpu:
+        raise RuntimeError(f"an encoder stream failed at batch size {batch_size}")
+    return Rate(len(pixels) / wall, 1000 * sum(cpu) / len(pixels))
 
 
 def encoder_rates(checkpoint: Path, paths: list[Path], threads: int,
@@ -301,9 +327,7 @@ def stage_costs(predictor: Predictor, paths: list[Path], batch_size: int, max_le
         costs["read and prepare"] += clock() - t
         with torch.inference_mode():
             t = clock()
-            pixels = stack_pixels([im.pixels for im in images])  # (B, 3, S, S)
-            features = torch.cat([predictor.model.encoder(part)
-                                  for part in pixels.split(predictor.encoder_batch_size)])  # (B, P, D), as (c) does
+            features = predictor.encode(stack_pixels([im.pixels for im in images]))  # (B, P, D), as (c) does
             costs["encoder"] += clock() - t
             t = clock()
             captions = predictor.model.caption_features(features, options)
