@@ -53,7 +53,7 @@ def run_front(front: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
     cores: 17% more images/s (README, "Benchmarks"). A GPU wants whole batches,
     and training does too: BatchNorm's statistics are the batch's.
     """
-    if training or images.device.type != "cpu":
+    if training or images.device.type != "cpu" or images.size(0) <= 1:
         return front(images)
     return torch.cat([front(image) for image in images.split(1)])
 
