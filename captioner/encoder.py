@@ -84,6 +84,46 @@ def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     return net
 
 
+class StrideTwoSameConv(nn.Conv2d):
+    """timm's Conv2dSame at stride 2, without copying its input: the same outputs, and about
+    10% off EfficientNet-Lite0 on a CPU.
+
+    TensorFlow's 'SAME' padding pads an even-sized input by (k - 2) // 2 before
+    and one more after. timm does it with F.pad, a copy of the layer's input
+    that cost more than the convolution itself (0.56 of 0.9 ms per image at 96
+    x 112 x 112). A kernel one tap wider, whose first row and column are zero,
+    padded by k // 2 on every side inside the convolution, computes the same
+    outputs from the input as it is. Odd sizes keep timm's padded copy.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                         conv.groups, conv.bias is not None)
+        self.weight, self.bias = conv.weight, conv.bias  # the same parameters, under the same names
+
+    def forward(self, x):
+        from timm.layers.padding import pad_same
+
+        if x.size(-2) % 2 or x.size(-1) % 2:
+            return self._conv_forward(pad_same(x, self.kernel_size, self.stride), self.weight, self.bias)
+        wide = F.pad(self.weight, (1, 0, 1, 0))  # (O, I / groups, k + 1, k + 1)
+        return F.conv2d(x, wide, self.bias, self.stride, self.kernel_size[0] // 2, 1, self.groups)
+
+
+def drop_padding_copies(net: nn.Module) -> int:
+    """Replace each of timm's stride-2 'SAME' convolutions in `net` with a StrideTwoSameConv; how many."""
+    from timm.layers import Conv2dSame
+
+    replaced = 0
+    for name, module in list(net.named_modules()):
+        k = module.kernel_size if isinstance(module, Conv2dSame) else None
+        if k and module.stride == (2, 2) and module.dilation == (1, 1) and k[0] == k[1] and k[0] % 2:
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, StrideTwoSameConv(module))
+            replaced += 1
+    return replaced
+
+
 class EfficientNetLite0(Encoder):
     """The 1280 x 7 x 7 map before the classifier (stride 32)."""
 
@@ -94,6 +134,7 @@ class EfficientNetLite0(Encoder):
         super().__init__()
         self.net = load_efficientnet_lite0(pretrained)
         self.net.reset_classifier(0)
+        drop_padding_copies(self.net)
 
     def feature_map(self, images):
         net = self.net  # timm's forward_features, with the front run by run_front
@@ -118,6 +159,7 @@ class EfficientNetLite0S16(Encoder):
     def __init__(self, pretrained: bool = True):
         super().__init__()
         net = load_efficientnet_lite0(pretrained)
+        drop_padding_copies(net)
         self.stem = nn.Sequential(net.conv_stem, net.bn1)
         self.blocks = net.blocks  # the head (1280 channels, classifier) is not needed
 

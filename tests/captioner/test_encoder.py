@@ -179,3 +179,44 @@ def test_inference_on_a_cpu_runs_the_high_resolution_front_image_by_image_with_t
         trained = encoder.train()(images)
         assert batch_sizes == [1, 1, 1, 3]
     torch.testing.assert_close(inferred, trained)
+
+
+@pytest.mark.parametrize("channels, groups, kernel", [(8, 8, 3), (8, 8, 5), (3, 1, 3)], ids=["dw3", "dw5", "dense3"])
+@pytest.mark.parametrize("size", [(16, 16), (15, 16), (16, 13)], ids=["even", "odd-height", "odd-width"])
+def test_stride_two_same_convolution_computes_timms_outputs_and_gradients_without_a_padded_copy(
+        channels, groups, kernel, size, monkeypatch):
+    from timm.layers import Conv2dSame, padding
+
+    from captioner.encoder import StrideTwoSameConv
+
+    torch.manual_seed(0)
+    timm_conv = Conv2dSame(channels, 8, kernel, stride=2, groups=groups)
+    ours = StrideTwoSameConv(timm_conv)
+    padded_copies = []
+    real_pad_same = padding.pad_same
+    monkeypatch.setattr(padding, "pad_same", lambda x, *a, **k: padded_copies.append(x.shape) or real_pad_same(x, *a, **k))
+    x = torch.randn(2, channels, *size, requires_grad=True)
+    expected = timm_conv(x)  # timm's own path, which pads
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, timm_conv.weight, timm_conv.bias])
+    padded_copies.clear()
+    out = ours(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, ours.weight, ours.bias])
+    assert len(padded_copies) == (size[0] % 2 or size[1] % 2)  # a copy only for odd sizes
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    assert ours.weight is timm_conv.weight and dict(ours.state_dict()).keys() == {"weight", "bias"}
+
+
+def test_efficientnet_encoders_replace_every_stride_two_same_convolution_and_keep_timms_weight_names():
+    import timm
+    from timm.layers import Conv2dSame
+
+    from captioner.encoder import StrideTwoSameConv
+
+    stock = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    stock.reset_classifier(0)
+    encoder = build_encoder("efficientnet_lite0", pretrained=False)
+    assert sum(isinstance(m, StrideTwoSameConv) for m in encoder.modules()) == 5  # the stem and 4 stages
+    assert not any(type(m) is Conv2dSame for m in encoder.modules())
+    assert list(encoder.net.state_dict()) == list(stock.state_dict())  # checkpoints load as before
