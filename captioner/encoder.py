@@ -97,8 +97,10 @@ class StrideTwoSameConv(nn.Conv2d):
     """
 
     def __init__(self, conv: nn.Conv2d):
+        # on the meta device: initialising weights of its own would draw from the global random
+        # generator and change every weight a model initialises after this layer
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                         conv.groups, conv.bias is not None)
+                         conv.groups, conv.bias is not None, device="meta")
         self.weight, self.bias = conv.weight, conv.bias  # the same parameters, under the same names
 
     def forward(self, x):

@@ -220,3 +220,17 @@ def test_efficientnet_encoders_replace_every_stride_two_same_convolution_and_kee
     assert sum(isinstance(m, StrideTwoSameConv) for m in encoder.modules()) == 5  # the stem and 4 stages
     assert not any(type(m) is Conv2dSame for m in encoder.modules())
     assert list(encoder.net.state_dict()) == list(stock.state_dict())  # checkpoints load as before
+
+
+def test_replacing_the_same_convolutions_draws_nothing_from_the_global_random_generator():
+    """A model's decoder is initialised after its encoder: a draw here would change the trained model."""
+    import timm
+
+    from captioner.encoder import drop_padding_copies
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    torch.manual_seed(0)
+    assert drop_padding_copies(net) == 5
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(4))
