@@ -6,9 +6,9 @@ reallocates blocks of megabytes many times a second (every decoding step,
 every encoder layer), so their pages fault in again and again: with decoding
 lanes in threads, `captioner caption` spent a fifth of its CPU time in the
 kernel, and the encoder at 16 images a call, whose activations reached 77 MB
-before its front ran image by image, a fifth of its own. One arena that serves every block from its heap and keeps
-what it frees trades a resident size near the peak for that time (measured in
-the README's "Benchmarks").
+before its front ran image by image, a fifth of its own. One arena that
+serves every block from its heap and keeps what it frees trades a resident
+size near the peak for that time (measured in the README's "Benchmarks").
 """
 
 import ctypes
