@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+# Raised whenever the pixels an image gives change, so that features computed from the old
+# pixels (training's feature caches) are not reused. 2: torch's resize instead of Pillow's.
+PIXELS_VERSION = 2
 ORIENTATION = 0x0112  # the EXIF tag; 5 to 8 turn the picture a quarter
 ImageSource = bytes | str | Path | Image.Image
 

@@ -1,9 +1,9 @@
 """The frozen-encoder feature cache: region features computed once per (encoder, image set).
 
 Stored as one fp16 memory-mapped array (N, P, D) per image set, named by a
-fingerprint of the encoder's weights and of the image files (path, size,
-mtime), so every epoch and every later run reuses it, and a change to either
-makes a new one. The array is written under a temporary name and renamed
+fingerprint of the encoder's weights, of the preprocessing's version and of
+the image files (path, size, mtime), so every epoch and every later run
+reuses it, and a change to any makes a new one. The array is written under a temporary name and renamed
 when complete: an interrupted build never leaves a cache that looks finished.
 """
 
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.encoder import Encoder
-from captioner.images import ImageLimits, ImagePreset, open_image
+from captioner.images import PIXELS_VERSION, ImageLimits, ImagePreset, open_image
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -89,7 +89,7 @@ def cached_features(encoder: Encoder, paths: Sequence[Path], cache_dir: Path, na
                     batch_size: int = 32, workers: int = 2, device: str | torch.device = "cpu",
                     progress: bool = True) -> np.ndarray:
     """Region features (N, P, D) fp16 for `paths`, from the cache or computed now."""
-    key = f"{name}-{encoder_fingerprint(encoder)}-{images_fingerprint(paths)}"
+    key = f"{name}-{encoder_fingerprint(encoder)}-p{PIXELS_VERSION}-{images_fingerprint(paths)}"
     path = Path(cache_dir) / f"{key}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")

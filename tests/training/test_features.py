@@ -130,6 +130,18 @@ def test_another_encoder_of_the_same_kind_makes_a_new_cache(images, tmp_path):
     assert len(npy_files(tmp_path / "cache")) == 2
 
 
+def test_a_change_to_the_preprocessing_makes_a_new_cache(encoder, images, tmp_path, monkeypatch):
+    import training.features
+
+    cache = tmp_path / "cache"
+    cached_features(encoder, images, cache, "x", workers=0, progress=False)
+    monkeypatch.setattr(training.features, "PIXELS_VERSION", training.features.PIXELS_VERSION + 1)
+    spy = CountingForward(encoder)
+    cached_features(encoder, images, cache, "x", workers=0, progress=False)
+    assert spy.images == len(images)
+    assert len(npy_files(cache)) == 2
+
+
 def test_a_touched_image_makes_a_new_cache(encoder, images, tmp_path):
     cache = tmp_path / "cache"
     cached_features(encoder, images, cache, "x", workers=0, progress=False)
