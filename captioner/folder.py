@@ -126,8 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow-links", action="store_true",
                         help="read symbolic links that lead outside the folder")
     parser.add_argument("--batch-size", type=_bounded(1, MAX_BATCH_SIZE), default=32,
-                        help="images per decoding batch; the encoder takes them 16 at a time, cheapest "
-                             "on a CPU (default %(default)s; a stop loses at most the batches in flight)")
+                        help="images per decoding batch; the encoder takes them in equal parts of at most 16, "
+                             "cheapest on a CPU (default %(default)s; a stop loses at most the batches in flight)")
     parser.add_argument("--workers", type=_bounded(1, MAX_WORKERS), default=None,
                         help="batches captioned at once, each by a worker that reads, encodes and decodes it; "
                              "processes on a CPU under Linux, else threads (default: the CPUs available, "
