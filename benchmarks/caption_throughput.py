@@ -138,9 +138,10 @@ def encoder_rate(predictor: Predictor, pixels: torch.Tensor, batch_size: int, st
     encoder = predictor.model.encoder
     threads = max(1, torch.get_num_threads() // streams)
     batches = list(pixels.split(batch_size))
-    with torch.inference_mode():
-        encoder(batches[0])  # warm up: the first call at a batch size sets up its kernels and grows the heap
     if streams == 1:
+        with torch.inference_mode():
+            encoder(batches[0])  # warm up: the first call at a batch size sets up its kernels and grows the heap
+
         def run() -> None:
             with torch.inference_mode():
                 for batch in batches:
