@@ -279,9 +279,9 @@ def _caption(args: argparse.Namespace, predictor, options: DecodeOptions, todo: 
 
     from .folder_pipeline import PipelineConfig, caption_entries
 
-    workers = args.workers or _available_cpus()
-    config = PipelineConfig(args.batch_size, lanes=workers,
-                            threads_per_lane=args.threads or max(1, _available_cpus() // workers),
+    cpus = _available_cpus()
+    workers = args.workers or cpus
+    config = PipelineConfig(args.batch_size, lanes=workers, threads_per_lane=args.threads or max(1, cpus // workers),
                             overlays=args.overlays, keep_attention=args.attention)
     start = time.perf_counter()
     writer = JournalWriter(output)
