@@ -12,17 +12,19 @@ reports.
 """
 
 import argparse
+import hashlib
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from .decoding import DecodeOptions, add_decode_arguments, decode_options_from_args
 from .device import add_device_arguments, resolve_device
 from .folder_files import Entry, Shard, find_entries
-from .folder_journal import JournalWriter, merge, recover, write_coco, write_csv
+from .folder_journal import (JournalWriter, check_settings, common_settings, merge, recover, write_coco, write_csv,
+                             write_settings)
 from .home import default_checkpoint
 
 FORMATS = ("jsonl", "csv", "coco")
@@ -62,6 +64,11 @@ resuming:
   Lines are flushed to disk after every batch. Rerun the same command with the
   same --out to caption only the files not yet in the output; an interrupted
   run loses at most the batches in flight. To start over, delete the output.
+  Beside the JSON lines (OUT, or the journal OUT.jsonl of csv and coco),
+  <that name>.settings.json records what wrote them: the model's SHA-256 and
+  the decoding flags. A rerun with another model or other flags is refused
+  (exit status 2) instead of mixing two kinds of captions in one output; so is
+  merging parts written with different ones.
   OUT, its journal and the --overlays folder are never taken as inputs, even
   inside a folder being captioned.
 
@@ -202,9 +209,12 @@ def main(args: argparse.Namespace) -> int:
         if missing:
             return _usage_error(f"no such part: {', '.join(missing)}")
         try:
+            settings = common_settings([outputs.journal, *args.merge])
             merge([outputs.journal, *args.merge], order, outputs.journal)
         except ValueError as e:
             return _usage_error(f"cannot merge: {e}")
+        if settings is not None:
+            write_settings(outputs.journal, settings)
         return _finish(outputs, label=f"merged {len(args.merge)} parts: ")
 
     shard = Shard(*distributed) if distributed else args.shard
@@ -222,6 +232,14 @@ def main(args: argparse.Namespace) -> int:
         predictor = _load(args, device)
     except _ModelUnavailable as e:
         return _usage_error(str(e))
+    settings = _settings(args, options)
+    if earlier.done:
+        try:
+            check_settings(outputs.journal, settings)
+        except ValueError as e:
+            return _usage_error(f"{e}; rerun with those settings to go on, or give another --out to start over")
+    if not distributed or distributed[0] == 0:
+        write_settings(outputs.journal, settings)
     if not distributed:
         failed = _caption(args, predictor, options, todo, output, already_done=len(entries) - len(todo))
         return _finish(outputs, earlier.failed + failed)
@@ -262,6 +280,14 @@ def _load(args: argparse.Namespace, device: "torch.device"):
     except (OSError, CheckpointError) as e:
         hint = "" if args.checkpoint else "; train it with `captioner demo` or give --checkpoint"
         raise _ModelUnavailable(f"cannot load the model: {e}{hint}") from e
+
+
+def _settings(args: argparse.Namespace, options: DecodeOptions) -> dict:
+    """What decides the output's lines, kept beside its journal (`folder_journal`): which model
+    (by content: a retrained model at the same path is another model) and how it decodes."""
+    checkpoint = (args.checkpoint or default_checkpoint()).resolve()
+    return {"checkpoint": str(checkpoint), "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+            **asdict(options), "attention": args.attention, "amp": args.amp}
 
 
 def _available_cpus() -> int:

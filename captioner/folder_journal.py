@@ -4,6 +4,10 @@ One line per file, `"file"` first, appended and flushed batch by batch: a
 killed run leaves whole lines plus at most one torn last line, which the next
 run cuts off before it appends. CSV and COCO results are written from the
 journal once it is complete, so every format resumes the same way.
+
+Beside it, JOURNAL.settings.json records what decides its lines (the model's
+SHA-256, the decoding options, --attention, --amp): a rerun with other settings
+is refused rather than mixing two kinds of captions in one output.
 """
 
 import csv
@@ -101,6 +105,65 @@ class JournalWriter:
         self._file.close()
 
 
+SETTINGS_SUFFIX = ".settings.json"
+NOT_COMPARED = ("checkpoint",)  # where the model was read from: its SHA-256 says which model it is
+
+
+def settings_path(journal: Path) -> Path:
+    return journal.with_name(journal.name + SETTINGS_SUFFIX)
+
+
+def read_settings(journal: Path) -> dict | None:
+    """The settings recorded beside `journal`, None if there are none (or no journal)."""
+    path = settings_path(journal)
+    if not journal.exists() or not path.exists():  # settings of a deleted journal are stale
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not a captioner settings file ({e})") from e
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not a captioner settings file")
+    return settings
+
+
+def _differences(a: dict, b: dict, a_label: str, b_label: str) -> str:
+    """What two settings disagree on, as "beam_size 3 there, 5 here; ..."; empty when they agree."""
+    keys = sorted((a.keys() | b.keys()) - set(NOT_COMPARED))
+    return "; ".join(f"{key} {a.get(key)!r} {a_label}, {b.get(key)!r} {b_label}"
+                     for key in keys if a.get(key) != b.get(key))
+
+
+def check_settings(journal: Path, settings: dict) -> None:
+    """ValueError when `journal` has lines written with other settings than `settings`.
+
+    A journal from before settings were recorded is taken as it is."""
+    recorded = read_settings(journal)
+    if recorded is not None and (differences := _differences(recorded, settings, "there", "here")):
+        raise ValueError(f"{journal} holds captions made with other settings ({differences})")
+
+
+def write_settings(journal: Path, settings: dict) -> None:
+    path = settings_path(journal)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_whole(path, json.dumps(settings, indent=1) + "\n")
+
+
+def common_settings(journals: list[Path]) -> dict | None:
+    """The settings every one of `journals` that records any was written with; ValueError when two differ."""
+    first, first_journal = None, None
+    for journal in journals:
+        settings = read_settings(journal)
+        if settings is None:
+            continue
+        if first is None:
+            first, first_journal = settings, journal
+        elif differences := _differences(first, settings, f"in {first_journal.name}", f"in {journal.name}"):
+            raise ValueError(f"{first_journal} and {journal} hold captions made with different settings "
+                             f"({differences})")
+    return first
+
+
 def merge(sources: list[Path], order: dict[str, int], out: Path) -> None:
     """Interleave journals (each already in run order) into `out`, in run order, one line per name.
 
@@ -165,6 +228,11 @@ def write_coco(journal: Path, out: Path) -> None:
     best = [(r["file"], r["captions"][0]["text"]) for r in read_results(journal) if r.get("captions")]
     ids = coco_image_ids([name for name, _ in best])
     results = [{"image_id": i, "caption": text} for i, (_, text) in zip(ids, best)]
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    _write_whole(out, json.dumps(results, indent=1) + "\n")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,6 +1,7 @@
 """`captioner caption` on real files with the real tiny model, run in-process through the CLI."""
 
 import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,10 +15,12 @@ from captioner import cli
 from captioner.decoding import DecodeOptions
 from captioner.encoder import Encoder
 from captioner.folder_files import Entry, Shard, find_entries
-from captioner.folder_journal import coco_image_ids, recover
+from captioner.checkpoint import save_checkpoint
+from captioner.folder_journal import coco_image_ids, recover, settings_path
 from captioner.folder_pipeline import MIN_TAIL_BATCH, _segments
 from captioner.images import ImageError
 from captioner.predictor import Predictor
+from tests.conftest import talkative_tiny_model
 
 RED = (220, 40, 40)
 
@@ -208,6 +211,68 @@ def test_an_output_that_is_not_ours_is_refused(mixed_folder, tiny_checkpoint, tm
     assert out.read_text() == "file,caption\nrgb.jpg,a photo\n"
 
 
+def test_the_settings_that_wrote_the_lines_are_kept_beside_them(mixed_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.csv"
+    caption(mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy", "--max-length", "4")
+    settings = json.loads((tmp_path / "captions.csv.jsonl.settings.json").read_text())
+    assert settings["checkpoint_sha256"] == hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest()
+    assert settings["checkpoint"] == str(Path(tiny_checkpoint).resolve())
+    assert (settings["method"], settings["max_length"], settings["attention"], settings["amp"]) == ("greedy", 4, False, False)
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("captions"))
+    assert written == ["captions.csv", "captions.csv.jsonl", "captions.csv.jsonl.settings.json"]
+
+
+def test_a_rerun_with_another_model_or_other_flags_is_refused_and_changes_nothing(mixed_folder, tiny_checkpoint,
+                                                                                  tmp_path, capsys):
+    out = tmp_path / "captions.jsonl"
+    args = (mixed_folder, "--out", out, "--method", "greedy", "--batch-size", "1")
+    caption(*args, "--checkpoint", tiny_checkpoint)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:5]))  # an interrupted run
+    kept = out.read_text(), settings_path(out).read_text()
+    capsys.readouterr()
+
+    assert caption(*args, "--checkpoint", tiny_checkpoint, "--max-length", "3") == 2
+    assert "other settings (max_length 20 there, 3 here)" in capsys.readouterr().err
+    assert caption(*args, "--checkpoint", tiny_checkpoint, "--attention") == 2
+    assert "attention False there, True here" in capsys.readouterr().err
+    retrained = talkative_tiny_model()
+    with torch.no_grad():
+        retrained.decoder.out.bias[0] += 1.0
+    save_checkpoint(retrained, tmp_path / "retrained.safetensors")
+    assert caption(*args, "--checkpoint", tmp_path / "retrained.safetensors") == 2
+    assert "checkpoint_sha256" in capsys.readouterr().err
+    assert (out.read_text(), settings_path(out).read_text()) == kept
+
+    moved = tmp_path / "moved.safetensors"  # the same model read from elsewhere is the same model
+    moved.write_bytes(Path(tiny_checkpoint).read_bytes())
+    caption(*args, "--checkpoint", moved)
+    assert out.read_text() == "".join(lines)
+    assert "already done 5" in capsys.readouterr().err
+
+
+def test_a_deleted_output_starts_over_whatever_settings_it_had(mixed_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    common = (mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out)
+    caption(*common, "--method", "greedy")
+    out.unlink()
+    caption(*common, "--method", "beam", "--max-length", "3")
+    assert {line.get("method") for line in read_lines(out)} == {"beam", None}  # None: error lines
+    assert json.loads(settings_path(out).read_text())["max_length"] == 3
+
+
+def test_an_output_from_before_settings_were_kept_resumes_and_gets_them(mixed_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    args = (mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy", "--batch-size", "1")
+    caption(*args)
+    complete = out.read_text()
+    out.write_text("".join(complete.splitlines(keepends=True)[:4]))
+    settings_path(out).unlink()
+    caption(*args)
+    assert out.read_text() == complete
+    assert json.loads(settings_path(out).read_text())["method"] == "greedy"
+
+
 def test_shards_are_disjoint_and_merge_into_the_single_run(mixed_folder, tiny_checkpoint, tmp_path):
     common = ("--recursive", "--checkpoint", tiny_checkpoint, "--method", "greedy", "--batch-size", "1")
     single = tmp_path / "single.jsonl"
@@ -221,6 +286,7 @@ def test_shards_are_disjoint_and_merge_into_the_single_run(mixed_folder, tiny_ch
     merged = tmp_path / "merged.jsonl"
     assert caption(mixed_folder, "--recursive", "--out", merged, "--merge", *parts) == 1  # failures are kept
     assert merged.read_text() == single.read_text()
+    assert settings_path(merged).read_text() == settings_path(single).read_text()
 
 
 def test_shard_membership_depends_on_the_name_alone():
@@ -385,6 +451,19 @@ def test_outputs_inside_the_folder_are_never_inputs(mixed_folder, tiny_checkpoin
     assert "captioned 0, failed 0, skipped 0, already done 18" in capsys.readouterr().err
     journal = read_lines(mixed_folder / "captions.csv.jsonl")
     assert [line["file"] for line in journal] == ORDER
+
+
+def test_parts_made_with_different_settings_are_not_merged(mixed_folder, tiny_checkpoint, tmp_path, capsys):
+    parts = [tmp_path / f"part{i}.jsonl" for i in range(2)]
+    for i, method in enumerate(("greedy", "beam")):
+        caption(mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", parts[i], "--shard", f"{i}/2",
+                "--method", method)
+    capsys.readouterr()
+    out = tmp_path / "captions.jsonl"
+    assert caption(mixed_folder, "-r", "--out", out, "--merge", *parts) == 2
+    assert ("part0.jsonl and " in (err := capsys.readouterr().err)
+            and "different settings (method 'greedy' in part0.jsonl, 'beam' in part1.jsonl)" in err)
+    assert not out.exists()
 
 
 def test_merging_missing_or_foreign_parts_is_refused(tmp_path, capsys):

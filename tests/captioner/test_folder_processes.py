@@ -131,7 +131,8 @@ def test_torchrun_ranks_merge_into_the_single_run_output(tmp_path, tiny_checkpoi
             os.killpg(torchrun.pid, signal.SIGKILL)  # the ranks too
     assert torchrun.returncode == 0, stderr
     assert "rank 0: captioned" in stderr and "rank 1: captioned" in stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "photos"]  # parts merged away
+    # parts merged away; the settings are rank 0's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "captions.jsonl.settings.json", "photos"]
     assert out.read_text() == single_run(folder, out.with_name("reference.jsonl"), *flags)
 
 
