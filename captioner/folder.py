@@ -68,7 +68,9 @@ resuming:
   <that name>.settings.json records what wrote them: the model's SHA-256 and
   the decoding flags. A rerun with another model or other flags is refused
   (exit status 2) instead of mixing two kinds of captions in one output; so is
-  merging parts written with different ones.
+  merging parts written with different ones. --overlays is not one of those
+  settings: it draws sheets for the images a run captions, not for the ones
+  already done.
   OUT, its journal and the --overlays folder are never taken as inputs, even
   inside a folder being captioned.
 

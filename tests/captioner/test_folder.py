@@ -251,6 +251,18 @@ def test_a_rerun_with_another_model_or_other_flags_is_refused_and_changes_nothin
     assert "already done 5" in capsys.readouterr().err
 
 
+def test_overlays_asked_for_on_a_resume_are_drawn_for_the_images_it_captions(mixed_folder, tiny_checkpoint, tmp_path):
+    out, sheets = tmp_path / "captions.jsonl", tmp_path / "sheets"
+    args = (mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy", "--batch-size", "1")
+    caption(*args)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:5]))
+    caption(*args, "--overlays", sheets)
+    assert out.read_text() == "".join(lines)  # the same lines: no attention in them without --attention
+    drawn = {line["file"] for line in read_lines(out)[5:] if "captions" in line}
+    assert drawn and {str(p.relative_to(sheets)).removesuffix(".png") for p in sheets.rglob("*.png")} == drawn
+
+
 def test_a_deleted_output_starts_over_whatever_settings_it_had(mixed_folder, tiny_checkpoint, tmp_path):
     out = tmp_path / "captions.jsonl"
     common = (mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out)
