@@ -16,8 +16,10 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import orjson
 
@@ -146,7 +148,8 @@ def check_settings(journal: Path, settings: dict) -> None:
 def write_settings(journal: Path, settings: dict) -> None:
     path = settings_path(journal)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_whole(path, json.dumps(settings, indent=1) + "\n")
+    with _replacing(path) as f:
+        f.write(json.dumps(settings, indent=1) + "\n")
 
 
 def common_settings(journals: list[Path]) -> dict | None:
@@ -172,14 +175,12 @@ def merge(sources: list[Path], order: dict[str, int], out: Path) -> None:
     """
     streams = [((order.get(name, len(order)), name, line) for _, line, name, _ in _records(p))
                for p in sources if p.exists()]
-    tmp = out.with_name(f".{out.name}.merging")
     seen: set[str] = set()
-    with open(tmp, "w", encoding="utf-8") as f:
+    with _replacing(out) as f:
         for _, name, line in heapq.merge(*streams, key=lambda t: t[0]):
             if name not in seen:
                 seen.add(name)
                 f.write(line)
-    os.replace(tmp, out)
 
 
 def read_results(path: Path) -> Iterator[dict]:
@@ -192,8 +193,7 @@ CSV_COLUMNS = ("file", "rank", "caption", "log_prob", "width", "height", "method
 
 def write_csv(journal: Path, out: Path) -> None:
     """One row per caption (rank 1 is the best); a file without captions has one row with its error."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with _replacing(out) as f:
         writer = csv.DictWriter(f, CSV_COLUMNS)
         writer.writeheader()
         for record in read_results(journal):
@@ -205,7 +205,6 @@ def write_csv(journal: Path, out: Path) -> None:
                 writer.writerow({"file": record["file"], "rank": rank, "caption": caption["text"],
                                  "log_prob": caption["log_prob"], "width": record["width"],
                                  "height": record["height"], "method": record["method"]})
-    os.replace(tmp, out)
 
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -228,11 +227,15 @@ def write_coco(journal: Path, out: Path) -> None:
     best = [(r["file"], r["captions"][0]["text"]) for r in read_results(journal) if r.get("captions")]
     ids = coco_image_ids([name for name, _ in best])
     results = [{"image_id": i, "caption": text} for i, (_, text) in zip(ids, best)]
-    _write_whole(out, json.dumps(results, indent=1) + "\n")
+    with _replacing(out) as f:
+        f.write(json.dumps(results, indent=1) + "\n")
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
+@contextmanager
+def _replacing(path: Path) -> Iterator[TextIO]:
+    """A text file that becomes `path` once written whole: readers see the old file or the new
+    one, never half of one (newline="": what is written is what lands, as the csv module needs)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        yield f
     os.replace(tmp, path)
