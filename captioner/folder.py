@@ -230,11 +230,12 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _usage_error(f"{e}; give another --out or delete it")
     todo = [e for e in entries if e.file not in earlier.done]
+    checkpoint = args.checkpoint or default_checkpoint()
     try:
-        predictor = _load(args, device)
+        predictor = _load(checkpoint, args, device)
     except _ModelUnavailable as e:
         return _usage_error(str(e))
-    settings = _settings(args, options)
+    settings = _settings(checkpoint, args, options)
     if earlier.done:
         try:
             check_settings(outputs.journal, settings)
@@ -268,7 +269,7 @@ class _ModelUnavailable(Exception):
     pass
 
 
-def _load(args: argparse.Namespace, device: "torch.device"):
+def _load(checkpoint: Path, args: argparse.Namespace, device: "torch.device"):
     """The predictor on `device`, loaded with the CPUs available."""
     import torch
 
@@ -276,7 +277,6 @@ def _load(args: argparse.Namespace, device: "torch.device"):
     from .predictor import Predictor
 
     torch.set_num_threads(_available_cpus())
-    checkpoint = args.checkpoint or default_checkpoint()
     try:
         return Predictor.from_checkpoint(checkpoint, device, max_batch_size=args.batch_size, amp=args.amp)
     except (OSError, CheckpointError) as e:
@@ -284,11 +284,11 @@ def _load(args: argparse.Namespace, device: "torch.device"):
         raise _ModelUnavailable(f"cannot load the model: {e}{hint}") from e
 
 
-def _settings(args: argparse.Namespace, options: DecodeOptions) -> dict:
+def _settings(checkpoint: Path, args: argparse.Namespace, options: DecodeOptions) -> dict:
     """What decides the output's lines, kept beside its journal (`folder_journal`): which model
     (by content: a retrained model at the same path is another model) and how it decodes."""
-    checkpoint = (args.checkpoint or default_checkpoint()).resolve()
-    return {"checkpoint": str(checkpoint), "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+    return {"checkpoint": str(checkpoint.resolve()),
+            "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
             **asdict(options), "attention": args.attention, "amp": args.amp}
 
 
