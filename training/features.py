@@ -3,8 +3,9 @@
 Stored as one fp16 memory-mapped array (N, P, D) per image set, named by a
 fingerprint of the encoder's weights, of the preprocessing's version and of
 the image files (path, size, mtime), so every epoch and every later run
-reuses it, and a change to any makes a new one. The array is written under a temporary name and renamed
-when complete: an interrupted build never leaves a cache that looks finished.
+reuses it, and a change to any makes a new one. The array is written under a
+temporary name and renamed when complete: an interrupted build never leaves a
+cache that looks finished.
 """
 
 import hashlib

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from captioner import cli
+from captioner.checkpoint import save_checkpoint
 from captioner.decoding import DecodeOptions
 from captioner.encoder import Encoder
 from captioner.folder_files import Entry, Shard, find_entries
-from captioner.checkpoint import save_checkpoint
 from captioner.folder_journal import coco_image_ids, recover, settings_path
 from captioner.folder_pipeline import MIN_TAIL_BATCH, _segments
 from captioner.images import ImageError
@@ -217,7 +217,8 @@ def test_the_settings_that_wrote_the_lines_are_kept_beside_them(mixed_folder, ti
     settings = json.loads((tmp_path / "captions.csv.jsonl.settings.json").read_text())
     assert settings["checkpoint_sha256"] == hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest()
     assert settings["checkpoint"] == str(Path(tiny_checkpoint).resolve())
-    assert (settings["method"], settings["max_length"], settings["attention"], settings["amp"]) == ("greedy", 4, False, False)
+    decoding = (settings["method"], settings["max_length"], settings["attention"], settings["amp"])
+    assert decoding == ("greedy", 4, False, False)
     written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("captions"))
     assert written == ["captions.csv", "captions.csv.jsonl", "captions.csv.jsonl.settings.json"]
 
