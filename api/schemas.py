@@ -6,42 +6,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from captioner.decoding import MAX_BEAM_SIZE, MAX_CAPTIONS, MAX_LENGTH, MAX_TOP_K, DecodeOptions
 
-from .errors import APIError
 
-_DEFAULT = DecodeOptions()
+class CaptionOptions(DecodeOptions):
+    """How to decode: the form fields sent beside the files. The library's options and limits,
+    read from text (strict=False: a form sends "3"), plus the heatmaps only the API draws."""
 
+    model_config = ConfigDict(strict=False)
 
-class CaptionOptions(BaseModel):
-    """How to decode: the form fields sent beside the files."""
-
-    method: Literal["beam", "greedy", "sample"] = Field(
-        _DEFAULT.method, description="beam search, greedy, or sampling", examples=["beam"])
-    beam_size: int = Field(_DEFAULT.beam_size, ge=1, le=MAX_BEAM_SIZE, examples=[3])
-    num_captions: int = Field(_DEFAULT.num_captions, ge=1, le=MAX_CAPTIONS, examples=[3],
-                              description="n-best for beam (at most beam_size), samples for sample, 1 for greedy")
-    temperature: float = Field(_DEFAULT.temperature, gt=0.0, le=10.0, examples=[0.8], description="sampling only")
-    top_k: int = Field(_DEFAULT.top_k, ge=0, le=MAX_TOP_K, examples=[5],
-                       description="sampling only; 0 samples from the whole vocabulary")
-    max_length: int = Field(_DEFAULT.max_length, ge=1, le=MAX_LENGTH, examples=[20], description="words per caption")
-    length_penalty: float = Field(_DEFAULT.length_penalty, ge=0.0, le=2.0, examples=[0.7],
-                                  description="captions rank by log_prob / (words + 1) ** length_penalty")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, examples=[7], description="sampling only: repeatable samples")
-    attention: bool = Field(False, description="return each word's attention grid (h x w, sums to 1)")
     overlays: bool = Field(False, description="return each word's heatmap over the picture as a PNG data URI")
 
     def decode_options(self) -> DecodeOptions:
-        """The library's options; its cross-option rules become 422 invalid_option."""
+        """The library's options; overlays need the attention grids."""
         fields = self.model_dump(exclude={"overlays"})
-        fields["attention"] = self.attention or self.overlays
-        try:
-            return DecodeOptions(**fields)
-        except ValueError as e:
-            message = str(e)
-            named = [name for name in fields if name in message]  # the option the message is about comes first
-            option = min(named, key=message.index) if named else "num_captions"  # "greedy ... one caption"
-            if not message.startswith(option):
-                message = f"{option}: {message}"
-            raise APIError(422, "invalid_option", message, option=option) from e
+        return DecodeOptions(**{**fields, "attention": self.attention or self.overlays})
 
 
 class Caption(BaseModel):

@@ -16,35 +16,26 @@ import sys
 
 from pydantic import ValidationError
 
+from runtime.flags import add_model_flags, flag_errors, given_flags
+
 from .settings import Settings
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting. Values go to pydantic as text, so the flag and the
-    environment variable are parsed and checked by the very same rules."""
-    for name, field in Settings.model_fields.items():
-        default = "" if field.is_required() or field.default_factory else f" (default {field.default})"
-        parser.add_argument(flag(name), dest=name, default=None, metavar=name.upper(),
-                            help=f"{field.description}{default}; env CAPTIONER_{name.upper()}")
+    add_model_flags(parser, Settings, title="settings", env_prefix="CAPTIONER_", skip=("api_key",))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {name: value for name, value in vars(args).items()
-                 if name in Settings.model_fields and value is not None}
-    return Settings(**overrides)
+    """Flags override the environment: pydantic-settings reads it for what is not given."""
+    return Settings(**given_flags(Settings, args))
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as e:
-        for error in e.errors():
-            name = str(error["loc"][0]) if error["loc"] else "?"
-            print(f"captioner serve: {flag(name)}: {error['msg']}", file=sys.stderr)
+        for line in flag_errors(e):
+            print(f"captioner serve: {line}", file=sys.stderr)
         return 2
 
     import uvicorn

@@ -5,7 +5,6 @@ Each field has the same snake_case name as its environment variable
 flags override the environment.
 """
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,7 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from captioner.home import default_checkpoint
+from runtime.cpus import available_cpus
+from runtime.home import default_checkpoint
 
 
 class Settings(BaseSettings):
@@ -26,9 +26,9 @@ class Settings(BaseSettings):
                                         "fp16 on a GPU; captions may differ slightly")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    threads: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                         else os.cpu_count() or 1, ge=1,
-                         description="torch threads, and images decoded at once (default: the usable cores)")
+    threads: int = Field(default_factory=available_cpus, ge=1,
+                         description="torch threads, and images decoded at once (default: the usable cores, "
+                                     "within a container's CPU quota)")
     max_batch_size: int = Field(16, ge=1, le=512, description="images per model call")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000,
                                description="how long the model worker waits to fill a batch")
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_this_machine_has(cls, value):
-        from captioner.device import resolve_device  # torch: only once a device is asked for
+        from runtime.devices import resolve_device  # torch: only once a device is asked for
 
         return str(resolve_device(value))
 

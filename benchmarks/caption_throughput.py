@@ -30,7 +30,7 @@ encoder batches, small ones run slower), and no contender should inherit
 another's. The contenders take turns for --rounds rounds and each keeps its
 best round, so a neighbour's burst of CPU on a shared machine hurts all alike;
 the CPU time each spends per image is reported too. All run with the allocator
-`captioner` sets up (captioner.allocator). Targets: (c) >= 0.75 x (a) and
+`captioner` sets up (runtime.allocator). Targets: (c) >= 0.75 x (a) and
 (c) >= 3 x (b). The section "## Folder captioning throughput" of --out is
 replaced with the results; other sections are kept.
 
@@ -57,11 +57,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from captioner import cli
-from captioner.allocator import keep_freed_memory
+import cli
+from runtime.allocator import keep_freed_memory
 from captioner.decoding import DecodeOptions, Hypothesis, rank_score
-from captioner.folder_journal import result_line
-from captioner.home import default_checkpoint
+from folder.journal import result_line
+from runtime.home import default_checkpoint
 from captioner.images import stack_pixels
 from captioner.predictor import PreparedImage, Predictor
 from captioner.vocab import Vocabulary

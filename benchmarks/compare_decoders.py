@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from captioner.config import ModelConfig
 from captioner.decoding import DecodeOptions
-from captioner.home import default_workdir
+from runtime.home import default_workdir
 from captioner.checkpoint import load_checkpoint
 from captioner.predictor import Predictor
 from training.coco import load_split
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(DEMO_TRAINING, data=str(data), out=str(args.workdir / "compare" / name.replace(" ", "_")),
                                      epochs=args.epochs, patience=args.epochs, cache_dir=str(args.workdir / "features"),
                                      seed=DEMO_SEED, progress=False)
-        best = train(config, dataclasses.replace(DEMO_MODEL, **change))
+        best = train(config, ModelConfig(**{**DEMO_MODEL.model_dump(), **change}))
         history = json.loads((Path(config.out) / "history.json").read_text())
         minutes = history[-1]["seconds"] / 60  # the epochs' own clock: the first variant also builds the feature cache
         model, card = load_checkpoint(best)

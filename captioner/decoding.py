@@ -5,79 +5,54 @@ has at most `max_length` words: at step `max_length` only <end> may follow, so
 every returned log-probability includes the end of the caption.
 """
 
-import numbers
-import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .decoder import Decoder, Memory
 from .vocab import Vocabulary
 
-METHODS = ("beam", "greedy", "sample")
+Method = Literal["beam", "greedy", "sample"]
+METHODS = get_args(Method)
 MAX_BEAM_SIZE = 10
 MAX_CAPTIONS = 10
 MAX_LENGTH = 50
 MAX_TOP_K = 1000
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    method: str = "beam"
-    beam_size: int = 3
-    num_captions: int = 1  # n-best for beam, samples for sample, 1 for greedy
-    temperature: float = 1.0
-    top_k: int = 0  # 0: the whole vocabulary
-    max_length: int = 20  # words, <end> not counted
-    length_penalty: float = 0.7  # captions rank by log_prob / (words + 1) ** length_penalty
-    seed: int | None = None  # sampling
-    attention: bool = False  # return one attention grid per word
+class DecodeOptions(BaseModel):
+    """How to decode, with the limits every caller (the HTTP API, `captioner caption`, `captioner
+    evaluate`) shares. Strict: 2.5 or "3" for an integer is refused here; the applications parse
+    text (flags, form fields) into these types first."""
 
-    def __post_init__(self):
-        for name in ("beam_size", "num_captions", "top_k", "max_length"):  # 2.5 or "3" would pass the bounds
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
-            raise ValueError(f"beam_size must be in [1, {MAX_BEAM_SIZE}]")
-        if not 1 <= self.num_captions <= MAX_CAPTIONS:
-            raise ValueError(f"num_captions must be in [1, {MAX_CAPTIONS}]")
-        if self.method == "beam" and self.num_captions > self.beam_size:
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    method: Method = Field("beam", description="beam search, greedy, or sampling", examples=["beam"])
+    beam_size: int = Field(3, ge=1, le=MAX_BEAM_SIZE, description="beams per image (beam)", examples=[3])
+    num_captions: int = Field(1, ge=1, le=MAX_CAPTIONS, examples=[3],
+                              description="n-best for beam (at most beam_size), samples for sample, 1 for greedy")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False, examples=[0.8],
+                               description="sampling only: softmax(logits / temperature)")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, examples=[5],
+                       description="sampling only: from the k likeliest words; 0: the whole vocabulary")
+    max_length: int = Field(20, ge=1, le=MAX_LENGTH, examples=[20], description="words per caption, <end> not counted")
+    length_penalty: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False, examples=[0.7],
+                                  description="captions rank by log_prob / (words + 1) ** length_penalty")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, examples=[7], description="sampling only: repeatable samples")
+    attention: bool = Field(False, description="return each word's attention grid (h x w, sums to 1)")
+
+    @field_validator("num_captions")
+    @classmethod
+    def _captions_the_method_gives(cls, num_captions: int, info: ValidationInfo) -> int:
+        """Checked on num_captions itself (method and beam_size come first), so an error names it."""
+        method, beam_size = info.data.get("method"), info.data.get("beam_size")
+        if method == "beam" and beam_size is not None and num_captions > beam_size:
             raise ValueError("num_captions cannot exceed beam_size")
-        if self.method == "greedy" and self.num_captions != 1:
+        if method == "greedy" and num_captions != 1:
             raise ValueError("greedy decoding gives one caption")
-        if not 0.0 < self.temperature <= 10.0:
-            raise ValueError("temperature must be in (0, 10]")
-        if not 0 <= self.top_k <= MAX_TOP_K:
-            raise ValueError(f"top_k must be in [0, {MAX_TOP_K}]")
-        if not 1 <= self.max_length <= MAX_LENGTH:
-            raise ValueError(f"max_length must be in [1, {MAX_LENGTH}]")
-        if not 0.0 <= self.length_penalty <= 2.0:
-            raise ValueError("length_penalty must be in [0, 2]")
-
-
-def add_decode_arguments(parser: argparse.ArgumentParser, seed: int | None = None, num_captions: bool = True) -> None:
-    """The decoding flags of every command, named and defaulted as DecodeOptions' fields."""
-    d = DecodeOptions()
-    group = parser.add_argument_group("decoding")
-    group.add_argument("--method", choices=METHODS, default=d.method, help=f"default {d.method}")
-    group.add_argument("--beam-size", type=int, default=d.beam_size)
-    if num_captions:
-        group.add_argument("--num-captions", type=int, default=d.num_captions, help="n-best (beam) or samples (sample)")
-    group.add_argument("--temperature", type=float, default=d.temperature, help="sampling")
-    group.add_argument("--top-k", type=int, default=d.top_k, help="sampling; 0: the whole vocabulary")
-    group.add_argument("--max-length", type=int, default=d.max_length, help="words per caption")
-    group.add_argument("--length-penalty", type=float, default=d.length_penalty,
-                       help="captions rank by log_prob / (words + 1) ** this")
-    group.add_argument("--seed", type=int, default=seed, help=f"sampling (default {seed})")
-
-
-def decode_options_from_args(args: argparse.Namespace, **overrides) -> DecodeOptions:
-    """DecodeOptions from the flags present in `args`; ValueError for values out of bounds."""
-    given = {f.name: getattr(args, f.name) for f in fields(DecodeOptions) if hasattr(args, f.name)}
-    return DecodeOptions(**{**given, **overrides})
+        return num_captions
 
 
 @dataclass

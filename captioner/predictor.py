@@ -13,7 +13,6 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .decoding import DecodeOptions, Hypothesis
-from .device import resolve_device
 from .encoder import fold_batch_norms
 from .images import ImageLimits, ImageSource, open_image, stack_pixels
 from .model import CaptionModel
@@ -48,8 +47,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> "Predictor":
-        """ValueError for a device this machine lacks, before the model is read."""
-        device = resolve_device(str(device))
+        """The model at `path`, served on `device` (one the caller has checked this machine has)."""
         model, card = load_checkpoint(path, device)
         fold_batch_norms(model.encoder)  # this model only serves
         return cls(model, card, device, **kwargs)

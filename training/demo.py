@@ -5,7 +5,7 @@
     captioner demo --workdir DIR      # where the data, feature cache, run and model go
 
 The model it saves (default: ~/.cache/captioner/demo/model.safetensors, see
-captioner.home) is what `captioner serve` and `captioner caption` use when
+runtime.home) is what `captioner serve` and `captioner caption` use when
 given no checkpoint. It knows the Shapes world only: coloured circles, squares,
 triangles and diamonds on plain backgrounds. A second run reuses what exists
 and starts serving in seconds; --retrain trains again.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from captioner.config import ModelConfig
-from captioner.home import default_workdir
+from runtime.home import default_workdir
 from training.train import TrainConfig
 
 # The default model's recipe, measured in README ("The default model").
@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"using the default model at {model} (--retrain to train it again)")
     if args.serve:
         # serving is the api package's job: hand over to its command, not its code
-        command = [sys.executable, "-m", "captioner.cli", "serve", "--checkpoint", str(model),
+        command = [sys.executable, "-m", "cli", "serve", "--checkpoint", str(model),
                    "--host", args.host, "--port", str(args.port)]
         print(f"serving on http://{args.host}:{args.port}")
         sys.stdout.flush()

@@ -30,8 +30,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from captioner.decoding import DecodeOptions, add_decode_arguments, decode_options_from_args
-from captioner.device import add_device_arguments
+from captioner.decoding import DecodeOptions
+from runtime.devices import add_device_arguments, resolve_device
+from runtime.flags import add_model_flags, model_from_flags
 from captioner.predictor import PreparedImage, Predictor
 from training.caption_metrics import CocoScorer
 from training.coco import CaptionSplit, load_split
@@ -99,7 +100,7 @@ def evaluate(predictor: Predictor, split: CaptionSplit, options: DecodeOptions, 
     With `out_dir`, writes results_<split>.json and scores_<split>.json there.
     """
     if split.instances is not None:
-        options = dataclasses.replace(options, attention=True)  # the pointing game needs it
+        options = options.model_copy(update={"attention": True})  # the pointing game needs it
     best = decode_split(predictor, split, options, batch_size, workers, progress)
     results = [{"image_id": image_id, "caption": c["text"]} for image_id, c in best.items()]
     captions = {image_id: {"tokens": c["tokens"], "attention": c.get("attention")} for image_id, c in best.items()}
@@ -146,13 +147,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads preparing images (default %(default)s)")
     add_device_arguments(parser)
     parser.add_argument("--spice", action="store_true", help="also SPICE, if its Stanford models are on disk")
-    add_decode_arguments(parser, seed=0, num_captions=False)  # only the best caption is scored
+    # only the best caption is scored
+    add_model_flags(parser, DecodeOptions, title="decoding", skip=("attention", "num_captions"), defaults={"seed": 0})
 
 
 def main(args: argparse.Namespace) -> int:
-    options = decode_options_from_args(args)
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, max_batch_size=args.batch_size,
+        options = model_from_flags(DecodeOptions, args)
+        predictor = Predictor.from_checkpoint(args.checkpoint, resolve_device(args.device), max_batch_size=args.batch_size,
                                               amp=args.amp)
     except ValueError as e:
         print(f"captioner evaluate: error: {e}", file=sys.stderr)

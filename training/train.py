@@ -4,7 +4,7 @@
     captioner train --data /data/coco --karpathy /data/coco/dataset_coco.json --out runs/coco \\
         --encoder efficientnet_lite0 --epochs 20 --min-word-count 5
     captioner train ... --resume                      # continue an interrupted run where it stopped
-    torchrun --nproc_per_node 2 -m captioner.cli train ...   # DistributedDataParallel (gloo on CPU)
+    torchrun --nproc_per_node 2 -m cli train ...   # DistributedDataParallel (gloo on CPU)
     captioner train ... --device cuda --amp           # a GPU, mixed precision
 
 Region features of the frozen encoder are cached once (see training.features);
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from captioner.checkpoint import save_checkpoint
 from captioner.config import ModelConfig
 from captioner.decoding import DecodeOptions
-from captioner.home import captioner_home
+from runtime.home import captioner_home
 from captioner.model import CaptionModel, build_model
 from captioner.vocab import Vocabulary
 from training.data import CaptionBatches, encode_captions

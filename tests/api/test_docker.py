@@ -12,7 +12,7 @@ import yaml
 from api import serve
 from api.app import create_app
 from api.settings import Settings
-from captioner.cli import COMMANDS
+from cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]

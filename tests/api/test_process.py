@@ -29,7 +29,7 @@ def server(tiny_checkpoint, tmp_path):
     log = open(tmp_path / "server.log", "w+")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "captioner.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+        [sys.executable, "-m", "cli", "serve", "--checkpoint", str(tiny_checkpoint),
          "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "16", "--max-wait-ms", "400",
          "--threads", "2", "--timeout-graceful-shutdown", "20"],
         stdout=log, stderr=subprocess.STDOUT, env=env)

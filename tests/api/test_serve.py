@@ -9,7 +9,7 @@ import torch
 
 from api import serve
 from api.settings import Settings, get_settings
-from captioner.home import default_checkpoint
+from runtime.home import default_checkpoint
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -71,7 +71,7 @@ def test_a_missing_model_exits_2_saying_what_to_run(capsys, tmp_path):
 
 
 def test_the_console_command_reaches_serve(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "captioner.cli", "serve", "--checkpoint", str(tmp_path / "x")],
+    r = subprocess.run([sys.executable, "-m", "cli", "serve", "--checkpoint", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "captioner demo --no-serve" in r.stderr
 

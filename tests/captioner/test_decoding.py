@@ -366,24 +366,3 @@ def test_temperature_changes_what_is_sampled(make_model):
     hot = sample(model.decoder, memory, num_samples=5, max_length=6, temperature=10.0, seed=0)
     assert all(h.token_ids == best[i] for i, hyps in enumerate(cold) for h in hyps)
     assert any(h.token_ids != best[i] for i, hyps in enumerate(hot) for h in hyps)
-
-
-def test_the_shared_decoding_flags_give_decode_options_with_its_defaults_and_bounds():
-    import argparse
-
-    from captioner.decoding import add_decode_arguments, decode_options_from_args
-
-    parser = argparse.ArgumentParser()
-    add_decode_arguments(parser)
-    assert decode_options_from_args(parser.parse_args([])) == DecodeOptions()
-    args = parser.parse_args(["--method", "sample", "--num-captions", "4", "--top-k", "5", "--seed", "7",
-                              "--length-penalty", "0"])
-    assert decode_options_from_args(args, attention=True) == DecodeOptions(
-        method="sample", num_captions=4, top_k=5, seed=7, length_penalty=0.0, attention=True)
-    with pytest.raises(ValueError, match="beam_size"):
-        decode_options_from_args(parser.parse_args(["--beam-size", "99"]))
-    best_only = argparse.ArgumentParser()
-    add_decode_arguments(best_only, seed=0, num_captions=False)
-    assert decode_options_from_args(best_only.parse_args([])) == DecodeOptions(seed=0)
-    with pytest.raises(SystemExit):
-        best_only.parse_args(["--num-captions", "2"])

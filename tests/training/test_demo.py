@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from captioner import cli
+import cli
 from captioner.checkpoint import load_checkpoint
 from tests.training.conftest import small_model
 from training import demo
@@ -63,7 +63,7 @@ def test_serving_hands_over_to_the_serve_command(tiny_checkpoint, tmp_path, no_b
     demo.main(cli_args(["--workdir", str(workdir), "--host", "0.0.0.0", "--port", "8123"]))
     [(path, argv)] = no_exec
     assert path == sys.executable
-    assert argv == [sys.executable, "-m", "captioner.cli", "serve", "--checkpoint", str(workdir / "model.safetensors"),
+    assert argv == [sys.executable, "-m", "cli", "serve", "--checkpoint", str(workdir / "model.safetensors"),
                     "--host", "0.0.0.0", "--port", "8123"]
 
 

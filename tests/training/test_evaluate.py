@@ -14,7 +14,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from captioner.cli import main as cli_main
+from cli import main as cli_main
 from captioner.decoding import DecodeOptions
 from captioner.predictor import Predictor
 from training import shapes

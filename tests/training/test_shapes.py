@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from captioner import cli
+import cli
 from training import shapes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -326,7 +326,7 @@ def test_cli_in_process_and_in_a_subprocess_agree(tmp_path):
     argv = ["shapes", "--train", "3", "--val", "2", "--test", "1", "--seed", "5"]
     assert cli.main([argv[0], str(tmp_path / "a"), *argv[1:], "--workers", "1"]) == 0
     subprocess.run(
-        [sys.executable, "-m", "captioner.cli", argv[0], str(tmp_path / "b"), *argv[1:]],
+        [sys.executable, "-m", "cli", argv[0], str(tmp_path / "b"), *argv[1:]],
         cwd=REPO,
         check=True,
         capture_output=True,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import training.train as train_module
-from captioner import cli
+import cli
 from captioner.checkpoint import load_checkpoint, read_header
 from captioner.config import ModelConfig
 from captioner.decoding import DecodeOptions
@@ -481,7 +481,7 @@ def test_fine_tuning_keeps_the_frozen_blocks_batchnorm_statistics(shapes_root, t
 def test_two_processes_train_together_under_torchrun(shapes_root, tmp_path):
     out = tmp_path / "run"
     command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",  # standalone: a free port of its own
-               "-m", "captioner.cli", "train", "--data", str(shapes_root), "--out", str(out), "--epochs", "2",
+               "-m", "cli", "train", "--data", str(shapes_root), "--out", str(out), "--epochs", "2",
                "--batch-size", "4", "--warmup-steps", "0", "--threads", "1", "--workers", "0", "--no-progress",
                "--cache-dir", str(tmp_path / "features"), "--encoder", "tiny", "--embed-dim", "16",
                "--region-dim", "16", "--hidden-dim", "32", "--attention-dim", "16"]

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import cli
+import cli
 from captioner.checkpoint import save_checkpoint
 from captioner.decoding import DecodeOptions
 from captioner.encoder import Encoder
-from captioner.folder_files import Entry, Shard, find_entries
-from captioner.folder_journal import coco_image_ids, recover, settings_path
-from captioner.folder_pipeline import MIN_TAIL_BATCH, _segments
+from folder.files import Entry, Shard, find_entries
+from folder.journal import coco_image_ids, recover, settings_path
+from folder.pipeline import MIN_TAIL_BATCH, _segments
 from captioner.images import ImageError
 from captioner.predictor import Predictor
 from tests.conftest import talkative_tiny_model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from captioner.device import resolve_device
+from runtime.devices import resolve_device
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import ImageError
+from captioner.images import ImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 SKIP_CODES = ("not_an_image", "outside_root")  # skipped by design; any other error is a failure

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner import cli
+import cli
 
 HEAVY = ("training", "api", "fastapi", "pycocotools")
 
@@ -29,7 +29,7 @@ def heavy(modules: set[str]) -> list[str]:
 
 def test_help_lists_every_subcommand():
     script = Path(sys.executable).with_name("captioner")  # the console script pip installed
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "captioner.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
     done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     for name, (_, help_text) in cli.COMMANDS.items():
@@ -37,8 +37,8 @@ def test_help_lists_every_subcommand():
 
 
 def test_help_imports_no_subcommand():
-    modules = modules_after("from captioner import cli; cli.main(['--help'])")
-    assert "captioner.cli" in modules
+    modules = modules_after("import cli; cli.main(['--help'])")
+    assert "cli" in modules
     subcommands = {module for module, _ in cli.COMMANDS.values()}
     assert sorted(subcommands & modules) == []
     assert heavy(modules) == []
@@ -54,7 +54,7 @@ def test_the_caption_subcommand_imports_no_training_or_web_code():
     module = cli.COMMANDS["caption"][0]
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} (the folder CLI) is not written yet")
-    modules = modules_after("from captioner import cli; cli.main(['caption', '--help'])")
+    modules = modules_after("import cli; cli.main(['caption', '--help'])")
     assert module in modules  # its parser was really built
     assert heavy(modules) == []
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from captioner.allocator import keep_freed_memory
+from runtime.allocator import keep_freed_memory
 
 # A worker thread allocates and frees tensors of 4 to 28 MB, some living a while, and every
 # third one of 48 MB (beyond the size glibc always maps afresh), as the encoder and decoding
@@ -14,7 +14,7 @@ WORKLOAD = """
 import resource, sys
 from concurrent.futures import ThreadPoolExecutor
 import torch
-from captioner.allocator import keep_freed_memory
+from runtime.allocator import keep_freed_memory
 assert sys.argv[1] == "default" or keep_freed_memory()
 torch.set_num_threads(1)
 

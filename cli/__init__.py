@@ -16,7 +16,7 @@ import argparse
 import importlib
 import sys
 
-from .allocator import keep_freed_memory
+from runtime.allocator import keep_freed_memory
 
 # name -> (module, one-line help). The CLI is the composition root: it names the
 # packages that build on `captioner` without importing them until asked.
@@ -26,7 +26,7 @@ COMMANDS = {
     "evaluate": ("training.evaluate", "decode a split and score it with the COCO caption metrics"),
     "demo": ("training.demo", "build, train and serve the default Shapes model"),
     "serve": ("api.serve", "serve a model over HTTP with its web page"),
-    "caption": ("captioner.folder", "caption image files and folders into JSON lines, CSV or COCO results"),
+    "caption": ("folder.command", "caption image files and folders into JSON lines, CSV or COCO results"),
 }
 
 
@@ -48,7 +48,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     keep_freed_memory()
     return int(module.main(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import cli
-from tests.captioner.test_folder import keep_torch_threads  # noqa: F401 (autouse fixture)
+import cli
+from tests.folder.test_command import keep_torch_threads  # noqa: F401 (autouse fixture)
 
 BIN = Path(sys.executable).parent
 
@@ -122,7 +122,7 @@ def test_torchrun_ranks_merge_into_the_single_run_output(tmp_path, tiny_checkpoi
     out = tmp_path / "captions.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     torchrun = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
-                                 "captioner.cli", "caption", str(folder), "--out", str(out), *map(str, flags)],
+                                 "cli", "caption", str(folder), "--out", str(out), *map(str, flags)],
                                 stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         _, stderr = torchrun.communicate(timeout=300)

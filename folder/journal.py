@@ -23,7 +23,7 @@ from typing import TextIO
 
 import orjson
 
-from .folder_files import SKIP_CODES
+from .files import SKIP_CODES
 
 _PREFIX = '{"file":'
 _ERROR = ',"error":'

@@ -5,8 +5,8 @@
     captioner caption photos/ --attention --overlays sheets/ --out captions.jsonl
     captioner caption val2014/ --method beam --beam-size 3 --format coco --out results.json
 
-Files are found by discovery (`folder_files`), captioned by the pipeline
-(`folder_pipeline`) and recorded in the journal (`folder_journal`); this module
+Files are found by discovery (`files`), captioned by the pipeline
+(`pipeline`) and recorded in the journal (`journal`); this module
 reads the command line, splits the work across shards or torchrun ranks, and
 reports.
 """
@@ -16,16 +16,18 @@ import hashlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .decoding import DecodeOptions, add_decode_arguments, decode_options_from_args
-from .device import add_device_arguments, resolve_device
-from .folder_files import Entry, Shard, find_entries
-from .folder_journal import (JournalWriter, check_settings, common_settings, merge, recover, write_coco, write_csv,
+from captioner.decoding import DecodeOptions
+from runtime.cpus import cpus_per_local_rank
+from runtime.devices import add_device_arguments, resolve_device
+from .files import Entry, Shard, find_entries
+from .journal import (JournalWriter, check_settings, common_settings, merge, recover, write_coco, write_csv,
                              write_settings)
-from .home import default_checkpoint
+from runtime.flags import add_model_flags, model_from_flags
+from runtime.home import default_checkpoint
 
 FORMATS = ("jsonl", "csv", "coco")
 MAX_BATCH_SIZE = 256
@@ -89,7 +91,7 @@ more than one machine:
   (cat part-*.jsonl > captions.jsonl gives the same lines in another order.)
   On one machine the command keeps every CPU busy by itself (--workers). With
   several GPUs, torchrun gives each its own process and splits the work by rank:
-      torchrun --standalone --nproc_per_node 2 -m captioner.cli \\
+      torchrun --standalone --nproc_per_node 2 -m cli \\
           caption data/ -r --device cuda --out captions.jsonl
   each rank runs on the GPU of its local rank and writes OUT.rank<R>, and rank
   0 merges them into OUT at the end (its exit status is the run's; the other
@@ -97,7 +99,7 @@ more than one machine:
   torchrun across machines works the same way when OUT is on a file system
   they share: on each,
       torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d \\
-          --rdzv_endpoint HOST:29400 --rdzv_id captions -m captioner.cli caption ...
+          --rdzv_endpoint HOST:29400 --rdzv_id captions -m cli caption ...
 """
 
 
@@ -127,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output file; rerunning resumes it")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="default: csv for an --out ending in .csv, else jsonl")
-    add_decode_arguments(parser)
+    add_model_flags(parser, DecodeOptions, title="decoding", skip=("attention",))
     parser.add_argument("--attention", action="store_true", help="one attention grid per word in the output")
     parser.add_argument("--overlays", type=Path, metavar="DIR",
                         help="write DIR/<file>.png: the picture, its best caption and a heatmap per word")
@@ -187,7 +189,7 @@ class Outputs:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        options = decode_options_from_args(args, attention=args.attention or bool(args.overlays))
+        options = model_from_flags(DecodeOptions, args, attention=args.attention or bool(args.overlays))
     except ValueError as e:
         return _usage_error(str(e))
     try:
@@ -273,10 +275,10 @@ def _load(checkpoint: Path, args: argparse.Namespace, device: "torch.device"):
     """The predictor on `device`, loaded with the CPUs available."""
     import torch
 
-    from .checkpoint import CheckpointError
-    from .predictor import Predictor
+    from captioner.checkpoint import CheckpointError
+    from captioner.predictor import Predictor
 
-    torch.set_num_threads(_available_cpus())
+    torch.set_num_threads(cpus_per_local_rank())
     try:
         return Predictor.from_checkpoint(checkpoint, device, max_batch_size=args.batch_size, amp=args.amp)
     except (OSError, CheckpointError) as e:
@@ -285,17 +287,11 @@ def _load(checkpoint: Path, args: argparse.Namespace, device: "torch.device"):
 
 
 def _settings(checkpoint: Path, args: argparse.Namespace, options: DecodeOptions) -> dict:
-    """What decides the output's lines, kept beside its journal (`folder_journal`): which model
+    """What decides the output's lines, kept beside its journal (`journal`): which model
     (by content: a retrained model at the same path is another model) and how it decodes."""
     return {"checkpoint": str(checkpoint.resolve()),
             "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
-            **asdict(options), "attention": args.attention, "amp": args.amp}
-
-
-def _available_cpus() -> int:
-    """This process's CPUs, shared among torchrun's local ranks."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            **options.model_dump(), "attention": args.attention, "amp": args.amp}
 
 
 def _caption(args: argparse.Namespace, predictor, options: DecodeOptions, todo: list[Entry],
@@ -305,9 +301,9 @@ def _caption(args: argparse.Namespace, predictor, options: DecodeOptions, todo: 
 
     from tqdm import tqdm
 
-    from .folder_pipeline import PipelineConfig, caption_entries
+    from .pipeline import PipelineConfig, caption_entries
 
-    cpus = _available_cpus()
+    cpus = cpus_per_local_rank()
     workers = args.workers or cpus
     config = PipelineConfig(args.batch_size, lanes=workers, threads_per_lane=args.threads or max(1, cpus // workers),
                             overlays=args.overlays, keep_attention=args.attention)

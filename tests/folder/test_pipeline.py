@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from captioner.decoding import DecodeOptions
-from captioner.folder_files import find_entries
-from captioner.folder_pipeline import PipelineConfig, caption_entries, lanes_are_processes
+from folder.files import find_entries
+from folder.pipeline import PipelineConfig, caption_entries, lanes_are_processes
 from captioner.predictor import Predictor
-from tests.captioner.test_folder import FAILED, ORDER, SKIPPED, keep_torch_threads, mixed_folder  # noqa: F401
+from tests.folder.test_command import FAILED, ORDER, SKIPPED, keep_torch_threads, mixed_folder  # noqa: F401
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

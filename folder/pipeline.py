@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .decoding import DecodeOptions
-from .folder_files import SKIP_CODES, Entry
-from .folder_journal import result_line
-from .images import ImageError, open_image
-from .overlay import caption_sheet
-from .predictor import PreparedImage, Predictor
+from captioner.decoding import DecodeOptions
+from .files import SKIP_CODES, Entry
+from .journal import result_line
+from captioner.images import ImageError, open_image
+from captioner.overlay import caption_sheet
+from captioner.predictor import PreparedImage, Predictor
 
 OVERLAY_TILE = 224  # pixels per tile of an overlay sheet; pictures are kept no larger
 MIN_TAIL_BATCH = 4  # the shortest batch near the end: smaller ones cost more per image than they save

@@ -1,0 +1,1 @@
+"""The folder command, `captioner caption`: image files and folders in, JSON lines, CSV or COCO results out."""
