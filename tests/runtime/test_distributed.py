@@ -1,0 +1,98 @@
+"""Ranks: torchrun's environment read the same way by every command, one process alone is rank 0 of 1,
+and two real processes agree through the process group."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runtime.distributed import Distributed, init_distributed, process_group_backend, torchrun_rank
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture
+def alone(monkeypatch):
+    """A process that torchrun did not start."""
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_process_alone_is_rank_0_of_1(alone):
+    assert torchrun_rank() is None
+    dist = Distributed.from_environment()
+    assert (dist.rank, dist.world_size, dist.local_rank, dist.main) == (0, 1, 0, True)
+    dist.barrier()  # nothing to wait for
+    assert dist.agree(True) is True and dist.agree(False) is False
+    dist.close()
+
+
+def test_init_alone_joins_no_group_and_gives_the_device(alone):
+    dist, device = init_distributed("cpu")
+    assert dist == Distributed() and device == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_a_gpu_this_machine_lacks_is_refused_before_any_group_is_joined(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="device cuda: no CUDA GPU is available here"):
+        init_distributed("cuda")
+    assert not torch.distributed.is_initialized()
+
+
+def test_torchrun_ranks_come_from_its_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert torchrun_rank() == (3, 4)
+    assert Distributed.from_environment() == Distributed(rank=3, world_size=4, local_rank=1)
+    assert not Distributed.from_environment().main
+
+
+def test_a_world_of_one_is_a_process_alone(monkeypatch):
+    """torchrun --nproc_per_node 1 sets the variables too: no group to join for one process."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert torchrun_rank() is None
+    assert Distributed.from_environment() == Distributed()
+
+
+def test_a_gpu_group_also_carries_cpu_tensors():
+    assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+
+
+RANK_SCRIPT = """
+from runtime.distributed import init_distributed
+dist, device = init_distributed("cpu")
+dist.barrier()
+print(dist.rank, dist.world_size, dist.local_rank, dist.agree(dist.rank == 0), dist.agree(dist.rank == 1))
+dist.close()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_rank_0s_flag():
+    """Two real processes, started as torchrun would (env:// rendezvous), on gloo."""
+    common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+              "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    assert [out.split() for out, _ in outputs] == [["0", "2", "0", "True", "False"],
+                                                   ["1", "2", "1", "True", "False"]]
