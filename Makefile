@@ -2,12 +2,13 @@
 # make test   the whole test suite
 # make bench    folder-captioning throughput (about 10 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (about 10 min), written to benchmarks/RESULTS.md
+# make lint     ruff (lint and format) and mypy over the packages
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo model test bench compare clean
+.PHONY: install demo model test lint bench compare clean
 
 $(BIN)/captioner: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,11 @@ model: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: model
 	$(BIN)/python benchmarks/caption_throughput.py --out benchmarks/RESULTS.md

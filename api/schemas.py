@@ -11,7 +11,7 @@ class CaptionOptions(DecodeOptions):
     """How to decode: the form fields sent beside the files. The library's options and limits,
     read from text (strict=False: a form sends "3"), plus the heatmaps only the API draws."""
 
-    model_config = ConfigDict(strict=False)
+    model_config = ConfigDict(strict=False, extra="ignore")  # the form holds the files too
 
     overlays: bool = Field(False, description="return each word's heatmap over the picture as a PNG data URI")
 

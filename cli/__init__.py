@@ -16,10 +16,8 @@ import argparse
 import importlib
 import sys
 
-from runtime.allocator import keep_freed_memory
-
-# name -> (module, one-line help). The CLI is the composition root: it names the
-# packages that build on `captioner` without importing them until asked.
+# name -> (module, one-line help). The dispatcher only names the applications; each owns its
+# process (threads, allocator, signals) once it runs.
 COMMANDS = {
     "shapes": ("training.shapes", "draw the Shapes world, a captioning data set in the COCO layout"),
     "train": ("training.train", "train a captioning model on COCO-format data"),
@@ -46,5 +44,4 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"captioner {ns.command}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    keep_freed_memory()
     return int(module.main(args) or 0)
