@@ -47,7 +47,7 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_siz
     """An 8-bit RGB image from bytes, a path or a PIL image; ImageError on anything else.
 
     With `min_size`, a JPEG is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8
-    scales that keeps both sides >= min_size: several times faster for a model
+    scales that keeps both sides >= min_size: much faster for a model
     that only wants min_size pixels, and still the whole picture. The picture's
     full size (upright) is then in `info["full_size"]`.
     """
@@ -123,10 +123,10 @@ class ImagePreset:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """(3, S, S) normalised pixels, laid out channels-last in memory as the encoder wants them."""
         rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8, channels-last
-        # Antialiased bilinear, as Pillow's resize (to within one level), in half its time on uint8
+        # Antialiased bilinear, as Pillow's resize (to within one level), in less time on uint8
         resized = F.interpolate(rgb, (self.size, self.size), mode="bilinear", antialias=True)  # (1, 3, S, S)
         x = resized[0].permute(1, 2, 0).contiguous().float()  # (S, S, 3), 0..255
-        if len(set(self.mean)) == 1 and len(set(self.std)) == 1:  # scalar ops: several times faster
+        if len(set(self.mean)) == 1 and len(set(self.std)) == 1:  # scalar ops: much faster than per-channel ones
             x.sub_(255 * self.mean[0]).div_(255 * self.std[0])
         else:
             x.sub_(255 * torch.tensor(self.mean)).div_(255 * torch.tensor(self.std))

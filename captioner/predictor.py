@@ -37,10 +37,10 @@ class Predictor:
         # Mixed precision for the encoder only: bf16 on a CPU (fast where it has AMX), fp16 on a
         # GPU. Decoding stays in float32: its log-probabilities rank the beams.
         self.amp = amp
-        # On a CPU the encoder's deep stages are cheapest per image at 16 to 32 images a call (its
-        # front runs image by image: captioner.encoder.run_front; `make bench` encoded 178, 203 and
-        # 204 images/s at 8, 16 and 32 in two processes), while decoding is cheapest in batches as
-        # large as they come (fewer steps per image): each gets its own. A GPU takes the whole batch.
+        # On a CPU the encoder's deep stages are cheapest per image at 16 to 32 images a call, as
+        # `make bench` measures (its front runs image by image: captioner.encoder.run_front), while
+        # decoding is cheapest in batches as large as they come (fewer steps per image): each gets
+        # its own. A GPU takes the whole batch.
         self.encoder_batch_size = encoder_batch_size or (16 if self.device.type == "cpu" else max_batch_size)
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         self.preset = model.preset

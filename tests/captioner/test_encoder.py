@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.encoder import ENCODERS, build_encoder, fold_batch_norms, load_efficientnet_lite0
+from captioner.encoder import ENCODERS, build_encoder, conv_bn_pairs, fold_batch_norms, load_efficientnet_lite0
 from captioner.images import ImagePreset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -147,7 +147,7 @@ def _randomise_batch_norms(encoder: torch.nn.Module) -> None:
             m.bias.data.uniform_(-0.5, 0.5)
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite0_s16", "resnet50"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite0_s16", "resnet50", "resnet101"])
 def test_folding_the_batch_norms_into_the_convolutions_keeps_the_features(name):
     torch.manual_seed(0)
     encoder = build_encoder(name, pretrained=False).eval()
@@ -161,6 +161,71 @@ def test_folding_the_batch_norms_into_the_convolutions_keeps_the_features(name):
     with torch.no_grad():
         after = encoder(images)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+class _DefinedOutOfOrder(torch.nn.Module):
+    """Layers defined in another order than they run: a BatchNorm follows the convolution defined
+    after it, one follows a ReLU, one reads a convolution whose output also feeds a residual, and
+    one follows a convolution that runs twice. Only the first two pairs can be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_b = torch.nn.BatchNorm2d(8)
+        self.conv_b = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn_a = torch.nn.BatchNorm2d(8)
+        self.conv_a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_residual = torch.nn.Conv2d(8, 8, 1)
+        self.bn_residual = torch.nn.BatchNorm2d(8)
+        self.bn_after_relu = torch.nn.BatchNorm2d(8)
+        self.conv_twice = torch.nn.Conv2d(8, 8, 1)
+        self.bn_twice = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.bn_b(self.conv_b(torch.relu(self.bn_a(self.conv_a(x)))))  # (B, 8, H, W)
+        y = self.conv_residual(x)
+        x = self.bn_residual(y) + y
+        x = self.bn_after_relu(torch.relu(x))
+        return self.bn_twice(self.conv_twice(x)) + self.conv_twice(x)
+
+
+def test_batch_norms_are_folded_into_the_convolution_that_runs_before_them_not_the_one_defined_before():
+    torch.manual_seed(0)
+    model = _DefinedOutOfOrder().eval()
+    _randomise_batch_norms(model)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(images)
+    assert conv_bn_pairs(model) == [("conv_a", "bn_a"), ("conv_b", "bn_b")]
+    assert fold_batch_norms(model) == 2
+    assert isinstance(model.bn_a, torch.nn.Identity) and isinstance(model.bn_b, torch.nn.Identity)
+    for left in ("bn_residual", "bn_after_relu", "bn_twice"):
+        assert type(model.get_submodule(left)) is torch.nn.BatchNorm2d
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), before, rtol=1e-5, atol=1e-5)
+
+
+def test_an_encoder_without_batch_norms_folds_none():
+    encoder = build_encoder("tiny").eval()
+    assert fold_batch_norms(encoder) == 0
+
+
+class _Untraceable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)  # control flow on the data
+
+
+def test_a_model_fx_cannot_trace_is_refused_loudly_and_left_as_it_was():
+    model = _Untraceable().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"_Untraceable.*torch\.fx cannot trace"):
+        fold_batch_norms(model)
+    assert isinstance(model.bn, torch.nn.BatchNorm2d)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("name, stem", [("efficientnet_lite0", "net.conv_stem"), ("efficientnet_lite0_s16", "stem")])
