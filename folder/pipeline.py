@@ -28,11 +28,12 @@ import torch
 from PIL import Image
 
 from captioner.decoding import DecodeOptions
+from captioner.images import ImageError
+from captioner.overlay import caption_sheet, drop_attention, prepare_with_picture
+from captioner.predictor import Predictor
+
 from .files import SKIP_CODES, Entry
 from .journal import result_line
-from captioner.images import ImageError, open_image
-from captioner.overlay import caption_sheet
-from captioner.predictor import PreparedImage, Predictor
 
 OVERLAY_TILE = 224  # pixels per tile of an overlay sheet; pictures are kept no larger
 MIN_TAIL_BATCH = 4  # the shortest batch near the end: smaller ones cost more per image than they save
@@ -158,7 +159,7 @@ def _caption_segment(segment: list[Entry], options: DecodeOptions, overlays: Pat
             results[i] = _error(entry.skip)
             continue
         try:
-            image, pictures[i] = _load(predictor, entry.path, overlays is not None)
+            image, pictures[i] = prepare_with_picture(predictor, entry.path, OVERLAY_TILE if overlays else None)
         except ImageError as e:
             results[i] = _error(e)
             continue
@@ -180,20 +181,9 @@ def _caption_segment(segment: list[Entry], options: DecodeOptions, overlays: Pat
             if picture is not None:  # the sheet exists before its line says the image is done
                 _write_sheet(picture, result, overlays / f"{entry.file}.png")
             if not keep_attention:
-                for caption in result["captions"]:
-                    caption.pop("attention", None)
+                drop_attention(result)
         lines.append(result_line(entry.file, result))
     return lines, tally
-
-
-def _load(predictor: Predictor, path: Path, keep_picture: bool) -> tuple[PreparedImage, Image.Image | None]:
-    """The model's input and, for an overlay, the picture at sheet size."""
-    if not keep_picture:
-        return predictor.prepare(path), None
-    picture = open_image(path, predictor.limits)
-    prepared = predictor.prepare(picture)
-    picture.thumbnail((OVERLAY_TILE, OVERLAY_TILE))
-    return prepared, picture
 
 
 def _error(e: ImageError) -> dict:

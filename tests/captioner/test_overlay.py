@@ -1,11 +1,15 @@
 """Attention heatmaps: stretched over the whole picture, hot where the model looked."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from captioner.overlay import caption_sheet, heatmap_overlay
+from captioner.decoding import DecodeOptions
+from captioner.overlay import caption_sheet, drop_attention, heatmap_overlay, prepare_with_picture
+from captioner.predictor import Predictor
 
 
 def warmth(image: Image.Image, xy) -> int:
@@ -71,3 +75,36 @@ def test_caption_sheet_tiles_are_the_heatmaps():
                           [one_hot_grid(2, 2, 0, 0), one_hot_grid(2, 2, 0, 1)], tile=100)
     assert warmth(sheet, (100 + 10, 10)) > warmth(sheet, (100 + 90, 10))  # "left" looks top-left
     assert warmth(sheet, (200 + 90, 10)) > warmth(sheet, (200 + 10, 10))  # "right" looks top-right
+
+
+def turned_jpeg(size=(1600, 1200)) -> bytes:
+    """A large photo stored `size`, turned a quarter by EXIF."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_picture_for_overlays_comes_from_the_same_decode_and_is_no_larger_than_asked(tiny_model):
+    predictor = Predictor(tiny_model)
+    photo = turned_jpeg()
+    prepared, picture = prepare_with_picture(predictor, photo, 64)
+    assert (prepared.width, prepared.height) == (1200, 1600)  # the user's picture, upright
+    assert picture.size == (48, 64)  # its shape, longest side 64
+    alone, none = prepare_with_picture(predictor, photo, None)
+    assert none is None and (alone.width, alone.height) == (1200, 1600)
+    assert alone.pixels.shape == prepared.pixels.shape
+
+
+def test_dropping_attention_leaves_the_rest_of_the_result(tiny_model):
+    predictor = Predictor(tiny_model)
+    [result] = predictor.caption([Image.new("RGB", (40, 30), (200, 30, 30))],
+                                 DecodeOptions(method="beam", beam_size=2, num_captions=2, attention=True))
+    assert all("attention" in c for c in result["captions"])
+    [expected] = predictor.caption([Image.new("RGB", (40, 30), (200, 30, 30))],
+                                   DecodeOptions(method="beam", beam_size=2, num_captions=2))
+    drop_attention(result)
+    assert result == expected
