@@ -21,13 +21,23 @@ from datetime import timedelta
 from pathlib import Path
 
 from captioner.decoding import DecodeOptions
+from runtime.allocator import keep_freed_memory
 from runtime.cpus import cpus_per_local_rank
 from runtime.devices import add_device_arguments, resolve_device
-from .files import Entry, Shard, find_entries
-from .journal import (JournalWriter, check_settings, common_settings, merge, recover, write_coco, write_csv,
-                             write_settings)
 from runtime.flags import add_model_flags, model_from_flags
 from runtime.home import default_checkpoint
+
+from .files import Entry, Shard, find_entries
+from .journal import (
+    JournalWriter,
+    check_settings,
+    common_settings,
+    merge,
+    recover,
+    write_coco,
+    write_csv,
+    write_settings,
+)
 
 FORMATS = ("jsonl", "csv", "coco")
 MAX_BATCH_SIZE = 256
@@ -188,6 +198,7 @@ class Outputs:
 
 
 def main(args: argparse.Namespace) -> int:
+    keep_freed_memory()  # this process's malloc policy, set before any lane thread or fork exists
     try:
         options = model_from_flags(DecodeOptions, args, attention=args.attention or bool(args.overlays))
     except ValueError as e:

@@ -15,11 +15,11 @@ import cli
 from captioner.checkpoint import save_checkpoint
 from captioner.decoding import DecodeOptions
 from captioner.encoder import Encoder
+from captioner.images import ImageError
+from captioner.predictor import Predictor
 from folder.files import Entry, Shard, find_entries
 from folder.journal import coco_image_ids, recover, settings_path
 from folder.pipeline import MIN_TAIL_BATCH, _segments
-from captioner.images import ImageError
-from captioner.predictor import Predictor
 from tests.conftest import talkative_tiny_model
 
 RED = (220, 40, 40)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from captioner.decoding import DecodeOptions
+from captioner.predictor import Predictor
 from folder.files import find_entries
 from folder.pipeline import PipelineConfig, caption_entries, lanes_are_processes
-from captioner.predictor import Predictor
 from tests.folder.test_command import FAILED, ORDER, SKIPPED, keep_torch_threads, mixed_folder  # noqa: F401
 
 
