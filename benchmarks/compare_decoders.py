@@ -10,7 +10,6 @@ of --out is replaced with the table.
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from training.coco import load_split
 from training.demo import DEMO_MODEL, DEMO_SEED, DEMO_SPLITS, DEMO_TRAINING
 from training.evaluate import evaluate
 from training.shapes import generate
-from training.train import train
+from training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_file import write_section  # noqa: E402
@@ -52,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split(data, "test")
     rows = []
     for name, change in VARIANTS.items():
-        config = dataclasses.replace(DEMO_TRAINING, data=str(data), out=str(args.workdir / "compare" / name.replace(" ", "_")),
-                                     epochs=args.epochs, patience=args.epochs, cache_dir=str(args.workdir / "features"),
-                                     seed=DEMO_SEED, progress=False)
+        config = TrainConfig(**{**DEMO_TRAINING.model_dump(), "data": str(data),
+                                "out": str(args.workdir / "compare" / name.replace(" ", "_")), "epochs": args.epochs,
+                                "patience": args.epochs, "cache_dir": str(args.workdir / "features"),
+                                "seed": DEMO_SEED, "progress": False})
         best = train(config, ModelConfig(**{**DEMO_MODEL.model_dump(), **change}))
         history = json.loads((Path(config.out) / "history.json").read_text())
         minutes = history[-1]["seconds"] / 60  # the epochs' own clock: the first variant also builds the feature cache

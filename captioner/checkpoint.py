@@ -5,7 +5,6 @@ Loading never unpickles anything, and the model is rebuilt from the file alone.
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,7 +22,9 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(model: CaptionModel, path: str | Path, card: dict | None = None) -> None:
-    """Write atomically: readers see the old file or the new one, never half of one."""
+    """A plain write to `path`, owner-only as safetensors creates it. A caller that wants atomic
+    replacement (readers see the old file or the new one, never half of one) or a file other
+    users can read writes to a temporary path and renames it, as training does."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -36,10 +37,7 @@ def save_checkpoint(model: CaptionModel, path: str | Path, card: dict | None = N
         "vocab": json.dumps(model.vocab.to_json()),
         "card": json.dumps(card or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a server in a container runs as another user
-    os.replace(tmp, path)
+    save_file(tensors, path, metadata=metadata)
 
 
 def read_header(path: str | Path) -> tuple[ModelConfig, Vocabulary, dict]:

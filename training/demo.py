@@ -12,7 +12,6 @@ and starts serving in seconds; --retrain trains again.
 """
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from captioner.config import ModelConfig
+from runtime.allocator import keep_freed_memory
 from runtime.home import default_workdir
 from training.train import TrainConfig
 
@@ -68,22 +68,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_default_model(workdir: Path, epochs: int = DEMO_TRAINING.epochs, splits: dict[str, int] = DEMO_SPLITS,
                         progress: bool = True) -> Path:
     """Data, features, training, evaluation on the test split: the saved default model's path."""
-    from captioner.checkpoint import load_checkpoint, save_checkpoint
+    from captioner.checkpoint import load_checkpoint
     from captioner.decoding import DecodeOptions
     from captioner.predictor import Predictor
     from training.coco import load_split
     from training.evaluate import evaluate
     from training.shapes import generate
-    from training.train import train
+    from training.train import save_model, train
 
     started = time.time()
     data = workdir / "shapes"
     generate(data, splits, DEMO_SEED)
     run = workdir / "run"
     shutil.rmtree(run, ignore_errors=True)  # a fresh run: the demo's recipe, not a stale resume
-    config = dataclasses.replace(DEMO_TRAINING, data=str(data), out=str(run), epochs=epochs,
-                                 cache_dir=str(workdir / "features"), progress=progress, seed=DEMO_SEED,
-                                 val_limit=min(DEMO_TRAINING.val_limit, splits["val"]))
+    config = TrainConfig(**{**DEMO_TRAINING.model_dump(), "data": str(data), "out": str(run), "epochs": epochs,
+                            "cache_dir": str(workdir / "features"), "progress": progress, "seed": DEMO_SEED,
+                            "val_limit": min(DEMO_TRAINING.val_limit, splits["val"])})
     best = train(config, DEMO_MODEL)
     trained = time.time() - started
 
@@ -102,7 +102,7 @@ def build_default_model(workdir: Path, epochs: int = DEMO_TRAINING.epochs, split
         "minutes_to_train": round(trained / 60, 1),
     }
     path = workdir / "model.safetensors"
-    save_checkpoint(model, path, card)
+    save_model(model, path, card)
     print(f"saved the default model to {path} in {(time.time() - started) / 60:.1f} min")
     for name, value in card["scores"].items():
         print(f"  {name:<24} {value}")
@@ -113,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
     workdir = args.workdir or default_workdir()
     model = workdir / "model.safetensors"
     if args.retrain or not model.exists():
+        keep_freed_memory()  # training's allocator policy, before any thread starts (serving is another process)
         splits = {split: getattr(args, f"{split}_images") for split in DEMO_SPLITS}
         model = build_default_model(workdir, args.epochs, splits, args.progress)
     else:

@@ -28,12 +28,14 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from captioner.decoding import DecodeOptions
+from captioner.predictor import Predictor, PreparedImage
+from runtime.allocator import keep_freed_memory
 from runtime.devices import add_device_arguments, resolve_device
 from runtime.flags import add_model_flags, model_from_flags
-from captioner.predictor import PreparedImage, Predictor
 from training.caption_metrics import CocoScorer
 from training.coco import CaptionSplit, load_split
 
@@ -127,11 +129,16 @@ def format_scores(scores: Mapping[str, float]) -> str:
 # --- command line ----------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+class EvaluationSize(BaseModel):
+    """How much this command decodes at once and with how many threads: its own numbers, checked
+    by the same rules as every other flag."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    limit: int | None = Field(None, ge=1, description="only the first LIMIT images (lowest ids)")
+    batch_size: int = Field(32, ge=1, description="images decoded together")
+    workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1,
+                         description="threads preparing images")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,10 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--karpathy", type=Path, help="Karpathy's dataset_coco.json: split is train, val or test")
     parser.add_argument("--out", type=Path, help="where results_<split>.json and scores_<split>.json go "
                                                  "(default: the checkpoint's folder)")
-    parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images (lowest ids)")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
-                        help="threads preparing images (default %(default)s)")
+    add_model_flags(parser, EvaluationSize, title="evaluation")
     add_device_arguments(parser)
     parser.add_argument("--spice", action="store_true", help="also SPICE, if its Stanford models are on disk")
     # only the best caption is scored
@@ -152,19 +156,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    keep_freed_memory()  # this process's allocator policy, before any thread starts
     try:
+        size = model_from_flags(EvaluationSize, args)
         options = model_from_flags(DecodeOptions, args)
-        predictor = Predictor.from_checkpoint(args.checkpoint, resolve_device(args.device), max_batch_size=args.batch_size,
-                                              amp=args.amp)
+        predictor = Predictor.from_checkpoint(args.checkpoint, resolve_device(args.device),
+                                              max_batch_size=size.batch_size, amp=args.amp)
     except ValueError as e:
         print(f"captioner evaluate: error: {e}", file=sys.stderr)
         return 2
     split = load_split(args.data, args.split, args.karpathy)
-    if args.limit is not None:
-        split = split.first(args.limit)
+    if size.limit is not None:
+        split = split.first(size.limit)
     out_dir = args.out or args.checkpoint.parent
     with CocoScorer(spice=args.spice) as scorer:
-        _, scores = evaluate(predictor, split, options, args.batch_size, out_dir, scorer, args.workers, progress=True)
+        _, scores = evaluate(predictor, split, options, size.batch_size, out_dir, scorer, size.workers, progress=True)
     print(f"{args.checkpoint} on {args.data} {split.name} ({len(split)} images, {options.method})")
     print(format_scores(scores))
     print(f"wrote {out_dir / f'results_{split.name}.json'} and {out_dir / f'scores_{split.name}.json'}")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from captioner.encoder import Encoder
 from captioner.images import PIXELS_VERSION, ImageLimits, ImagePreset, open_image
+from runtime.files import replacing
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -94,16 +95,11 @@ def cached_features(encoder: Encoder, paths: Sequence[Path], cache_dir: Path, na
     path = Path(cache_dir) / f"{key}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
-    path.parent.mkdir(parents=True, exist_ok=True)
     h, w = encoder.grid
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), h * w, encoder.dim))
-    try:
+    # a failed or interrupted build leaves neither a cache that looks finished nor a (possibly huge) temporary
+    with replacing(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), h * w, encoder.dim))
         _encode_into(out, encoder, paths, batch_size, workers, device, f"features {name}" if progress else None)
         out.flush()
         del out
-        os.replace(tmp, path)
-    except BaseException:  # a failed or interrupted build must not leave a (possibly huge) temporary file
-        tmp.unlink(missing_ok=True)
-        raise
     return np.load(path, mmap_mode="r")

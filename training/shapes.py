@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from runtime.files import write_text
+
 VERSION = 1
 IMAGE_SIZE = 224
 RGB = tuple[int, int, int]
@@ -290,9 +292,7 @@ def _write_image(job: tuple[Path, int, str, int]) -> DrawnImage:
 
 def _write_json(path: Path, data: dict) -> None:
     """Fixed formatting (insertion key order, compact separators), written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, separators=(",", ":")) + "\n")
 
 
 def coco_files(split: str, seed: int, drawn: list[DrawnImage]) -> tuple[dict, dict]:

@@ -4,107 +4,124 @@
     captioner train --data /data/coco --karpathy /data/coco/dataset_coco.json --out runs/coco \\
         --encoder efficientnet_lite0 --epochs 20 --min-word-count 5
     captioner train ... --resume                      # continue an interrupted run where it stopped
-    torchrun --nproc_per_node 2 -m cli train ...   # DistributedDataParallel (gloo on CPU)
+    torchrun --nproc_per_node 2 -m cli train ...   # DistributedDataParallel (gloo on CPU, nccl on GPUs)
     captioner train ... --device cuda --amp           # a GPU, mixed precision
+    captioner train --help                            # every setting, with its default
 
 Region features of the frozen encoder are cached once (see training.features);
 with --fine-tune-blocks N the encoder's last N blocks train too, end to end,
 from the images. Each epoch is validated by real decoding, scored with CIDEr;
 the best model is kept as OUT/best.safetensors, the state to resume from as
 OUT/last.pt, and TensorBoard logs go to OUT/tensorboard.
+
+The file reads top to bottom: the settings and the command line; the loss and
+the learning rate; `setup`, which builds a run; `train_one_epoch` and
+`evaluate`; the checkpoints; and `train`, which strings them together.
 """
 
 import argparse
-import dataclasses
+import contextlib
 import json
 import math
-import os
 import signal
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from captioner.checkpoint import save_checkpoint
 from captioner.config import ModelConfig
-from captioner.decoding import DecodeOptions
-from runtime.home import captioner_home
+from captioner.decoding import MAX_BEAM_SIZE, DecodeOptions
 from captioner.model import CaptionModel, build_model
 from captioner.vocab import Vocabulary
+from runtime.allocator import keep_freed_memory
+from runtime.devices import DEVICES, resolve_device
+from runtime.distributed import Distributed, init_distributed
+from runtime.files import replacing, write_text
+from runtime.flags import add_model_flags, model_from_flags
+from runtime.home import captioner_home
+from training.caption_metrics import cider
+from training.coco import CaptionSplit, load_split
 from training.data import CaptionBatches, encode_captions
+from training.evaluate import truth_scores
+from training.features import ImageFiles, cached_features, encode_images
+
+RESUME_STATE = "last.pt"  # in OUT, with the best model and the history
+BEST_MODEL = "best.safetensors"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str = ""  # the data set's root (COCO layout)
-    out: str = "runs/captioner"
-    karpathy: str = ""  # Karpathy's dataset_coco.json, for the usual COCO splits
-    train_split: str = "train"
-    val_split: str = "val"
-    epochs: int = 10
-    batch_size: int = 32  # images per step; each brings captions_per_image captions
-    captions_per_image: int = 5
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    grad_clip: float = 5.0  # global gradient norm
-    alpha_c: float = 1.0  # weight of the doubly stochastic attention regulariser
-    min_word_count: int = 1
-    max_words: int = 20  # longer training captions are cut
-    val_limit: int = 0  # validate on the first N images only (0: all)
-    val_beam_size: int = 1  # 1: greedy, the fastest honest validation
-    patience: int = 3  # epochs without a better validation CIDEr before stopping
-    seed: int = 0
-    device: str = "cpu"
-    amp: bool = False  # mixed precision: fp16 on CUDA, bf16 on CPU
-    threads: int = 0  # torch threads (0: torch's default)
-    fine_tune_blocks: int = 0  # train the encoder's last N blocks too (no feature cache)
-    encoder_weights: str = ""  # ResNets: the ImageNet weights file
-    cache_dir: str = ""  # feature cache (default: $CAPTIONER_HOME/features)
-    workers: int = 2  # image decoding processes
-    checkpoint_every: int = 0  # also save the resume state every N steps (0: at epoch ends)
-    resume: bool = False
-    progress: bool = True
+class TrainConfig(BaseModel):
+    """How to train. Each field is a `captioner train` flag of the same name, checked by the same
+    rules, and the model card keeps them all."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    data: str = Field("", description="the data set's root, in the COCO layout (required)")
+    out: str = Field("runs/captioner", description="the run's folder: best.safetensors, last.pt, history.json, "
+                     "tensorboard/")
+    karpathy: str = Field("", description="Karpathy's dataset_coco.json, for the usual COCO splits")
+    train_split: str = Field("train", description="the split trained on")
+    val_split: str = Field("val", description="the split each epoch is validated on")
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    batch_size: int = Field(32, ge=1, description="images per step; each brings captions_per_image captions")
+    captions_per_image: int = Field(5, ge=1, description="captions drawn per image and step")
+    lr: float = Field(1e-3, ge=0.0, allow_inf_nan=False, description="Adam's peak learning rate, reached after "
+                      "the warm-up, then decayed by a cosine to a tenth")
+    warmup_steps: int = Field(100, ge=0, description="steps of linear warm-up")
+    grad_clip: float = Field(5.0, gt=0.0, description="the global gradient norm is clipped to this")
+    alpha_c: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="weight of the doubly stochastic "
+                           "attention regulariser (every region looked at about once per caption)")
+    min_word_count: int = Field(1, ge=1, description="rarer training words become <unk>")
+    max_words: int = Field(20, ge=1, description="longer training captions are cut")
+    val_limit: int = Field(0, ge=0, description="validate on the first N images only (0: all)")
+    val_beam_size: int = Field(1, ge=1, le=MAX_BEAM_SIZE, description="1: greedy, the fastest honest validation")
+    patience: int = Field(3, ge=1, description="epochs without a better validation CIDEr before stopping")
+    seed: int = Field(0, ge=0, description="the same seed, the same run")
+    device: str = Field("cpu", description=f"{DEVICES}; under torchrun, cuda is each process's own GPU")
+    amp: bool = Field(False, description="mixed precision: fp16 on CUDA, bf16 on CPU")
+    threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
+    fine_tune_blocks: int = Field(0, ge=0, description="train the encoder's last N blocks too, from the pixels "
+                                  "(no feature cache)")
+    encoder_weights: str = Field("", description="ResNets: the ImageNet weights file")
+    cache_dir: str = Field("", description="the feature cache (none: $CAPTIONER_HOME/features)")
+    workers: int = Field(2, ge=0, description="image decoding processes")
+    checkpoint_every: int = Field(0, ge=0, description="also save the resume state every N steps "
+                                  "(0: at epoch ends only)")
+    resume: bool = Field(False, description="continue the run in OUT where it stopped")
+    progress: bool = Field(True, description="progress bars")
 
 
-# ---------------------------------------------------------------- the CLI
-
-def _add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One --flag per dataclass field, same snake_case name, same default."""
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default)
-
+# ---------------------------------------------------------------- the command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_fields(parser, TrainConfig)
-    _add_fields(parser, ModelConfig)
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
-    pick = lambda cls: cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-    return pick(TrainConfig), pick(ModelConfig)
+    add_model_flags(parser, TrainConfig, title="training")
+    add_model_flags(parser, ModelConfig, title="model (a resumed run keeps its own)")
 
 
 def main(args: argparse.Namespace) -> int:
-    train_config, model_config = configs_from_args(args)
-    if not train_config.data:
-        raise SystemExit("captioner train: --data ROOT is required")
-    train(train_config, model_config)
+    keep_freed_memory()  # this process's allocator policy, before any thread or worker starts
+    try:
+        config, model_config = model_from_flags(TrainConfig, args), model_from_flags(ModelConfig, args)
+        if not config.data:
+            raise ValueError("--data: the data set's root is required")
+        # a GPU this machine lacks is refused now, as a usage error, not after the data is read
+        resolve_device(config.device, Distributed.from_environment().local_rank)
+    except ValueError as e:
+        print(f"captioner train: error: {e}", file=sys.stderr)
+        return 2
+    train(config, model_config)
     return 0
 
 
-# ---------------------------------------------------------------- pieces
+# ---------------------------------------------------------------- the loss and the learning rate
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
@@ -128,33 +145,7 @@ def caption_loss(logits: torch.Tensor, alphas: torch.Tensor | None, captions: to
     return ce + alpha_c * ((1.0 - coverage.float()) ** 2).mean(), ce.detach()
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: str) -> Distributed:
-    """torchrun sets WORLD_SIZE; gloo serves CPUs, nccl GPUs."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    torch.distributed.init_process_group(backend)
-    dist = Distributed(torch.distributed.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(dist.local_rank)
-    return dist
-
+# ---------------------------------------------------------------- setup
 
 class FeatureRows(torch.utils.data.Dataset):
     """Cached region features, one image's (P, D) at a time, as float32."""
@@ -169,62 +160,78 @@ class FeatureRows(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))  # (P, D)
 
 
-def validate(model: CaptionModel, features: np.ndarray, split, limit: int, beam_size: int,
-             batch_size: int = 64) -> dict[str, float]:
-    """Decode (not teacher forcing) cached validation features: CIDEr, plus the truth
-    metrics on the Shapes world."""
-    from training.caption_metrics import cider
-    from training.evaluate import truth_scores
+@dataclass
+class Progress:
+    """Where a run has got to: what the resume state holds besides weights, optimizer and RNG."""
 
-    options = DecodeOptions(method="beam" if beam_size > 1 else "greedy", beam_size=beam_size, attention=True)
-    device = next(model.parameters()).device
-    h, w = model.grid
-    image_ids = split.image_ids[:limit or None]
-    model.eval()
-    captions = {}
-    for start in range(0, len(image_ids), batch_size):
-        end = min(start + batch_size, len(image_ids))
-        feats = torch.from_numpy(np.asarray(features[start:end], dtype=np.float32)).to(device)  # (B, P, D)
-        for image_id, hyps in zip(image_ids[start:end], model.caption_features(feats, options)):
-            best = hyps[0]
-            captions[image_id] = {"tokens": [model.vocab.words[i] for i in best.token_ids],
-                                  "attention": None if best.attention is None else best.attention.view(-1, h, w).numpy()}
-    references = split.references()
-    texts = {i: " ".join(c["tokens"]) for i, c in captions.items()}
-    scores = {"CIDEr": cider({i: references[i] for i in texts}, texts)}
-    truth = truth_scores(split, captions)
-    scores.update({k: v for k, v in truth.items() if isinstance(v, float) and not math.isnan(v)})
-    return scores
+    epoch: int = 0  # the epoch under way (epochs before it are trained and validated)
+    batch: int = 0  # its batches already trained
+    step: int = 0
+    best: float = -1.0  # the best validation CIDEr so far
+    bad_epochs: int = 0  # epochs since it improved
+    history: list[dict] = field(default_factory=list)  # one entry per validated epoch: history.json
+    last_loss: float = math.nan  # the cross-entropy of the latest step: the epoch's "loss" in history
 
 
-def save_state(path: Path, state: dict) -> None:
-    """Atomically, so a crash mid-write leaves the previous state intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@dataclass
+class Run:
+    """What `setup` builds for the loop, on this rank."""
+
+    config: TrainConfig
+    model_config: ModelConfig  # a resumed run's own, whatever today's flags say
+    dist: Distributed
+    device: torch.device
+    train_split: CaptionSplit
+    val_split: CaptionSplit
+    vocab: Vocabulary
+    model: CaptionModel
+    features: dict[str, np.ndarray]  # split name -> the frozen encoder's (N, P, D); none when fine-tuning
+    trainable_encoder: list[torch.nn.Module]  # the encoder's blocks that learn too
+    batches: CaptionBatches
+    images: torch.utils.data.Dataset  # a batch's inputs: cached features, or pixels when the encoder learns
+    learner: torch.nn.Module  # what the loss flows through: the decoder, or the whole model (DDP-wrapped)
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    progress: Progress = field(default_factory=Progress)
+    started: float = field(default_factory=time.time)  # history's "seconds" count from here
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def resume_path(self) -> Path:
+        return self.out / RESUME_STATE
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / BEST_MODEL
+
+    @property
+    def fine_tune(self) -> bool:
+        return self.config.fine_tune_blocks > 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * len(self.batches)
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
 
-# ---------------------------------------------------------------- the loop
-
-def train(config: TrainConfig, model_config: ModelConfig) -> Path:
-    """Train; returns the path of the best checkpoint."""
-    from training.coco import load_split
-    from training.features import ImageFiles, cached_features, encode_images
-
-    dist = init_distributed(config.device)
+def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
+    """This rank's run: device, data, vocabulary, model, feature caches, optimizer, and the state of
+    a run resumed. A device the machine lacks is a ValueError before any of it."""
+    dist, device = init_distributed(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device, dist.local_rank) if config.device == "cuda" else torch.device(config.device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_path = out / "last.pt"
-    resumed = torch.load(resume_path, map_location="cpu", weights_only=True) if config.resume and resume_path.exists() else None
-    if config.resume and resumed is None and dist.main:
-        print(f"no {resume_path} to resume from: starting afresh")
-
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    resumed = load_resume_state(config, dist)
     karpathy = Path(config.karpathy) if config.karpathy else None
-    train_split = load_split(Path(config.data), config.train_split, karpathy)
-    val_split = load_split(Path(config.data), config.val_split, karpathy)
+    train_split, val_split = (load_split(Path(config.data), name, karpathy)
+                              for name in (config.train_split, config.val_split))
     if resumed is not None:  # the run's own settings win over today's flags for what shapes the model
         model_config = ModelConfig.from_dict(resumed["model_config"])
         vocab = Vocabulary.from_json(resumed["vocab"])
@@ -233,159 +240,282 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
     torch.manual_seed(config.seed)
     model = build_model(model_config, vocab, pretrained=True,
                         encoder_weights=config.encoder_weights or None).to(device)
-
-    # the frozen encoder's features, computed once by the first process
-    cache_dir = Path(config.cache_dir) if config.cache_dir else captioner_home() / "features"
     fine_tune = config.fine_tune_blocks > 0
-    caches = {}
-    for turn in (0, 1):  # rank 0 builds the caches, then the others read them
-        if (turn == 0) == dist.main and not fine_tune:
-            for split in (train_split, val_split):
-                caches[split.name] = cached_features(model.encoder, split.image_paths, cache_dir,
-                                                     f"{model_config.encoder}-{split.name}", device=device,
-                                                     workers=config.workers, progress=config.progress and dist.main)
-        dist.barrier()
-    trainable_encoder = model.encoder.tail(config.fine_tune_blocks) if fine_tune else []
-    for p in model.encoder.parameters():
-        p.requires_grad_(False)
-    for module in trainable_encoder:
-        for p in module.parameters():
-            p.requires_grad_(True)
-
-    captions = encode_captions(train_split.captions, vocab, config.max_words)
-    batches = CaptionBatches(captions, config.batch_size, config.captions_per_image, config.seed,
-                             dist.rank, dist.world_size)
-    # what a batch's images are: cached region features, or pixels when the encoder learns too
-    images = ImageFiles(train_split.image_paths, model.preset) if fine_tune else FeatureRows(caches[train_split.name])
-    total_steps = config.epochs * len(batches)
-
-    # what learns: the decoder on cached features, or the whole model from pixels
-    learner = model if fine_tune else model.decoder
+    features = {} if fine_tune else cache_features(model, (train_split, val_split), config, dist, device)
+    trainable_encoder = freeze_encoder(model, config.fine_tune_blocks)
+    batches = CaptionBatches(encode_captions(train_split.captions, vocab, config.max_words), config.batch_size,
+                             config.captions_per_image, config.seed, dist.rank, dist.world_size)
+    images = ImageFiles(train_split.image_paths, model.preset) if fine_tune else FeatureRows(features[train_split.name])
+    learner: torch.nn.Module = model if fine_tune else model.decoder
     if dist.world_size > 1:
         learner = torch.nn.parallel.DistributedDataParallel(
-            learner, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+            learner, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    use_amp = config.amp
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
-
-    start_epoch, skip, step, best, bad_epochs, history = 0, 0, 0, -1.0, 0, []
-    last_loss = float("nan")  # the cross-entropy of the latest step, the epoch's "loss" in history
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    run = Run(config, model_config, dist, device, train_split, val_split, vocab, model, features,
+              trainable_encoder, batches, images, learner, params, optimizer, scaler)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
-        start_epoch, skip, step = resumed["epoch"], resumed["batch"], resumed["step"]
-        best, bad_epochs, history = resumed["best"], resumed["bad_epochs"], resumed["history"]
-        last_loss = resumed.get("last_loss", last_loss)  # stopped after an epoch's last step: no step before its end
-        torch.set_rng_state(resumed["rng"])
+        restore(run, resumed)
+    return run
 
-    def resume_state(epoch: int, batch: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "batch": batch, "step": step, "best": best, "bad_epochs": bad_epochs,
-                "history": history, "last_loss": last_loss, "rng": torch.get_rng_state(), "vocab": vocab.to_json(),
-                "model_config": model_config.to_dict(), "train_config": dataclasses.asdict(config)}
 
-    # SIGINT/SIGTERM: finish the step, save the resume state, stop
-    stop = {"signal": None}
-    previous_handlers = {}
+def cache_features(model: CaptionModel, splits: tuple[CaptionSplit, ...], config: TrainConfig,
+                   dist: Distributed, device: torch.device) -> dict[str, np.ndarray]:
+    """The frozen encoder's features of each split, split name -> (N, P, D): rank 0 computes what
+    the cache lacks while the others wait, then they read what it wrote."""
+    cache_dir = Path(config.cache_dir) if config.cache_dir else captioner_home() / "features"
+    features = {}
+    for turn in (0, 1):
+        if (turn == 0) == dist.main:
+            for split in splits:
+                features[split.name] = cached_features(model.encoder, split.image_paths, cache_dir,
+                                                       f"{model.config.encoder}-{split.name}", device=device,
+                                                       workers=config.workers, progress=config.progress and dist.main)
+        dist.barrier()
+    return features
+
+
+def freeze_encoder(model: CaptionModel, blocks: int) -> list[torch.nn.Module]:
+    """Freeze the encoder but for its last `blocks` blocks, which it returns."""
+    tail = model.encoder.tail(blocks)
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    for module in tail:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return tail
+
+
+# ---------------------------------------------------------------- the loop
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM are noted in the list yielded, not raised: the loop finishes its step,
+    saves the resume state and stops. The previous handlers come back afterwards; only the main
+    thread may set handlers, so elsewhere nothing is caught."""
+    received: list[int] = []
+    previous = {}
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
-            previous_handlers[s] = signal.signal(s, lambda number, _: stop.update(signal=number))
-    writer = None
-    if dist.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-    card_base = {
-        "training_data": {"root": str(Path(config.data).resolve()), "train_split": config.train_split,
-                          "train_images": len(train_split.image_ids), "val_split": config.val_split,
-                          "karpathy": config.karpathy or None},
-        "train_config": dataclasses.asdict(config),
-    }
-    best_path = out / "best.safetensors"
-    started = time.time()
+            previous[s] = signal.signal(s, lambda number, _: received.append(number))
     try:
-        for epoch in range(start_epoch, config.epochs):
-            if bad_epochs >= config.patience:  # resuming a run that had stopped early (every rank read the same state)
-                break
-            model.train()
-            model.encoder.eval()  # frozen BatchNorm statistics stay as pretrained
-            for module in trainable_encoder:  # only the fine-tuned tail trains
-                module.train()
-            loader = torch.utils.data.DataLoader(
-                images, batch_sampler=[b.indices for b in batches.epoch(epoch, skip)],
-                num_workers=config.workers if fine_tune else 0,
-                generator=torch.Generator().manual_seed(config.seed))  # not the global RNG: see resume_state's "rng"
-            bar = tqdm(zip(loader, batches.epoch(epoch, skip)), total=len(batches) - skip,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (config.progress and dist.main))
-            for batch_index, (inputs, batch) in enumerate(bar, start=skip):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, config)
-                inputs, caps = inputs.to(device, non_blocking=True), batch.captions.to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits, alphas = learner(inputs, caps, config.captions_per_image)  # (N, T-1, V), (N, T-1, P)
-                    loss, ce = caption_loss(logits, alphas, caps, config.alpha_c)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                if writer and step % 10 == 0:
-                    writer.add_scalar("train/loss", loss.item(), step)
-                    writer.add_scalar("train/cross_entropy", ce.item(), step)
-                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                last_loss = ce.item()
-                bar.set_postfix(loss=f"{last_loss:.3f}")
-                if stop["signal"] is not None or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                    if dist.main:
-                        save_state(resume_path, resume_state(epoch, batch_index + 1))
-                    if stop["signal"] is not None:
-                        print(f"\nstopped by signal {stop['signal']}: resume with --resume")
-                        return best_path
-            skip = 0
-
-            score = -1.0
-            if dist.main:
-                val_features = caches[val_split.name] if not fine_tune else encode_images(
-                    model.encoder, val_split.image_paths[:config.val_limit or None], device=device,
-                    workers=config.workers)
-                scores = validate(model, val_features, val_split, config.val_limit, config.val_beam_size)
-                score = scores["CIDEr"]
-                for name, value in scores.items():
-                    writer.add_scalar(f"val/{name}", value, epoch + 1)
-                history.append({"epoch": epoch + 1, "loss": round(last_loss, 4),
-                                "seconds": round(time.time() - started, 1),
-                                **{f"val_{k}": round(v, 4) for k, v in scores.items()}})
-                print(f"epoch {epoch + 1}: " + ", ".join(f"val {k} {v:.3f}" for k, v in scores.items()))
-                if score > best:
-                    best, bad_epochs = score, 0
-                    save_checkpoint(model, best_path, {**card_base, "epoch": epoch + 1, "history": history,
-                                                       "scores": {f"val_{k}": round(v, 4) for k, v in scores.items()}})
-                else:
-                    bad_epochs += 1
-                save_state(resume_path, resume_state(epoch + 1, 0))
-            if dist.world_size > 1:  # every rank stops together
-                flag = torch.tensor([bad_epochs >= config.patience], dtype=torch.int32)
-                torch.distributed.broadcast(flag, 0)
-                stopping = bool(flag.item())
-            else:
-                stopping = bad_epochs >= config.patience
-            if stopping:
-                if dist.main:
-                    print(f"early stop: no better validation CIDEr for {config.patience} epochs")
-                break
+        yield received
     finally:
-        for s, handler in previous_handlers.items():
+        for s, handler in previous.items():
             signal.signal(s, handler)
-        if writer:
-            writer.close()
-        if dist.world_size > 1:
-            torch.distributed.destroy_process_group()
-    if dist.main:
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-    return best_path
+
+
+def tensorboard(run: Run) -> contextlib.AbstractContextManager:
+    """TensorBoard's writer for OUT/tensorboard on rank 0; None on the others."""
+    if not run.dist.main:
+        return contextlib.nullcontext()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run.out / "tensorboard"))
+
+
+def train_step(run: Run, inputs: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One optimizer step on (B, P, D) features or (B, 3, S, S) pixels and their (N, T) captions:
+    (loss, cross-entropy, gradient norm before clipping)."""
+    config, optimizer, scaler = run.config, run.optimizer, run.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(run.progress.step, run.total_steps, config)
+    inputs, captions = inputs.to(run.device, non_blocking=True), captions.to(run.device)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=config.amp):
+        logits, alphas = run.learner(inputs, captions, config.captions_per_image)  # (N, T-1, V), (N, T-1, P)
+        loss, ce = caption_loss(logits, alphas, captions, config.alpha_c)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    run.progress.step += 1
+    return loss, ce, grad_norm
+
+
+def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
+    """The batches left of epoch `run.progress.epoch`; False when a signal stopped it (the state
+    saved first)."""
+    config, progress = run.config, run.progress
+    epoch, skip = progress.epoch, progress.batch
+    run.model.train()
+    run.model.encoder.eval()  # frozen BatchNorm statistics stay as pretrained
+    for module in run.trainable_encoder:  # only the fine-tuned tail trains
+        module.train()
+    loader = torch.utils.data.DataLoader(
+        run.images, batch_sampler=[b.indices for b in run.batches.epoch(epoch, skip)],
+        num_workers=config.workers if run.fine_tune else 0,
+        generator=torch.Generator().manual_seed(config.seed))  # not the global RNG: see resume_state's "rng"
+    bar = tqdm(zip(loader, run.batches.epoch(epoch, skip), strict=True), total=len(run.batches) - skip,
+               desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (config.progress and run.dist.main))
+    for batch_index, (inputs, batch) in enumerate(bar, start=skip):
+        loss, ce, grad_norm = train_step(run, inputs, batch.captions)
+        progress.batch, progress.last_loss = batch_index + 1, ce.item()
+        if writer and progress.step % 10 == 0:
+            writer.add_scalar("train/loss", loss.item(), progress.step)
+            writer.add_scalar("train/cross_entropy", ce.item(), progress.step)
+            writer.add_scalar("train/grad_norm", float(grad_norm), progress.step)
+            writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], progress.step)
+        bar.set_postfix(loss=f"{progress.last_loss:.3f}")
+        if stop or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
+            if run.dist.main:
+                save_state(run.resume_path, resume_state(run))
+            if stop:
+                print(f"\nstopped by signal {stop[-1]}: resume with --resume")
+                return False
+    return True
+
+
+def decode_features(model: CaptionModel, features: np.ndarray, image_ids: list[int], beam_size: int,
+                    batch_size: int = 64) -> dict[int, dict]:
+    """image id -> the best caption's {"tokens", "attention": (T, h, w)} from its features, row i of
+    `features` being image_ids[i]'s."""
+    options = DecodeOptions(method="beam" if beam_size > 1 else "greedy", beam_size=beam_size, attention=True)
+    device = next(model.parameters()).device
+    h, w = model.grid
+    model.eval()
+    captions = {}
+    for start in range(0, len(image_ids), batch_size):
+        end = min(start + batch_size, len(image_ids))
+        feats = torch.from_numpy(np.asarray(features[start:end], dtype=np.float32)).to(device)  # (B, P, D)
+        for image_id, hyps in zip(image_ids[start:end], model.caption_features(feats, options), strict=True):
+            best = hyps[0]
+            attention = None if best.attention is None else best.attention.view(-1, h, w).numpy()  # (T, h, w)
+            captions[image_id] = {"tokens": [model.vocab.words[i] for i in best.token_ids], "attention": attention}
+    return captions
+
+
+def evaluate(model: CaptionModel, features: np.ndarray, split: CaptionSplit, limit: int, beam_size: int,
+             batch_size: int = 64) -> dict[str, float]:
+    """Validation by real decoding (not teacher forcing) of the first `limit` images' features (0:
+    all): CIDEr, plus the truth metrics on the Shapes world. Decoding is apart from scoring, so
+    ranks could each decode a share of the images and one score them all."""
+    captions = decode_features(model, features, split.image_ids[:limit or None], beam_size, batch_size)
+    references = split.references()
+    texts = {i: " ".join(c["tokens"]) for i, c in captions.items()}
+    scores = {"CIDEr": cider({i: references[i] for i in texts}, texts)}
+    truth = truth_scores(split, captions)
+    scores.update({k: v for k, v in truth.items() if isinstance(v, float) and not math.isnan(v)})
+    return scores
+
+
+def validation_features(run: Run) -> np.ndarray:
+    """The validation images' (N, P, D) features: cached, or encoded now by an encoder that learns."""
+    if not run.fine_tune:
+        return run.features[run.val_split.name]
+    return encode_images(run.model.encoder, run.val_split.image_paths[:run.config.val_limit or None],
+                         device=run.device, workers=run.config.workers)
+
+
+def end_epoch(run: Run, writer) -> None:
+    """Rank 0, once epoch `run.progress.epoch` is trained: validate, log, keep the best model and
+    save the resume state."""
+    config, progress = run.config, run.progress
+    scores = evaluate(run.model, validation_features(run), run.val_split, config.val_limit, config.val_beam_size)
+    for name, value in scores.items():
+        writer.add_scalar(f"val/{name}", value, progress.epoch)
+    progress.history.append({"epoch": progress.epoch, "loss": round(progress.last_loss, 4),
+                             "seconds": round(time.time() - run.started, 1),
+                             **{f"val_{k}": round(v, 4) for k, v in scores.items()}})
+    print(f"epoch {progress.epoch}: " + ", ".join(f"val {k} {v:.3f}" for k, v in scores.items()))
+    if scores["CIDEr"] > progress.best:
+        progress.best, progress.bad_epochs = scores["CIDEr"], 0
+        save_model(run.model, run.best_path, model_card(run, scores))
+    else:
+        progress.bad_epochs += 1
+    save_state(run.resume_path, resume_state(run))
+
+
+def train_epochs(run: Run, writer, stop: list[int]) -> bool:
+    """The epochs left, each trained, then validated by rank 0, until the last or `patience` epochs
+    without a better CIDEr; False when a signal stopped the run."""
+    config, progress, dist = run.config, run.progress, run.dist
+    # a run resumed after it had stopped early trains no further (every rank read the same state)
+    while progress.epoch < config.epochs and progress.bad_epochs < config.patience:
+        if not train_one_epoch(run, writer, stop):
+            return False
+        progress.epoch, progress.batch = progress.epoch + 1, 0
+        if dist.main:
+            end_epoch(run, writer)
+        if dist.agree(progress.bad_epochs >= config.patience):  # rank 0 validated: every rank stops together
+            if dist.main:
+                print(f"early stop: no better validation CIDEr for {config.patience} epochs")
+            break
+    return True
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_model(model: CaptionModel, path: Path, card: dict) -> None:
+    """The model as a checkpoint, replaced whole (a server may be reading the old one) and
+    readable by other users (a server in a container runs as one)."""
+    with replacing(path) as tmp:
+        save_checkpoint(model, tmp, card)
+
+
+def model_card(run: Run, scores: dict[str, float]) -> dict:
+    """What best.safetensors says of itself: its data, its settings, its epoch and scores."""
+    config = run.config
+    return {
+        "training_data": {"root": str(Path(config.data).resolve()), "train_split": config.train_split,
+                          "train_images": len(run.train_split.image_ids), "val_split": config.val_split,
+                          "karpathy": config.karpathy or None},
+        "train_config": config.model_dump(),
+        "epoch": run.progress.epoch,
+        "history": run.progress.history,
+        "scores": {f"val_{k}": round(v, 4) for k, v in scores.items()},
+    }
+
+
+def resume_state(run: Run) -> dict:
+    """Everything a resumed run needs to continue bit for bit as if it had never stopped, the
+    global RNG (dropout's) included."""
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), **asdict(run.progress), "rng": torch.get_rng_state(),
+            "vocab": run.vocab.to_json(), "model_config": run.model_config.to_dict(),
+            "train_config": run.config.model_dump()}
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Atomically, so a crash mid-write leaves the previous state intact."""
+    with replacing(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume_state(config: TrainConfig, dist: Distributed) -> dict | None:
+    """OUT/last.pt with --resume, if there is one."""
+    path = Path(config.out) / RESUME_STATE
+    if not config.resume:
+        return None
+    if not path.exists():
+        if dist.main:
+            print(f"no {path} to resume from: starting afresh")
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore(run: Run, state: dict) -> None:
+    """Put a resumed run back where `state` left it."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    # states saved before last_loss was kept lack it: the default stands in
+    run.progress = Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
+    torch.set_rng_state(state["rng"])
+
+
+# ---------------------------------------------------------------- all together
+
+def train(config: TrainConfig, model_config: ModelConfig) -> Path:
+    """Train; returns the path of the best checkpoint."""
+    run = setup(config, model_config)
+    try:
+        with stop_on_signals() as stop, tensorboard(run) as writer:
+            finished = train_epochs(run, writer, stop)
+    finally:
+        run.dist.close()
+    if finished and run.dist.main:
+        write_text(run.out / "history.json", json.dumps(run.progress.history, indent=1))
+    return run.best_path

@@ -5,7 +5,6 @@ whole training run on 24 images takes about a second. Nothing is mocked: the
 runs below are `training.train.train` itself, on real PNG files.
 """
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -69,4 +68,4 @@ def train_config(data: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def small_model(**overrides) -> ModelConfig:
-    return dataclasses.replace(SMALL_MODEL, **overrides)
+    return ModelConfig(**{**SMALL_MODEL.model_dump(), **overrides})

@@ -7,7 +7,6 @@ demo's own code.
 """
 
 import argparse
-import dataclasses
 import shutil
 import sys
 
@@ -17,6 +16,7 @@ import cli
 from captioner.checkpoint import load_checkpoint
 from tests.training.conftest import small_model
 from training import demo
+from training.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,8 +77,9 @@ def cli_args(argv):
 def small_recipe(monkeypatch):
     """The demo's recipe with the tiny encoder and a handful of images."""
     monkeypatch.setattr(demo, "DEMO_MODEL", small_model())
-    monkeypatch.setattr(demo, "DEMO_TRAINING", dataclasses.replace(
-        demo.DEMO_TRAINING, batch_size=8, lr=0.01, warmup_steps=0, threads=1, workers=0, val_limit=0))
+    monkeypatch.setattr(demo, "DEMO_TRAINING", TrainConfig(**{
+        **demo.DEMO_TRAINING.model_dump(), "batch_size": 8, "lr": 0.01, "warmup_steps": 0, "threads": 1,
+        "workers": 0, "val_limit": 0}))
     monkeypatch.setattr(demo, "DEMO_SPLITS", {"train": 24, "val": 8, "test": 8})
 
 

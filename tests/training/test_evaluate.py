@@ -14,9 +14,9 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from cli import main as cli_main
 from captioner.decoding import DecodeOptions
 from captioner.predictor import Predictor
+from cli import main as cli_main
 from training import shapes
 from training.caption_metrics import CocoScorer, cider, spice_available
 from training.coco import load_split
@@ -168,6 +168,17 @@ def test_evaluate_on_a_device_this_machine_lacks_exits_2(tiny_checkpoint, shapes
                      "--out", str(tmp_path)])
     assert code == 2
     assert "device cuda:1: no CUDA GPU is available here" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--workers", "0"), ("--limit", "0"),
+                                        ("--limit", "2.5")])
+def test_a_refused_number_is_a_usage_error_naming_its_flag(tiny_checkpoint, shapes_root, tmp_path, capsys, flag,
+                                                            value):
+    code = cli_main(["evaluate", str(tiny_checkpoint), "--data", str(shapes_root), "--out", str(tmp_path),
+                     flag, value])
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"captioner evaluate: error: {flag}: ")
     assert not list(tmp_path.iterdir())
 
 

@@ -6,7 +6,6 @@ stopped, every model option trains from the command line, and two processes
 train together under torchrun.
 """
 
-import dataclasses
 import json
 import os
 import signal
@@ -19,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-import training.train as train_module
 import cli
+import training.train as train_module
 from captioner.checkpoint import load_checkpoint, read_header
 from captioner.config import ModelConfig
 from captioner.decoding import DecodeOptions
@@ -29,7 +28,7 @@ from captioner.vocab import Vocabulary, tokenize
 from tests.training.conftest import small_model, train_config
 from training.coco import load_split
 from training.features import encode_images
-from training.train import TrainConfig, caption_loss, lr_at, save_state, train
+from training.train import TrainConfig, caption_loss, lr_at, save_model, save_state, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,6 +140,22 @@ def test_save_state_leaves_the_previous_state_if_writing_fails(tmp_path, monkeyp
         save_state(path, {"step": 2, "weights": torch.zeros(3)})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_save_model_replaces_the_file_whole_and_leaves_no_temporary(tiny_model, tmp_path):
+    path = tmp_path / "deep" / "er" / "model.safetensors"
+    save_model(tiny_model, path, {"v": 1})
+    save_model(tiny_model, path, {"v": 2})
+    _, card = load_checkpoint(path)
+    assert card == {"v": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]
+
+
+def test_a_saved_model_is_readable_by_other_users(tiny_model, tmp_path):
+    """A server in a container (a non-root user) reads the model the demo saved."""
+    path = tmp_path / "model.safetensors"
+    save_model(tiny_model, path, {})
+    assert path.stat().st_mode & 0o044 == 0o044
 
 
 # ---------------------------------------------------------------- it learns
@@ -259,7 +274,7 @@ def test_resuming_an_early_stopped_run_trains_no_further(shapes_root, tmp_path):
     config = train_config(shapes_root, out, epochs=5, lr=0.0, patience=1)
     train(config, small_model())
     before = last_state(out)
-    train(dataclasses.replace(config, resume=True), small_model())
+    train(TrainConfig(**{**config.model_dump(), "resume": True}), small_model())
     assert [h["epoch"] for h in history(out)] == [1, 2]
     assert last_state(out)["step"] == before["step"]
 
@@ -286,11 +301,11 @@ def test_resume_after_a_crash_between_epochs_equals_an_uninterrupted_run(shapes_
             raise RuntimeError("power cut")
         return real_validate(*args, **kwargs)
 
-    real_validate = train_module.validate
-    monkeypatch.setattr(train_module, "validate", crash_in_second_validation)
+    real_validate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", crash_in_second_validation)
     with pytest.raises(RuntimeError, match="power cut"):
         train(resume_config(shapes_root, out), RESUME_MODEL)
-    monkeypatch.setattr(train_module, "validate", real_validate)
+    monkeypatch.setattr(train_module, "evaluate", real_validate)
     assert (last_state(out)["epoch"], last_state(out)["batch"]) == (1, 0)  # epoch 2's steps were lost
 
     train(resume_config(shapes_root, out, resume=True), RESUME_MODEL)
@@ -428,7 +443,7 @@ def test_every_model_option_is_a_train_flag(shapes_root, tmp_path, model_flags, 
 
     config, vocab, card = read_header(out / "best.safetensors")
     defaults = ModelConfig(encoder="tiny", embed_dim=12, region_dim=20, hidden_dim=24, attention_dim=8)
-    assert dataclasses.asdict(config) == {**dataclasses.asdict(defaults), **expected}
+    assert config.model_dump() == {**defaults.model_dump(), **expected}
     used = card["train_config"]
     assert (used["batch_size"], used["captions_per_image"], used["lr"], used["alpha_c"], used["grad_clip"],
             used["max_words"], used["val_limit"], used["seed"]) == (6, 2, 0.003, 0.5, 1.5, 9, 5, 3)
@@ -438,9 +453,42 @@ def test_every_model_option_is_a_train_flag(shapes_root, tmp_path, model_flags, 
     assert type(model.decoder.cells[0]).__name__ == {"lstm": "LSTMCell", "gru": "GRUCell", "rnn": "RNNCell"}[config.cell]
 
 
-def test_train_without_data_says_so(tmp_path):
-    with pytest.raises(SystemExit, match="--data"):
-        cli.main(["train", "--out", str(tmp_path / "run")])
+def test_train_without_data_says_so(tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 2
+    assert "captioner train: error: --data" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr", "fast"), ("--val-beam-size", "99"),
+                                        ("--dropout", "1.5")])
+def test_a_refused_flag_value_is_a_usage_error_naming_the_flag(shapes_root, tmp_path, capsys, flag, value):
+    assert cli.main(["train", "--data", str(shapes_root), "--out", str(tmp_path / "run"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"captioner train: error: {flag}: ") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_a_gpu_this_machine_lacks_is_refused_before_any_work(shapes_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(shapes_root), "--out", str(out), "--device", "cuda"]) == 2
+    assert "captioner train: error: device cuda: no CUDA GPU is available here" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_help_shows_every_setting_with_its_default(capsys):
+    from runtime.flags import flag
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for config in (TrainConfig(), ModelConfig()):
+        for name, field in type(config).model_fields.items():
+            default = getattr(config, name)
+            shown = "none" if default == "" else str(default).lower() if isinstance(default, bool) else str(default)
+            assert flag(name) in text
+            assert f"{' '.join(field.description.split())} (default: {shown})" in text, name
+    assert "--batch-size BATCH_SIZE images per step" in text and "--resume, --no-resume" in text
 
 
 # ---------------------------------------------------------------- fine-tuning
