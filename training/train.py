@@ -229,14 +229,9 @@ def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
         torch.set_num_threads(config.threads)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     resumed = load_resume_state(config, dist)
-    karpathy = Path(config.karpathy) if config.karpathy else None
-    train_split, val_split = (load_split(Path(config.data), name, karpathy)
-                              for name in (config.train_split, config.val_split))
     if resumed is not None:  # the run's own settings win over today's flags for what shapes the model
         model_config = ModelConfig.from_dict(resumed["model_config"])
-        vocab = Vocabulary.from_json(resumed["vocab"])
-    else:
-        vocab = Vocabulary.build((c for cs in train_split.captions for c in cs), config.min_word_count)
+    train_split, val_split, vocab = load_data(config, resumed)
     torch.manual_seed(config.seed)
     model = build_model(model_config, vocab, pretrained=True,
                         encoder_weights=config.encoder_weights or None).to(device)
@@ -245,11 +240,9 @@ def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
     trainable_encoder = freeze_encoder(model, config.fine_tune_blocks)
     batches = CaptionBatches(encode_captions(train_split.captions, vocab, config.max_words), config.batch_size,
                              config.captions_per_image, config.seed, dist.rank, dist.world_size)
+    # what a batch's images are: cached region features, or pixels when the encoder learns too
     images = ImageFiles(train_split.image_paths, model.preset) if fine_tune else FeatureRows(features[train_split.name])
-    learner: torch.nn.Module = model if fine_tune else model.decoder
-    if dist.world_size > 1:
-        learner = torch.nn.parallel.DistributedDataParallel(
-            learner, device_ids=[device.index] if device.type == "cuda" else None)
+    learner = learner_of(model, fine_tune, dist, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
@@ -258,6 +251,18 @@ def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
     if resumed is not None:
         restore(run, resumed)
     return run
+
+
+def load_data(config: TrainConfig, resumed: dict | None) -> tuple[CaptionSplit, CaptionSplit, Vocabulary]:
+    """The training and validation splits, and the vocabulary: a resumed run's own, else the
+    training captions' words."""
+    karpathy = Path(config.karpathy) if config.karpathy else None
+    train_split, val_split = (load_split(Path(config.data), name, karpathy)
+                              for name in (config.train_split, config.val_split))
+    if resumed is not None:
+        return train_split, val_split, Vocabulary.from_json(resumed["vocab"])
+    vocab = Vocabulary.build((c for cs in train_split.captions for c in cs), config.min_word_count)
+    return train_split, val_split, vocab
 
 
 def cache_features(model: CaptionModel, splits: tuple[CaptionSplit, ...], config: TrainConfig,
@@ -285,6 +290,16 @@ def freeze_encoder(model: CaptionModel, blocks: int) -> list[torch.nn.Module]:
         for p in module.parameters():
             p.requires_grad_(True)
     return tail
+
+
+def learner_of(model: CaptionModel, fine_tune: bool, dist: Distributed, device: torch.device) -> torch.nn.Module:
+    """What the loss flows through: the decoder on cached features, or the whole model from the
+    pixels; under torchrun, wrapped so that the ranks average their gradients."""
+    learner: torch.nn.Module = model if fine_tune else model.decoder
+    if dist.world_size == 1:
+        return learner
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(learner, device_ids=device_ids)
 
 
 # ---------------------------------------------------------------- the loop
