@@ -68,6 +68,14 @@ def test_every_copy_source_exists_in_the_repository(dockerfile):
             assert (ROOT / source).exists(), f"{path.name}: COPY {source} is not in the repository"
 
 
+def test_nothing_copied_is_left_out_of_the_build_context(dockerfile):
+    path, instrs = dockerfile
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for copy in args_of(instrs, "COPY"):
+        for source in [p for p in shlex.split(copy) if not p.startswith("--")][:-1]:
+            assert Path(source).parts[0] not in ignored, f"{path.name}: COPY {source}, but .dockerignore drops it"
+
+
 def test_the_requirements_file_is_copied_and_installed(dockerfile):
     path, instrs = dockerfile
     runs = " ".join(args_of(instrs, "RUN"))
