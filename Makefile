@@ -2,7 +2,7 @@
 # make test   the whole test suite
 # make bench    folder-captioning throughput (about 10 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (about 10 min), written to benchmarks/RESULTS.md
-# make lint     ruff (lint and format) and mypy over the packages
+# make lint     ruff (lint and format), mypy over the packages, hadolint on the Dockerfiles
 
 PYTHON ?= python3
 VENV := .venv
@@ -31,6 +31,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint --failure-threshold style docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.model
 
 bench: model
 	$(BIN)/python benchmarks/caption_throughput.py --out benchmarks/RESULTS.md

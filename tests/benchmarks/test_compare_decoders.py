@@ -5,7 +5,6 @@ minutes, so the recipe is shrunk to the tiny encoder and a few images; the rest 
 the benchmark's own code.
 """
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -22,8 +21,8 @@ def compare(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "DEMO_MODEL", small_model())
-    monkeypatch.setattr(module, "DEMO_TRAINING", dataclasses.replace(
-        module.DEMO_TRAINING, batch_size=8, lr=0.01, warmup_steps=0, threads=1, workers=0, val_limit=0))
+    quick = dict(batch_size=8, lr=0.01, warmup_steps=0, threads=1, workers=0, val_limit=0)
+    monkeypatch.setattr(module, "DEMO_TRAINING", type(module.DEMO_TRAINING)(**{**module.DEMO_TRAINING.model_dump(), **quick}))
     monkeypatch.setattr(module, "DEMO_SPLITS", {"train": 16, "val": 8, "test": 8})
     return module
 
