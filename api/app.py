@@ -20,6 +20,7 @@ from captioner.predictor import Predictor
 
 from .batcher import Batcher
 from .errors import install_error_handlers
+from .form import request_body_schema
 from .guard import RequestGuard
 from .metrics import Metrics, MetricsMiddleware
 from .routers import captions, health, model, page
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The guard does the checking; this only documents the header in /docs.
     documented = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))] if api_key else []
     app.include_router(captions.router, dependencies=documented)
+    _document_caption_form(app, settings.max_images)
     app.include_router(model.router, dependencies=documented)
     app.include_router(health.router)
     app.include_router(page.router)
@@ -91,3 +93,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["X-API-Key", "Content-Type"])
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+def _document_caption_form(app: FastAPI, max_images: int) -> None:
+    """The caption form is parsed by api.form, not by FastAPI: its schema comes from there too."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()  # cached by FastAPI in app.openapi_schema
+            schema["paths"]["/v1/captions"]["post"]["requestBody"] = request_body_schema(max_images)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

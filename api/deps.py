@@ -1,6 +1,7 @@
 """What routes depend on, named once: the settings, the predictor, the batcher, the threads that
-decode images, the metrics."""
+decode images, the metrics, a caption request's form."""
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
@@ -9,6 +10,7 @@ from fastapi import Depends, Request
 from captioner.predictor import Predictor
 
 from .batcher import Batcher
+from .form import CaptionForm, read_caption_form
 from .metrics import Metrics
 from .settings import Settings
 
@@ -33,8 +35,20 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def _caption_form(request: Request) -> AsyncIterator[CaptionForm]:
+    """The files and options of a caption request, read within the limits; the files closed after."""
+    settings: Settings = request.app.state.settings
+    predictor: Predictor = request.app.state.predictor
+    form = await read_caption_form(request, settings.max_images, predictor.limits.max_bytes)
+    try:
+        yield form
+    finally:
+        form.close()
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 PredictorDep = Annotated[Predictor, Depends(_predictor)]
 BatcherDep = Annotated[Batcher, Depends(_batcher)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 ImageThreadsDep = Annotated[anyio.CapacityLimiter, Depends(_image_threads)]
+CaptionFormDep = Annotated[CaptionForm, Depends(_caption_form)]

@@ -9,7 +9,7 @@ import logging
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from captioner.images import ImageError
@@ -67,6 +67,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return APIError(exc.status_code, code, message, getattr(exc, "headers", None)).response()
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer: nobody is left to answer."""
+
+
+def invalid_option(option: str, message: str) -> APIError:
+    return APIError(422, "invalid_option", message, option=option)
+
+
+def invalid_options(errors: list) -> APIError:
+    """Pydantic's errors about options as one 422 naming the first option at fault."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    details = "; ".join(f"{_field_name(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
+    return invalid_option(_field_name(tuple(first.get("loc", ()))), details)
+
+
 def _field_name(loc: tuple) -> str:
     """('body', 'beam_size') -> 'beam_size'; ('query', 'x', 0) -> 'x'."""
     names = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form") and not isinstance(p, int)]
@@ -79,8 +94,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     field = _field_name(tuple(first.get("loc", ())))
     if field in ("images", "body") and first.get("type") == "missing":
         return APIError(422, "missing_image", "send at least one file in the multipart form field 'images'").response()
-    details = "; ".join(f"{_field_name(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
-    return APIError(422, "invalid_option", details, option=field).response()
+    return invalid_options(errors).response()
+
+
+async def _client_gone(request: Request, exc: ClientGone) -> Response:
+    # Never sent (the connection is gone); 499, as nginx logs it, is what the metrics count.
+    return Response(status_code=499)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -91,4 +110,5 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -20,6 +20,9 @@ MAX_BEAM_SIZE = 10
 MAX_CAPTIONS = 10
 MAX_LENGTH = 50
 MAX_TOP_K = 1000
+# float32's smallest normal number is about 1e-38: a smaller divisor rounds to 0. Below this, sampling
+# is greedy (ties aside) all the same.
+MIN_TEMPERATURE = 1e-30
 
 
 class DecodeOptions(BaseModel):
@@ -53,6 +56,19 @@ class DecodeOptions(BaseModel):
         if method == "greedy" and num_captions != 1:
             raise ValueError("greedy decoding gives one caption")
         return num_captions
+
+
+def distinct_captions(num_words: int, max_length: int, at_most: int = MAX_CAPTIONS) -> int:
+    """How many different captions of at most `max_length` words a vocabulary of `num_words`
+    sayable words has (the empty caption included), counted up to `at_most`: what beam search can
+    return at most, so num_captions beyond it cannot be filled."""
+    total, of_length = 0, 1
+    for _ in range(max_length + 1):
+        total += of_length
+        if total >= at_most or num_words == 0:
+            break
+        of_length *= num_words
+    return min(total, at_most)
 
 
 @dataclass
@@ -149,7 +165,11 @@ def sample(decoder: Decoder, memory: Memory, num_samples: int, max_length: int, 
         generator.manual_seed(seed)
 
     def choose(log_probs):
-        scaled = log_probs / temperature  # (N, V): the same softmax as logits / temperature
+        # (N, V): the same softmax as logits / temperature. Shifted so each row's likeliest word is 0
+        # before dividing: however small the temperature, one word per row stays finite (not 0/0,
+        # not all -inf), so a temperature near 0 is greedy instead of NaN.
+        shifted = log_probs - log_probs.amax(1, keepdim=True)  # (N, V), <= 0
+        scaled = shifted / max(temperature, MIN_TEMPERATURE)
         if top_k:
             kth = scaled.topk(min(top_k, scaled.size(1)), dim=1).values[:, -1:]  # (N, 1)
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))

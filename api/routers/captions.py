@@ -8,19 +8,21 @@ batched with other requests; render heatmap overlays, if asked, in a thread.
 import asyncio
 import base64
 import io
-from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter
 from PIL import Image
+from starlette.datastructures import UploadFile
 
+from captioner.decoding import distinct_captions
 from captioner.images import ImageError
 from captioner.overlay import drop_attention, heatmap_overlay, prepare_with_picture
-from captioner.predictor import PreparedImage, Predictor
+from captioner.predictor import Predictor, PreparedImage
+from captioner.vocab import SPECIALS
 
 from ..batcher import QueueFull, ShuttingDown
-from ..deps import BatcherDep, ImageThreadsDep, PredictorDep, SettingsDep
-from ..errors import APIError
+from ..deps import BatcherDep, CaptionFormDep, ImageThreadsDep, PredictorDep, SettingsDep
+from ..errors import APIError, invalid_option
 from ..schemas import ERROR_RESPONSES, CaptionOptions, CaptionResponse
 from .model import describe_model
 
@@ -32,23 +34,21 @@ RETRY_AFTER = {"Retry-After": "1"}
 @router.post("/captions", response_model=CaptionResponse, response_model_exclude_none=True,
              summary="Caption one or more images", responses=ERROR_RESPONSES)
 async def create_captions(
-    images: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP, GIF, BMP)")],
-    options: Annotated[CaptionOptions, Form()],
+    form: CaptionFormDep,
     predictor: PredictorDep,
     batcher: BatcherDep,
     settings: SettingsDep,
     image_threads: ImageThreadsDep,
 ) -> dict:
-    """Results come in upload order, each named by its file. Any unusable file fails the
-    whole request with the error naming that file."""
-    if len(images) > settings.max_images:
-        raise APIError(413, "too_many_files", f"{len(images)} files sent; at most {settings.max_images} per request")
+    """Send the images as files of the multipart field `images`, and the options as fields
+    beside them. Results come in upload order, each named by its file. Any unusable file fails
+    the whole request with the error naming that file; an unknown field is an error too."""
+    options = form.options
+    _check_num_captions(options, predictor)
     decode_options = options.decode_options()
-    names = [f.filename or f"image{i}" for i, f in enumerate(images)]
-    # One byte past the limit is enough for open_image to refuse the file as too_large.
-    uploads = [await f.read(predictor.limits.max_bytes + 1) for f in images]
+    names = form.names
     overlay_size = settings.overlay_size if options.overlays else None
-    prepared, pictures = await anyio.to_thread.run_sync(_prepare, predictor, names, uploads, overlay_size,
+    prepared, pictures = await anyio.to_thread.run_sync(_prepare, predictor, names, form.images, overlay_size,
                                                         limiter=image_threads)
 
     try:
@@ -70,11 +70,23 @@ async def create_captions(
     return {"model": describe_model(predictor, settings), "results": results}
 
 
-def _prepare(predictor: Predictor, names: list[str], uploads: list[bytes],
+def _check_num_captions(options: CaptionOptions, predictor: Predictor) -> None:
+    """Beam search returns at most the different captions the vocabulary has: fewer than asked is an error."""
+    if options.method != "beam":
+        return
+    most = distinct_captions(len(predictor.model.vocab) - len(SPECIALS), options.max_length)
+    if options.num_captions > most:
+        raise invalid_option("num_captions", f"num_captions: this model has only {most} different captions "
+                                             f"of at most {options.max_length} words")
+
+
+def _prepare(predictor: Predictor, names: list[str], uploads: list[UploadFile],
              overlay_size: int | None) -> tuple[list[PreparedImage], list[Image.Image | None]]:
-    """Decode and preprocess every upload; keep a small copy of the picture for overlays."""
+    """Read, decode and preprocess every upload, one at a time; keep a small copy of the picture for overlays."""
     images, pictures = [], []
-    for name, data in zip(names, uploads):
+    for name, upload in zip(names, uploads):
+        # One byte past the limit is enough for open_image to refuse the file as too_large.
+        data = upload.file.read(predictor.limits.max_bytes + 1)
         try:
             image, picture = prepare_with_picture(predictor, data, overlay_size)
         except ImageError as e:

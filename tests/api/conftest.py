@@ -1,4 +1,5 @@
-"""API fixtures: an app on the tiny checkpoint, and a client that runs its lifespan."""
+"""API fixtures: an app on the tiny checkpoint, a client that runs its lifespan, and the real
+server in its own process (`start_server`)."""
 
 import os
 
@@ -7,6 +8,12 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import Settings
+from captioner.checkpoint import save_checkpoint
+from captioner.model import build_model
+from captioner.vocab import Vocabulary
+from tests.conftest import tiny_config
+
+from .helpers import ServerProcess, serve_command
 
 
 @pytest.fixture(autouse=True)
@@ -47,3 +54,31 @@ def make_client(make_settings):
 @pytest.fixture
 def client(make_client) -> TestClient:
     return make_client()
+
+
+@pytest.fixture(scope="session")
+def small_vocab_checkpoint(tmp_path_factory):
+    """A tiny model that knows two words: 3 different captions of at most 1 word, 7 of at most 2."""
+    model = build_model(tiny_config(), Vocabulary.build(["cat dog"])).eval()
+    path = tmp_path_factory.mktemp("checkpoint") / "two-words.safetensors"
+    save_checkpoint(model, path, {"training_data": "tests"})
+    return path
+
+
+@pytest.fixture
+def start_server(tiny_checkpoint, tmp_path):
+    """`start_server(*flags, checkpoint=..., env=..., command=...)` -> a ServerProcess that is ready:
+    `captioner serve` (or `command`, a list whose PORT is replaced) on a free loopback port.
+    Killed at the end of the test."""
+    servers = []
+
+    def start(*flags, checkpoint=None, env=None, command=None, ready="/readyz") -> ServerProcess:
+        argv = command or serve_command(checkpoint or tiny_checkpoint, *flags)
+        server = ServerProcess(argv, tmp_path / f"server{len(servers)}.log", env=env, ready=ready)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,8 +1,14 @@
-"""Test pictures and multipart helpers for the API tests."""
+"""Test pictures, multipart helpers and the real server process for the API tests."""
 
 import io
+import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 from PIL import Image, ImageDraw
 
 
@@ -35,3 +41,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_command(checkpoint: Path, *flags: str) -> list[str]:
+    """`captioner serve` on the loopback address, its port left as PORT."""
+    return [sys.executable, "-m", "cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+            "--port", "PORT", "--threads", "1", *flags]
+
+
+class ServerProcess:
+    """A server in its own process on a free loopback port, started and waited for (bounded).
+
+    Its environment has no CAPTIONER_* variable but those in `env`."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None, ready: str = "/readyz"):
+        self.port = free_port()
+        self.argv = [str(self.port) if a == "PORT" else a for a in argv]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.ready = log_path, ready
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> "ServerProcess":
+        self._log = open(self.log_path, "w+")
+        self.process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                        cwd=Path(__file__).resolve().parents[2])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.process.returncode}):\n{self.log()}")
+            try:
+                if httpx.get(self.base + self.ready, timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the server was not ready within {timeout:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-6000:]
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        if hasattr(self, "_log"):
+            self._log.close()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -47,9 +47,9 @@ def test_openapi_documents_the_endpoints_with_examples(client):
     components = schema["components"]["schemas"]
     assert components["CaptionResponse"]["examples"][0]["results"][0]["captions"]
     assert components["ModelCard"]["examples"][0]["limits"]
-    options = components["CaptionOptions"]["properties"]
+    body = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+    options = body["properties"]
     for name in ("method", "beam_size", "num_captions", "temperature", "top_k", "max_length", "seed"):
         assert options[name].get("examples"), name
     assert options["beam_size"]["maximum"] == 10
-    body = components[post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]]
-    assert body["properties"]["images"]["type"] == "array"
+    assert options["images"]["type"] == "array" and body["required"] == ["images"]

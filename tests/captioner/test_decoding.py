@@ -5,8 +5,17 @@ import itertools
 import pytest
 import torch
 
-from captioner.decoding import (DecodeOptions, Hypothesis, _next_word_log_probs, beam_search, decode, greedy,
-                                rank_score, sample)
+from captioner.decoding import (
+    DecodeOptions,
+    Hypothesis,
+    _next_word_log_probs,
+    beam_search,
+    decode,
+    distinct_captions,
+    greedy,
+    rank_score,
+    sample,
+)
 from captioner.vocab import Vocabulary
 from tests.captioner.conftest import region_features, vary_caption_lengths
 
@@ -366,3 +375,37 @@ def test_temperature_changes_what_is_sampled(make_model):
     hot = sample(model.decoder, memory, num_samples=5, max_length=6, temperature=10.0, seed=0)
     assert all(h.token_ids == best[i] for i, hyps in enumerate(cold) for h in hyps)
     assert any(h.token_ids != best[i] for i, hyps in enumerate(hot) for h in hyps)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-30, 1e-12])
+def test_a_temperature_near_zero_samples_the_greedy_caption_instead_of_failing(make_model, temperature):
+    """Every temperature the options accept (> 0) is usable: dividing by one that float32 rounds to 0
+    gave 0/0 and -inf rows, and multinomial refused their NaN probabilities."""
+    model = make_model()
+    features = region_features(model, 3)
+    memory = varied(model, features, 6).decoder.prepare(features)
+    best = [g.token_ids for g in greedy(model.decoder, memory, max_length=6)]
+    options = DecodeOptions(method="sample", num_captions=3, temperature=temperature, max_length=6, seed=0)
+    results = decode(model.decoder, memory, options)
+    assert [[h.token_ids for h in hyps] for hyps in results] == [[b] * 3 for b in best]
+
+
+def test_distinct_captions_counts_what_a_vocabulary_can_say():
+    assert distinct_captions(2, 2) == 7  # "", cat, dog, and the four pairs
+    assert distinct_captions(2, 1) == 3
+    assert distinct_captions(0, 20) == 1  # only the empty caption
+    assert distinct_captions(30, 50) == 10  # counted up to MAX_CAPTIONS, never 30**50
+    assert distinct_captions(2, 2, at_most=5) == 5
+
+
+@pytest.mark.parametrize("max_length", [1, 2, 3])
+def test_beam_search_returns_every_caption_it_can_up_to_num_captions(make_model, max_length):
+    """Beam search fills num_captions whenever that many different captions exist, and returns all
+    there are when fewer exist: the count the API checks num_captions against."""
+    model = make_model(vocab=Vocabulary.build(["cat dog"]))
+    memory = model.decoder.prepare(region_features(model, 2))
+    for beam_size in (3, 7, 10):
+        beams = beam_search(model.decoder, memory, beam_size=beam_size, num_captions=beam_size, max_length=max_length)
+        expected = min(beam_size, distinct_captions(2, max_length))
+        assert [len(b) for b in beams] == [expected, expected]
+        assert all(len({tuple(h.token_ids) for h in b}) == expected for b in beams)
