@@ -6,9 +6,14 @@ name ("file" in the output) is its path relative to the root it was found
 under, with "/" separators; a file given directly is named by its base name.
 Order: the roots as given, each walked with the entries of every folder sorted
 by name.
+
+Names are Python's text for the file system's bytes (`os.fsdecode`): a name
+that is not UTF-8 (b"caf\\xe9.jpg") keeps its bytes as lone surrogates
+("caf\\udce9.jpg"), so it can be opened again, and `os.fsencode` gives the bytes back.
 """
 
 import os
+import stat
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +22,8 @@ from pathlib import Path
 from captioner.images import ImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-SKIP_CODES = ("not_an_image", "outside_root")  # skipped by design; any other error is a failure
+# skipped by design; any other error is a failure
+SKIP_CODES = ("not_an_image", "outside_root", "not_a_regular_file")
 
 
 @dataclass(frozen=True)
@@ -38,8 +44,9 @@ class Shard:
 
     def holds(self, file: str) -> bool:
         """A stable hash of the name: a file's shard never depends on the other files,
-        so adding images to a folder does not move the ones already captioned."""
-        return zlib.crc32(file.encode()) % self.count == self.index
+        so adding images to a folder does not move the ones already captioned. It is the hash of
+        the name's bytes, which every name has, UTF-8 or not."""
+        return zlib.crc32(os.fsencode(file)) % self.count == self.index
 
 
 @dataclass(frozen=True)
@@ -81,11 +88,35 @@ def find_entries(paths: list[Path], recursive: bool = False, follow_links: bool 
     return unique
 
 
+def run_order(entries: list[Entry]) -> dict[str, int]:
+    """Each name's place among `entries` (all a run's files, found by `find_entries`): the order
+    that merging shards, ranks and retries restores."""
+    return {entry.file: i for i, entry in enumerate(entries)}
+
+
 def _file_entry(name: str, path: Path) -> Entry:
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return Entry(name, path)
-    return Entry(name, path, ImageError("not_an_image", f"{path.suffix or 'no extension'}: not one of "
-                                                       f"{', '.join(IMAGE_SUFFIXES)}"))
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return Entry(name, path, ImageError("not_an_image", f"{path.suffix or 'no extension'}: not one of "
+                                                           f"{', '.join(IMAGE_SUFFIXES)}"))
+    kind = _special_kind(path)
+    if kind is not None:
+        return Entry(name, path, ImageError("not_a_regular_file", f"a {kind}: only regular files are read"))
+    return Entry(name, path)
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                  (stat.S_ISBLK, "block device"))
+
+
+def _special_kind(path: Path) -> str | None:
+    """What `path` (a link: its target) is when it is not a regular file, told by stat without
+    opening it: opening a named pipe waits for a writer, and would stop the whole run. A path
+    that cannot be stat'ed is left to the reading, which reports it as unreadable."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return next((kind for is_kind, kind in _SPECIAL_KINDS if is_kind(mode)), None)
 
 
 def _walk(folder: Path, root: Path, prefix: str, walk: Walk, visited: set[Path]) -> list[Entry]:
