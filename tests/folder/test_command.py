@@ -4,6 +4,9 @@ import csv
 import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -420,7 +423,8 @@ def test_amp_runs_the_encoder_in_bfloat16_and_captions_the_same_files(mixed_fold
 
     def spy(self, images):
         features = real_forward(self, images)
-        encoder_dtypes.append(features.dtype)
+        if isinstance(features, torch.Tensor):  # not torch.fx's symbolic trace (fold_batch_norms)
+            encoder_dtypes.append(features.dtype)
         return features
 
     monkeypatch.setattr(Encoder, "forward", spy)
@@ -446,6 +450,31 @@ def test_two_roots_with_the_same_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="same.jpg"):
         find_entries([tmp_path / "a", tmp_path / "b"])
     assert [e.file for e in find_entries([tmp_path / "a", tmp_path / "a" / "same.jpg"])] == ["same.jpg"]
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs named pipes and Unix sockets")
+def test_pipes_sockets_and_devices_are_skipped_without_being_opened(tiny_checkpoint, tmp_path):
+    """Opening a named pipe waits for a writer: the run would stop there for good."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    _picture("RGB").save(root / "photo.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    (root / "null.png").symlink_to(os.devnull)  # a character device, read with --follow-links
+    os.mkfifo(tmp_path / "given.jpg")
+    out = tmp_path / "captions.jsonl"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(root / "socket.jpg"))
+        command = [Path(sys.executable).parent / "captioner", "caption", root, tmp_path / "given.jpg",
+                   "--follow-links", "--checkpoint", tiny_checkpoint, "--out", out]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)  # a pipe opened: no end
+    assert run.returncode == 0, run.stderr  # skipped files are no failures
+    codes = [(line["file"], line.get("error", {}).get("code")) for line in read_lines(out)]
+    assert codes == [("null.png", "not_a_regular_file"), ("photo.jpg", None), ("pipe.jpg", "not_a_regular_file"),
+                     ("socket.jpg", "not_a_regular_file"), ("given.jpg", "not_a_regular_file")]
+    messages = {line["file"]: line["error"]["message"] for line in read_lines(out) if "error" in line}
+    assert "named pipe" in messages["pipe.jpg"] and "socket" in messages["socket.jpg"]
+    assert "character device" in messages["null.png"]
+    assert "captioned 1, failed 0, skipped 4" in run.stderr
 
 
 def test_a_link_loop_is_entered_once(tmp_path):
