@@ -6,9 +6,9 @@
     captioner caption val2014/ --method beam --beam-size 3 --format coco --out results.json
 
 Files are found by discovery (`files`), captioned by the pipeline
-(`pipeline`) and recorded in the journal (`journal`); this module
-reads the command line, splits the work across shards or torchrun ranks, and
-reports.
+(`pipeline`) and recorded in the journal (`journal`), one run at a time on an
+output (`lock`); this module reads the command line, splits the work across
+shards or torchrun ranks, and reports.
 """
 
 import argparse
@@ -16,32 +16,32 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+
+import torch.distributed as dist
+from pydantic import BaseModel, Field
 
 from captioner.decoding import DecodeOptions
 from runtime.allocator import keep_freed_memory
 from runtime.cpus import cpus_per_local_rank
 from runtime.devices import add_device_arguments, resolve_device
+from runtime.distributed import Distributed, torchrun_rank
 from runtime.flags import add_model_flags, model_from_flags
 from runtime.home import default_checkpoint
 
-from .files import Entry, Shard, find_entries
-from .journal import (
-    JournalWriter,
-    check_settings,
-    common_settings,
-    merge,
-    recover,
-    write_coco,
-    write_csv,
-    write_settings,
-)
+from .files import Entry, Shard, find_entries, run_order
+from .journal import (JournalWriter, check_settings, common_settings, merge, recover, write_coco, write_csv,
+                      write_settings)
+from .lock import Busy, holding
 
 FORMATS = ("jsonl", "csv", "coco")
 MAX_BATCH_SIZE = 256
 MAX_WORKERS = 32
+MAX_THREADS = 256
 
 EPILOG = """\
 output:
@@ -52,8 +52,9 @@ output:
   {"file": ..., "error": {"code": ..., "message": ...}}, with the codes of the
   HTTP API (unreadable, too_large, unsupported_format, too_many_pixels,
   corrupt_image). Files skipped by design get such a line too: not_an_image
-  (the extension is not .jpg .jpeg .png .webp .gif .bmp) and outside_root (a
-  symbolic link leading out of the folder, unless --follow-links).
+  (the extension is not .jpg .jpeg .png .webp .gif .bmp), outside_root (a
+  symbolic link leading out of the folder, unless --follow-links) and
+  not_a_regular_file (a named pipe, socket or device: never opened).
   --format csv writes one row per caption; --format coco writes a COCO results
   file ([{"image_id", "caption"}], the best caption per image). image_id is the
   number that ends the file name (COCO_val2014_000000123456.jpg -> 123456) when
@@ -83,8 +84,26 @@ resuming:
   merging parts written with different ones. --overlays is not one of those
   settings: it draws sheets for the images a run captions, not for the ones
   already done.
-  OUT, its journal and the --overlays folder are never taken as inputs, even
+  OUT, its journal, its locks and the --overlays folder are never inputs, even
   inside a folder being captioned.
+  --retry-failed captions again the images whose lines are errors (files
+  skipped by design are not retried) and replaces their lines: OUT keeps one
+  line per file, in the same order. Interrupted, it resumes like any run.
+
+one run at a time:
+  A run holds OUT.lock (and, for csv and coco, OUT.jsonl.lock) while it writes.
+  A second run on the same --out, or a --merge into it, is refused (exit
+  status 2) before it reads or writes anything, instead of captioning every
+  image twice. The lock goes with the run that holds it, even one killed with
+  SIGKILL; a lock file left behind holds nothing and the next run goes on.
+
+file names:
+  A name that is not UTF-8 (b"caf\\xe9.jpg" on Linux) is kept as Python's
+  os.fsdecode gives it, with each undecodable byte as a lone surrogate: in JSON
+  as its escape ("caf\\udce9.jpg"), which json.loads reads back as the same
+  name and os.fsencode turns back into the file's bytes; in CSV as the bytes
+  themselves (read it with errors="surrogateescape"). Shards, merging,
+  resuming and retrying key on these names like any other.
 
 exit status:
   0 when every image was captioned (skipped files do not count), 1 when the
@@ -113,13 +132,18 @@ more than one machine:
 """
 
 
-def _bounded(low: int, high: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
-        return value
-    return parse
+class Throughput(BaseModel):
+    """How the command spreads its work over the CPUs; none of it changes a caption, so none of it
+    is a compared setting (`journal`)."""
+
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description=(
+        "images per decoding batch; the encoder takes them in equal parts of at most 16, cheapest on a CPU; "
+        "a stop loses at most the batches in flight"))
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description=(
+        "batches captioned at once, each by a worker that reads, encodes and decodes it; processes on a CPU "
+        "under Linux, else threads; none: the CPUs available, shared among torchrun's local ranks"))
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description=(
+        "torch threads of each worker; none: the CPUs available shared among the workers"))
 
 
 def _shard(text: str) -> Shard:
@@ -146,19 +170,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--recursive", action="store_true", help="enter subfolders")
     parser.add_argument("--follow-links", action="store_true",
                         help="read symbolic links that lead outside the folder")
-    parser.add_argument("--batch-size", type=_bounded(1, MAX_BATCH_SIZE), default=32,
-                        help="images per decoding batch; the encoder takes them in equal parts of at most 16, "
-                             "cheapest on a CPU (default %(default)s; a stop loses at most the batches in flight)")
-    parser.add_argument("--workers", type=_bounded(1, MAX_WORKERS), default=None,
-                        help="batches captioned at once, each by a worker that reads, encodes and decodes it; "
-                             "processes on a CPU under Linux, else threads (default: the CPUs available, "
-                             "shared among torchrun's local ranks)")
-    parser.add_argument("--threads", type=_bounded(1, 256), default=None,
-                        help="torch threads of each worker (default: the CPUs available shared among the workers)")
+    add_model_flags(parser, Throughput, title="throughput")
     add_device_arguments(parser)
     parser.add_argument("--shard", type=_shard, metavar="I/N", help="caption only the I-th of N disjoint parts")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="PART",
                         help="merge shard outputs into --out in the single-run order, captioning nothing")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="caption again the images whose lines in --out are errors (not the files skipped "
+                             "by design), replacing those lines")
 
 
 def _usage_error(message: str) -> int:
@@ -166,11 +185,13 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def _torchrun_rank() -> tuple[int, int] | None:
-    """(rank, world size) when started by torchrun with more than one process."""
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None
+def _throughput(args: argparse.Namespace) -> Throughput:
+    """A number out of its range ends the command at once (exit status 2), as argparse ends it
+    for a malformed flag: nothing has been looked at yet."""
+    try:
+        return model_from_flags(Throughput, args)
+    except ValueError as e:
+        raise SystemExit(_usage_error(str(e))) from None
 
 
 @dataclass(frozen=True)
@@ -188,8 +209,14 @@ class Outputs:
     def part(self, rank: int) -> Path:
         return self.journal.with_name(f"{self.journal.name}.rank{rank}")
 
+    @property
+    def locks(self) -> list[Path]:
+        """Held while a run writes (`lock`): OUT's and its journal's, for a run on either name would
+        write into this one's files (a jsonl run on x.csv.jsonl would append to x.csv's journal)."""
+        return [path.with_name(path.name + ".lock") for path in dict.fromkeys((self.out, self.journal))]
+
     def written_here(self, path: Path) -> bool:
-        """OUT, its journal, parts, temporary files and the overlays folder are never inputs,
+        """OUT, its journal, parts, locks, temporary files and the overlays folder are never inputs,
         even inside a folder being captioned: a rerun must find the same files."""
         name = path.name.removeprefix(".")
         if name == self.out.name or name.startswith(self.out.name + "."):
@@ -199,53 +226,106 @@ class Outputs:
 
 def main(args: argparse.Namespace) -> int:
     keep_freed_memory()  # this process's malloc policy, set before any lane thread or fork exists
+    throughput = _throughput(args)
     try:
         options = model_from_flags(DecodeOptions, args, attention=args.attention or bool(args.overlays))
-    except ValueError as e:
-        return _usage_error(str(e))
-    try:
         device = resolve_device(args.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     except ValueError as e:
         return _usage_error(str(e))
-    distributed = _torchrun_rank()
-    if distributed and (args.shard or args.merge):
-        return _usage_error("under torchrun each rank takes its shard itself; drop --shard and --merge")
-    if args.shard and args.merge:
-        return _usage_error("--merge combines the outputs of --shard runs; give one of them")
+    ranks = torchrun_rank()
+    if problem := _conflicting_flags(args, ranks):
+        return _usage_error(problem)
     outputs = Outputs(args.out, args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl"),
                       args.overlays)
     try:
         entries = find_entries(args.paths, args.recursive, args.follow_links, exclude=outputs.written_here)
     except (OSError, ValueError) as e:
         return _usage_error(str(e))
-    order = {entry.file: i for i, entry in enumerate(entries)}
     if args.merge:
-        missing = [str(p) for p in args.merge if not p.is_file()]
-        if missing:
-            return _usage_error(f"no such part: {', '.join(missing)}")
-        try:
-            settings = common_settings([outputs.journal, *args.merge])
-            merge([outputs.journal, *args.merge], order, outputs.journal)
-        except ValueError as e:
-            return _usage_error(f"cannot merge: {e}")
-        if settings is not None:
-            write_settings(outputs.journal, settings)
-        return _finish(outputs, label=f"merged {len(args.merge)} parts: ")
+        return _merge_parts(args.merge, outputs, run_order(entries))
+    if ranks:
+        dist.init_process_group("gloo")
+    try:
+        with _exclusive(outputs, ranks):
+            return _caption_run(args, throughput, options, device, outputs, entries, ranks)
+    except Busy as e:
+        return _refused(outputs, e, "let it finish, or give another --out")
+    finally:
+        if ranks:
+            dist.destroy_process_group()
 
-    shard = Shard(*distributed) if distributed else args.shard
+
+def _refused(outputs: Outputs, busy: Busy, advice: str) -> int:
+    return _usage_error(f"another run is writing {outputs.out} ({busy}); {advice}")
+
+
+def _conflicting_flags(args: argparse.Namespace, ranks: tuple[int, int] | None) -> str | None:
+    """What is wrong with the flags together, if anything."""
+    if ranks and (args.shard or args.merge):
+        return "under torchrun each rank takes its shard itself; drop --shard and --merge"
+    if args.shard and args.merge:
+        return "--merge combines the outputs of --shard runs; give one of them"
+    if args.merge and args.retry_failed:
+        return "--merge captions nothing; retry the failed images in the runs that wrote the parts, or after merging"
+    return None
+
+
+def _merge_parts(parts: list[Path], outputs: Outputs, order: dict[str, int]) -> int:
+    """Merge the parts into OUT (with what it holds already) in the single-run order."""
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        return _usage_error(f"no such part: {', '.join(missing)}")
+    try:
+        with holding(outputs.locks):
+            try:
+                settings = common_settings([outputs.journal, *parts])
+                merge([outputs.journal, *parts], order, outputs.journal)
+            except ValueError as e:
+                return _usage_error(f"cannot merge: {e}")
+            if settings is not None:
+                write_settings(outputs.journal, settings)
+            return _finish(outputs, label=f"merged {len(parts)} parts: ")
+    except Busy as e:
+        return _refused(outputs, e, "let it finish, then merge")
+
+
+@contextmanager
+def _exclusive(outputs: Outputs, ranks: tuple[int, int] | None) -> Iterator[None]:
+    """Hold the output's locks, or raise Busy before any work. Under torchrun rank 0 holds them
+    for every rank (the ranks of one run share the output), and every rank learns whether it got
+    them, so a refused run stops on all its ranks."""
+    with ExitStack() as held:
+        busy = None
+        if ranks is None or ranks[0] == 0:
+            try:
+                held.enter_context(holding(outputs.locks))
+            except Busy as e:
+                busy = e
+        if ranks and not Distributed.from_environment().agree(busy is None):
+            busy = busy or Busy("rank 0 found the output held")
+        if busy is not None:
+            raise busy
+        yield
+
+
+def _caption_run(args: argparse.Namespace, throughput: Throughput, options: DecodeOptions, device: "torch.device",
+                 outputs: Outputs, entries: list[Entry], ranks: tuple[int, int] | None) -> int:
+    """Caption into the output what it lacks, and with --retry-failed what failed in it; the
+    exit status. The output's lock is held."""
+    order = run_order(entries)
+    shard = Shard(*ranks) if ranks else args.shard
     if shard is not None:
         entries = [e for e in entries if shard.holds(e.file)]
-    output = outputs.part(distributed[0]) if distributed else outputs.journal
+    journals = [outputs.journal, outputs.part(ranks[0])] if ranks else [outputs.journal]
     try:
-        earlier = recover(output)
-        if distributed:
-            earlier.done |= recover(outputs.journal).done  # a rerun after the parts were merged
+        earlier = recover(*journals)  # under torchrun, the output a run before merged, then this rank's part
     except ValueError as e:
         return _usage_error(f"{e}; give another --out or delete it")
-    todo = [e for e in entries if e.file not in earlier.done]
+    retried = {e.file for e in entries if e.file in earlier.failed} if args.retry_failed else set()
+    todo = [e for e in entries if e.file not in earlier.done or e.file in retried]
     checkpoint = args.checkpoint or default_checkpoint()
     try:
-        predictor = _load(checkpoint, args, device)
+        predictor = _load(checkpoint, args, throughput.batch_size, device)
     except _ModelUnavailable as e:
         return _usage_error(str(e))
     settings = _settings(checkpoint, args, options)
@@ -254,35 +334,36 @@ def main(args: argparse.Namespace) -> int:
             check_settings(outputs.journal, settings)
         except ValueError as e:
             return _usage_error(f"{e}; rerun with those settings to go on, or give another --out to start over")
-    if not distributed or distributed[0] == 0:
+    if not ranks or ranks[0] == 0:
         write_settings(outputs.journal, settings)
-    if not distributed:
-        failed = _caption(args, predictor, options, todo, output, already_done=len(entries) - len(todo))
-        return _finish(outputs, earlier.failed + failed)
+    already_done = len(entries) - len(todo)
+    if ranks:
+        _caption(args, throughput, predictor, options, todo, journals[-1], already_done, label=f"rank {ranks[0]}: ",
+                 show_progress=ranks[0] == 0)
+        return _merge_ranks(outputs, order, *ranks)
+    failed = _caption(args, throughput, predictor, options, todo, outputs.journal, already_done)
+    if retried or earlier.superseded:
+        merge([outputs.journal], order, outputs.journal)  # one line per image again, in run order
+    return _finish(outputs, len(earlier.failed - retried) + failed)
 
-    import torch.distributed as dist
 
-    rank, world_size = distributed
-    dist.init_process_group("gloo")
-    _caption(args, predictor, options, todo, output, len(entries) - len(todo), label=f"rank {rank}: ",
-             show_progress=rank == 0)
+def _merge_ranks(outputs: Outputs, order: dict[str, int], rank: int, world_size: int) -> int:
+    """Once every rank has written its part, rank 0 merges them into the output and speaks for it."""
     dist.monitored_barrier(timeout=timedelta(days=1))  # every rank's part is complete: wait for the slowest
-    status = 0  # rank 0 speaks for the merged output
-    if rank == 0:
-        parts = [outputs.part(r) for r in range(world_size)]
-        merge([outputs.journal, *parts], order, outputs.journal)
-        for part in parts:
-            part.unlink()
-        status = _finish(outputs, label=f"merged {world_size} ranks: ")
-    dist.destroy_process_group()
-    return status
+    if rank != 0:
+        return 0
+    parts = [outputs.part(r) for r in range(world_size)]
+    merge([outputs.journal, *parts], order, outputs.journal)
+    for part in parts:
+        part.unlink()
+    return _finish(outputs, label=f"merged {world_size} ranks: ")
 
 
 class _ModelUnavailable(Exception):
     pass
 
 
-def _load(checkpoint: Path, args: argparse.Namespace, device: "torch.device"):
+def _load(checkpoint: Path, args: argparse.Namespace, batch_size: int, device: "torch.device"):
     """The predictor on `device`, loaded with the CPUs available."""
     import torch
 
@@ -291,7 +372,7 @@ def _load(checkpoint: Path, args: argparse.Namespace, device: "torch.device"):
 
     torch.set_num_threads(cpus_per_local_rank())
     try:
-        return Predictor.from_checkpoint(checkpoint, device, max_batch_size=args.batch_size, amp=args.amp)
+        return Predictor.from_checkpoint(checkpoint, device, max_batch_size=batch_size, amp=args.amp)
     except (OSError, CheckpointError) as e:
         hint = "" if args.checkpoint else "; train it with `captioner demo` or give --checkpoint"
         raise _ModelUnavailable(f"cannot load the model: {e}{hint}") from e
@@ -305,7 +386,7 @@ def _settings(checkpoint: Path, args: argparse.Namespace, options: DecodeOptions
             **options.model_dump(), "attention": args.attention, "amp": args.amp}
 
 
-def _caption(args: argparse.Namespace, predictor, options: DecodeOptions, todo: list[Entry],
+def _caption(args: argparse.Namespace, throughput: Throughput, predictor, options: DecodeOptions, todo: list[Entry],
              output: Path, already_done: int, label: str = "", show_progress: bool = True) -> int:
     """Caption `todo` into `output` and say how it went; returns how many images failed."""
     from concurrent.futures.process import BrokenProcessPool
@@ -315,8 +396,9 @@ def _caption(args: argparse.Namespace, predictor, options: DecodeOptions, todo: 
     from .pipeline import PipelineConfig, caption_entries
 
     cpus = cpus_per_local_rank()
-    workers = args.workers or cpus
-    config = PipelineConfig(args.batch_size, lanes=workers, threads_per_lane=args.threads or max(1, cpus // workers),
+    workers = throughput.workers or cpus
+    config = PipelineConfig(throughput.batch_size, lanes=workers,
+                            threads_per_lane=throughput.threads or max(1, cpus // workers),
                             overlays=args.overlays, keep_attention=args.attention)
     start = time.perf_counter()
     writer = JournalWriter(output)
@@ -347,7 +429,7 @@ def _caption(args: argparse.Namespace, predictor, options: DecodeOptions, todo: 
 def _finish(outputs: Outputs, failed: int | None = None, label: str = "") -> int:
     """Write the CSV or COCO file from the complete journal; the exit status of the whole output."""
     if failed is None:
-        failed = recover(outputs.journal).failed
+        failed = len(recover(outputs.journal).failed)
     if outputs.format == "csv":
         write_csv(outputs.journal, outputs.out)
     elif outputs.format == "coco":

@@ -5,23 +5,35 @@ killed run leaves whole lines plus at most one torn last line, which the next
 run cuts off before it appends. CSV and COCO results are written from the
 journal once it is complete, so every format resumes the same way.
 
+A name may have more than one line: --retry-failed appends a new line for an
+image whose line is an error, and parts merged together may hold the same name.
+The line that stands for the name is the later one, unless it is an error and
+the earlier one a caption (`_index`); `merge` keeps only the standing lines, in
+run order, so a journal is rewritten that way after a retry, and a retry that
+was interrupted resumes from what it had done.
+
+A name that is not UTF-8 (lone surrogates, see `files`) is written to JSON as
+its escapes ("caf\\udce9.jpg"), which read back as the very same name, and to
+CSV as the file system's bytes.
+
 Beside it, JOURNAL.settings.json records what decides its lines (the model's
 SHA-256, the decoding options, --attention, --amp): a rerun with other settings
 is refused rather than mixing two kinds of captions in one output.
 """
 
 import csv
-import heapq
 import json
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple
 
 import orjson
+
+from runtime.files import replacing, write_text
 
 from .files import SKIP_CODES
 
@@ -42,7 +54,8 @@ def result_line(file: str, result: dict) -> str:
 @dataclass
 class JournalState:
     done: set[str]  # names with a line
-    failed: int  # of them, images that could not be captioned
+    failed: set[str]  # of them, images that could not be captioned (their standing line is an error)
+    superseded: int  # lines that stand for nothing any more: the journal wants rewriting (`merge`)
 
 
 def _name_and_failure(line: str) -> tuple[str, bool]:
@@ -56,40 +69,73 @@ def _name_and_failure(line: str) -> tuple[str, bool]:
     return record["file"], error is not None and error.get("code") not in SKIP_CODES
 
 
-def _whole_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(offset after the line, line) for every line ending in a newline."""
+def _whole_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(offset of the line, line) for every line ending in a newline."""
     offset = 0
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
                 return
+            yield offset, raw
             offset += len(raw)
-            yield offset, raw.decode()
 
 
-def _records(path: Path) -> Iterator[tuple[int, str, str, bool]]:
-    """(offset after the line, line, name, failed) for every whole line."""
-    for number, (end, line) in enumerate(_whole_lines(path), 1):
+def _records(path: Path) -> Iterator[tuple[int, int, str, bool]]:
+    """(offset of the line, offset after it, name, failed) for every whole line."""
+    for number, (start, raw) in enumerate(_whole_lines(path), 1):
         try:
-            name, failed = _name_and_failure(line)
+            name, failed = _name_and_failure(raw.decode())
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} line {number} is not a captioner result ({e})") from e
-        yield end, line, name, failed
+        yield start, start + len(raw), name, failed
 
 
-def recover(path: Path) -> JournalState:
-    """What an earlier run wrote to `path`, with its torn last line cut off the file."""
-    state = JournalState(set(), 0)
-    if not path.exists():
-        return state
-    end = 0
-    for end, _, name, failed in _records(path):
-        state.done.add(name)
-        state.failed += failed
-    if path.stat().st_size > end:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return state
+class _Line(NamedTuple):
+    """Where the line that stands for a name is."""
+
+    source: int  # which journal
+    start: int  # its bytes there
+    end: int
+    failed: bool
+    seen: int  # when the name first appeared: the order of names that the run order does not know
+
+
+@dataclass
+class _Index:
+    lines: dict[str, _Line]  # name -> its standing line
+    superseded: int  # lines that stand for nothing
+    whole: list[int]  # bytes of whole lines at the start of each journal
+
+
+def _index(sources: list[Path]) -> _Index:
+    """Every name's standing line in `sources`, read in that order: a later line stands instead of
+    an earlier one (a retry's, a part's), except that an error never replaces a caption."""
+    index = _Index({}, 0, [0] * len(sources))
+    for source, path in enumerate(sources):
+        if not path.exists():
+            continue
+        for start, end, name, failed in _records(path):
+            index.whole[source] = end
+            earlier = index.lines.get(name)
+            if earlier is None:
+                index.lines[name] = _Line(source, start, end, failed, len(index.lines))
+                continue
+            index.superseded += 1
+            if earlier.failed or not failed:
+                index.lines[name] = _Line(source, start, end, failed, earlier.seen)
+    return index
+
+
+def recover(*paths: Path) -> JournalState:
+    """What earlier runs wrote to `paths` (read in that order, as `_index` does), with the torn
+    last line of each cut off the file."""
+    index = _index(list(paths))
+    for path, whole in zip(paths, index.whole):
+        if path.exists() and path.stat().st_size > whole:
+            with open(path, "r+b") as f:
+                f.truncate(whole)
+    failed = {name for name, line in index.lines.items() if line.failed}
+    return JournalState(set(index.lines), failed, index.superseded)
 
 
 class JournalWriter:
@@ -146,10 +192,7 @@ def check_settings(journal: Path, settings: dict) -> None:
 
 
 def write_settings(journal: Path, settings: dict) -> None:
-    path = settings_path(journal)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(path) as f:
-        f.write(json.dumps(settings, indent=1) + "\n")
+    write_text(settings_path(journal), json.dumps(settings, indent=1) + "\n")
 
 
 def common_settings(journals: list[Path]) -> dict | None:
@@ -168,19 +211,18 @@ def common_settings(journals: list[Path]) -> dict | None:
 
 
 def merge(sources: list[Path], order: dict[str, int], out: Path) -> None:
-    """Interleave journals (each already in run order) into `out`, in run order, one line per name.
-
-    `out` may be one of the sources; it is replaced atomically. Names missing
-    from `order` go last.
-    """
-    streams = [((order.get(name, len(order)), name, line) for _, line, name, _ in _records(p))
-               for p in sources if p.exists()]
-    seen: set[str] = set()
-    with _replacing(out) as f:
-        for _, name, line in heapq.merge(*streams, key=lambda t: t[0]):
-            if name not in seen:
-                seen.add(name)
-                f.write(line)
+    """The standing line of every name in `sources` (`_index`) into `out`, in run order; names
+    missing from `order` go last, as they were first seen. `out` may be one of the sources; it
+    is replaced atomically."""
+    index = _index(sources)
+    names = sorted(index.lines, key=lambda name: (order.get(name, len(order)), index.lines[name].seen))
+    with ExitStack() as files, replacing(out) as tmp, open(tmp, "wb") as f:
+        readers = [files.enter_context(open(p, "rb")) if p.exists() else None for p in sources]
+        for name in names:
+            line = index.lines[name]
+            reader = readers[line.source]
+            reader.seek(line.start)
+            f.write(reader.read(line.end - line.start))
 
 
 def read_results(path: Path) -> Iterator[dict]:
@@ -192,8 +234,10 @@ CSV_COLUMNS = ("file", "rank", "caption", "log_prob", "width", "height", "method
 
 
 def write_csv(journal: Path, out: Path) -> None:
-    """One row per caption (rank 1 is the best); a file without captions has one row with its error."""
-    with _replacing(out) as f:
+    """One row per caption (rank 1 is the best); a file without captions has one row with its error.
+    A name that is not UTF-8 is written as the file system's bytes (surrogateescape), the only
+    text a CSV reader can turn back into the very same name."""
+    with replacing(out) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS)
         writer.writeheader()
         for record in read_results(journal):
@@ -227,15 +271,4 @@ def write_coco(journal: Path, out: Path) -> None:
     best = [(r["file"], r["captions"][0]["text"]) for r in read_results(journal) if r.get("captions")]
     ids = coco_image_ids([name for name, _ in best])
     results = [{"image_id": i, "caption": text} for i, (_, text) in zip(ids, best)]
-    with _replacing(out) as f:
-        f.write(json.dumps(results, indent=1) + "\n")
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[TextIO]:
-    """A text file that becomes `path` once written whole: readers see the old file or the new
-    one, never half of one (newline="": what is written is what lands, as the csv module needs)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        yield f
-    os.replace(tmp, path)
+    write_text(out, json.dumps(results, indent=1) + "\n")
