@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from pydantic import BaseModel, Field
 
@@ -308,7 +309,7 @@ def _exclusive(outputs: Outputs, ranks: tuple[int, int] | None) -> Iterator[None
         yield
 
 
-def _caption_run(args: argparse.Namespace, throughput: Throughput, options: DecodeOptions, device: "torch.device",
+def _caption_run(args: argparse.Namespace, throughput: Throughput, options: DecodeOptions, device: torch.device,
                  outputs: Outputs, entries: list[Entry], ranks: tuple[int, int] | None) -> int:
     """Caption into the output what it lacks, and with --retry-failed what failed in it; the
     exit status. The output's lock is held."""
@@ -363,10 +364,8 @@ class _ModelUnavailable(Exception):
     pass
 
 
-def _load(checkpoint: Path, args: argparse.Namespace, batch_size: int, device: "torch.device"):
+def _load(checkpoint: Path, args: argparse.Namespace, batch_size: int, device: torch.device):
     """The predictor on `device`, loaded with the CPUs available."""
-    import torch
-
     from captioner.checkpoint import CheckpointError
     from captioner.predictor import Predictor
 
