@@ -5,6 +5,10 @@
                             cider, model.vocab, num_samples=5, max_length=16, seed=step)
     loss.backward()
 
+Under DistributedDataParallel pass the wrapped decoder as `learner`: the re-scoring pass
+is the one forward with gradient, and only a forward through the wrapper has the ranks
+average their gradients in backward.
+
 REINFORCE with the model's own greedy caption as the baseline: K captions are sampled
 per image (`captioner.decoding.sample`), each is rewarded by its CIDEr-D minus that of
 the image's greedy caption (`captioner.decoding.greedy`), and the loss is
@@ -27,12 +31,13 @@ from training.cider_d import CiderD
 from training.data import pad
 
 
-def caption_log_probs(decoder: Decoder, features: torch.Tensor, captions: list[list[int]],
+def caption_log_probs(decoder: torch.nn.Module, features: torch.Tensor, captions: list[list[int]],
                       captions_per_image: int = 1) -> torch.Tensor:
     """(N,) summed log-probabilities, with gradient, of each caption's words and its <end>.
 
-    features (B, P, D); captions: N = B * captions_per_image word-id lists (no <start>,
-    no <end>), image i's in rows i*k .. i*k+k-1. Nothing after a caption's <end> counts."""
+    decoder: a `Decoder`, or a wrapper with its forward (DistributedDataParallel). features
+    (B, P, D); captions: N = B * captions_per_image word-id lists (no <start>, no <end>),
+    image i's in rows i*k .. i*k+k-1. Nothing after a caption's <end> counts."""
     ids = pad([[Vocabulary.start_id, *c, Vocabulary.end_id] for c in captions]).to(features.device)  # (N, T)
     logits, _ = decoder(features, ids, captions_per_image)  # (N, T-1, V)
     targets = ids[:, 1:]  # (N, T-1)
@@ -41,12 +46,14 @@ def caption_log_probs(decoder: Decoder, features: torch.Tensor, captions: list[l
 
 
 def scst_loss(decoder: Decoder, features: torch.Tensor, references: list[list[str]], cider: CiderD,
-              vocab: Vocabulary, num_samples: int = 5, max_length: int = 16, seed: int | None = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              vocab: Vocabulary, num_samples: int = 5, max_length: int = 16, seed: int | None = None,
+              learner: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The SCST loss of a batch of images, and its mean rewards.
 
     features (B, P, D); references: each image's reference captions (raw text is fine:
-    CiderD tokenises); seed makes the samples repeatable (None: fresh ones)."""
+    CiderD tokenises); seed makes the samples repeatable (None: fresh ones); learner: what
+    re-scores the samples with gradient, `decoder` itself or its DistributedDataParallel
+    wrapper (None: the decoder)."""
     B, K = features.size(0), num_samples
     with torch.no_grad():
         memory = decoder.prepare(features)
@@ -58,7 +65,8 @@ def scst_loss(decoder: Decoder, features: torch.Tensor, references: list[list[st
     baseline_rewards = cider.scores(text(baseline), references)  # (B,)
     advantage = sample_rewards.reshape(B, K) - baseline_rewards[:, None]  # (B, K)
 
-    log_probs = caption_log_probs(decoder, features, [h.token_ids for h in samples], K)  # (B*K,)
+    rescorer = decoder if learner is None else learner
+    log_probs = caption_log_probs(rescorer, features, [h.token_ids for h in samples], K)  # (B*K,)
     advantage_t = torch.from_numpy(advantage.reshape(-1)).to(log_probs)  # (B*K,), a constant
     loss = -(advantage_t * log_probs).mean()
     stats = {"sample_reward": float(np.mean(sample_rewards)), "greedy_reward": float(np.mean(baseline_rewards)),

@@ -4,6 +4,7 @@
     captioner train --data /data/coco --karpathy /data/coco/dataset_coco.json --out runs/coco \\
         --encoder efficientnet_lite0 --epochs 20 --min-word-count 5
     captioner train ... --resume                      # continue an interrupted run where it stopped
+    captioner train ... --scst --init-from runs/shapes/best.safetensors --out runs/shapes-scst --lr 5e-5
     torchrun --nproc_per_node 2 -m cli train ...   # DistributedDataParallel (gloo on CPU, nccl on GPUs)
     captioner train ... --device cuda --amp           # a GPU, mixed precision
     captioner train --help                            # every setting, with its default
@@ -12,7 +13,9 @@ Region features of the frozen encoder are cached once (see training.features);
 with --fine-tune-blocks N the encoder's last N blocks train too, end to end,
 from the images. Each epoch is validated by real decoding, scored with CIDEr;
 the best model is kept as OUT/best.safetensors, the state to resume from as
-OUT/last.pt, and TensorBoard logs go to OUT/tensorboard.
+OUT/last.pt, and TensorBoard logs go to OUT/tensorboard. With --scst the loss is
+self-critical sequence training's (training.scst) instead of cross-entropy, continuing
+from the checkpoint --init-from names; all else is the same.
 
 The file reads top to bottom: the settings and the command line; the loss and
 the learning rate; `setup`, which builds a run; `train_one_epoch` and
@@ -34,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from captioner.checkpoint import save_checkpoint
+from captioner.checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
 from captioner.config import ModelConfig
 from captioner.decoding import MAX_BEAM_SIZE, DecodeOptions
 from captioner.model import CaptionModel, build_model
@@ -49,10 +52,12 @@ from runtime.files import replacing, write_text
 from runtime.flags import add_model_flags, model_from_flags
 from runtime.home import captioner_home
 from training.caption_metrics import cider
+from training.cider_d import CiderD
 from training.coco import CaptionSplit, load_split
 from training.data import CaptionBatches, encode_captions
 from training.evaluate import truth_scores
 from training.features import ImageFiles, cached_features, encode_images
+from training.scst import scst_loss
 
 RESUME_STATE = "last.pt"  # in OUT, with the best model and the history
 BEST_MODEL = "best.safetensors"
@@ -96,7 +101,24 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(0, ge=0, description="also save the resume state every N steps "
                                   "(0: at epoch ends only)")
     resume: bool = Field(False, description="continue the run in OUT where it stopped")
+    init_from: str = Field("", description="start from this checkpoint (an earlier run's best.safetensors): its "
+                           "weights, model settings and vocabulary; the model flags are ignored")
+    scst: bool = Field(False, description="self-critical sequence training (Rennie et al. 2017) from --init-from "
+                       "instead of cross-entropy: each image's scst_samples sampled captions (at most max_words "
+                       "words) are rewarded by their CIDEr-D, with document frequencies from the training "
+                       "references, minus that of its greedy caption. The decoder runs in eval mode (dropout off), "
+                       "so the log-probabilities trained are those the captions were sampled with. Cached features "
+                       "only (no --fine-tune-blocks)")
+    scst_samples: int = Field(5, ge=1, description="with --scst: captions sampled per image and step")
     progress: bool = Field(True, description="progress bars")
+
+    @model_validator(mode="after")
+    def _scst_needs_a_start_and_cached_features(self) -> "TrainConfig":
+        if self.scst and not self.init_from:
+            raise ValueError("--scst needs --init-from: the cross-entropy checkpoint to fine-tune")
+        if self.scst and self.fine_tune_blocks:
+            raise ValueError("--scst trains on cached features only: --fine-tune-blocks is not supported with it")
+        return self
 
 
 # ---------------------------------------------------------------- the command line
@@ -114,11 +136,21 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--data: the data set's root is required")
         # a GPU this machine lacks is refused now, as a usage error, not after the data is read
         resolve_device(config.device, Distributed.from_environment().local_rank)
+        if config.init_from:  # so is a checkpoint that is not there
+            check_checkpoint(config.init_from)
     except ValueError as e:
         print(f"captioner train: error: {e}", file=sys.stderr)
         return 2
     train(config, model_config)
     return 0
+
+
+def check_checkpoint(path: str) -> None:
+    """ValueError naming --init-from unless `path` is a captioner checkpoint."""
+    try:
+        read_header(path)
+    except (OSError, CheckpointError) as e:
+        raise ValueError(f"--init-from: {e}") from None
 
 
 # ---------------------------------------------------------------- the loss and the learning rate
@@ -170,7 +202,7 @@ class Progress:
     best: float = -1.0  # the best validation CIDEr so far
     bad_epochs: int = 0  # epochs since it improved
     history: list[dict] = field(default_factory=list)  # one entry per validated epoch: history.json
-    last_loss: float = math.nan  # the cross-entropy of the latest step: the epoch's "loss" in history
+    last_loss: float = math.nan  # the latest step's cross-entropy (SCST's loss with --scst): "loss" in history
 
 
 @dataclass
@@ -195,6 +227,8 @@ class Run:
     scaler: torch.amp.GradScaler
     progress: Progress = field(default_factory=Progress)
     started: float = field(default_factory=time.time)  # history's "seconds" count from here
+    cider: CiderD | None = None  # with --scst, the reward: document frequencies of the training references
+    init_from: dict | None = None  # what the card says of the checkpoint the run started from
 
     @property
     def out(self) -> Path:
@@ -229,12 +263,18 @@ def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
         torch.set_num_threads(config.threads)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     resumed = load_resume_state(config, dist)
+    initial, init_from = load_initial_model(config)
     if resumed is not None:  # the run's own settings win over today's flags for what shapes the model
         model_config = ModelConfig.from_dict(resumed["model_config"])
+    elif initial is not None:  # and so do --init-from's
+        model_config = initial.config
     train_split, val_split, vocab = load_data(config, resumed)
+    if resumed is None and initial is not None:
+        vocab = initial.vocab
     torch.manual_seed(config.seed)
-    model = build_model(model_config, vocab, pretrained=True,
-                        encoder_weights=config.encoder_weights or None).to(device)
+    if initial is None:
+        initial = build_model(model_config, vocab, pretrained=True, encoder_weights=config.encoder_weights or None)
+    model = initial.to(device)
     fine_tune = config.fine_tune_blocks > 0
     features = {} if fine_tune else cache_features(model, (train_split, val_split), config, dist, device)
     trainable_encoder = freeze_encoder(model, config.fine_tune_blocks)
@@ -246,11 +286,22 @@ def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    cider_d = CiderD(train_split.captions) if config.scst else None
     run = Run(config, model_config, dist, device, train_split, val_split, vocab, model, features,
-              trainable_encoder, batches, images, learner, params, optimizer, scaler)
+              trainable_encoder, batches, images, learner, params, optimizer, scaler, cider=cider_d,
+              init_from=init_from)
     if resumed is not None:
         restore(run, resumed)
     return run
+
+
+def load_initial_model(config: TrainConfig) -> tuple[CaptionModel | None, dict | None]:
+    """--init-from's model, and what its card says of it for this run's card; (None, None) without it."""
+    if not config.init_from:
+        return None, None
+    model, card = load_checkpoint(config.init_from)
+    return model, {"checkpoint": str(Path(config.init_from).resolve()), "objective": card.get("objective"),
+                   "epoch": card.get("epoch"), "scores": card.get("scores", {})}
 
 
 def load_data(config: TrainConfig, resumed: dict | None) -> tuple[CaptionSplit, CaptionSplit, Vocabulary]:
@@ -333,21 +384,50 @@ def tensorboard(run: Run) -> contextlib.AbstractContextManager:
 def train_step(run: Run, inputs: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One optimizer step on (B, P, D) features or (B, 3, S, S) pixels and their (N, T) captions:
     (loss, cross-entropy, gradient norm before clipping)."""
-    config, optimizer, scaler = run.config, run.optimizer, run.scaler
-    for group in optimizer.param_groups:
+    config = run.config
+    for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.progress.step, run.total_steps, config)
     inputs, captions = inputs.to(run.device, non_blocking=True), captions.to(run.device)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=config.amp):
         logits, alphas = run.learner(inputs, captions, config.captions_per_image)  # (N, T-1, V), (N, T-1, P)
         loss, ce = caption_loss(logits, alphas, captions, config.alpha_c)
+    grad_norm = apply_gradients(run, loss)
+    return loss, ce, grad_norm
+
+
+def scst_step(run: Run, inputs: torch.Tensor, indices: list[int], writer) -> tuple[torch.Tensor, ...]:
+    """One optimizer step of self-critical sequence training on (B, P, D) features of the training
+    images `indices`: (loss, loss detached, gradient norm before clipping). Rewards go to `writer`."""
+    config, progress = run.config, run.progress
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(progress.step, run.total_steps, config)
+    run.learner.eval()  # dropout off: the re-scoring pass gives the sampled captions' own log-probabilities
+    features = inputs.to(run.device, non_blocking=True)
+    references = [run.train_split.captions[i] for i in indices]
+    # samples of their own per rank and step, the same again when a run is resumed
+    seed = int(np.random.SeedSequence([config.seed, run.dist.rank, progress.step]).generate_state(1)[0])
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=config.amp):
+        # re-scored through the learner: under torchrun, the DDP wrapper that averages the gradients
+        loss, stats = scst_loss(run.model.decoder, features, references, run.cider, run.vocab, config.scst_samples,
+                                config.max_words, seed, learner=run.learner)
+    grad_norm = apply_gradients(run, loss)
+    if writer and progress.step % 10 == 0:
+        for name, value in stats.items():
+            writer.add_scalar(f"scst/{name}", value, progress.step)
+    return loss, loss.detach(), grad_norm
+
+
+def apply_gradients(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """Backward, clip, step: the optimizer's step on `loss`; the gradient norm before clipping."""
+    optimizer, scaler = run.optimizer, run.scaler
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.config.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     run.progress.step += 1
-    return loss, ce, grad_norm
+    return grad_norm
 
 
 def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
@@ -366,11 +446,15 @@ def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
     bar = tqdm(zip(loader, run.batches.epoch(epoch, skip), strict=True), total=len(run.batches) - skip,
                desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (config.progress and run.dist.main))
     for batch_index, (inputs, batch) in enumerate(bar, start=skip):
-        loss, ce, grad_norm = train_step(run, inputs, batch.captions)
+        if run.cider is None:
+            loss, ce, grad_norm = train_step(run, inputs, batch.captions)
+        else:  # then `ce` is SCST's loss, and the rewards are logged
+            loss, ce, grad_norm = scst_step(run, inputs, batch.indices, writer)
         progress.batch, progress.last_loss = batch_index + 1, ce.item()
         if writer and progress.step % 10 == 0:
             writer.add_scalar("train/loss", loss.item(), progress.step)
-            writer.add_scalar("train/cross_entropy", ce.item(), progress.step)
+            if run.cider is None:
+                writer.add_scalar("train/cross_entropy", ce.item(), progress.step)
             writer.add_scalar("train/grad_norm", float(grad_norm), progress.step)
             writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], progress.step)
         bar.set_postfix(loss=f"{progress.last_loss:.3f}")
@@ -478,6 +562,8 @@ def model_card(run: Run, scores: dict[str, float]) -> dict:
                           "train_images": len(run.train_split.image_ids), "val_split": config.val_split,
                           "karpathy": config.karpathy or None},
         "train_config": config.model_dump(),
+        "objective": "SCST" if config.scst else "cross-entropy",
+        "init_from": run.init_from,
         "epoch": run.progress.epoch,
         "history": run.progress.history,
         "scores": {f"val_{k}": round(v, 4) for k, v in scores.items()},
