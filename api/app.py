@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
 
     # Added innermost first: metrics see every answer, CORS answers preflights before the key check.
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, api_key=api_key)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, api_key=api_key,
+                       public_metrics=settings.public_metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Content-Type"])

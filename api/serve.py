@@ -46,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"captioner serve: {missing_model_message(settings.checkpoint)}", file=sys.stderr)
         return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=log_config(settings.log_level), timeout_graceful_shutdown=settings.timeout_graceful_shutdown)
+                log_config=log_config(settings.log_level), timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+                root_path=settings.root_path)
     return 0
 
 

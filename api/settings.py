@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from runtime.cpus import available_cpus
@@ -38,7 +38,13 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="width x height per image, read from its header")
     overlay_size: int = Field(256, ge=16, le=1024, description="longest side of heatmap overlay PNGs")
     request_timeout_s: float = Field(60.0, gt=0, description="longest wait for the model; beyond it: 504")
-    api_key: SecretStr | None = Field(None, description="when set, /v1/* needs the header X-API-Key")
+    api_key: SecretStr | None = Field(None, description="when set, every path but the public ones needs the "
+                                                        "header X-API-Key (environment only: never on argv)")
+    api_key_file: Path | None = Field(None, description="a file holding the API key (a Docker or Kubernetes "
+                                                        "secret), instead of CAPTIONER_API_KEY")
+    public_metrics: bool = Field(False, description="serve /metrics without the API key, for a scraper that "
+                                                    "cannot send X-API-Key")
+    root_path: str = Field("", description="the path prefix a proxy serves this under (uvicorn's --root-path)")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed to call the API from a browser")
     timeout_graceful_shutdown: float = Field(
@@ -63,6 +69,29 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, value):
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _key_from_its_file(self):
+        """The key file's first line (a trailing newline is the editor's, not the key's)."""
+        if self.api_key_file is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError("set the API key or its file (CAPTIONER_API_KEY or CAPTIONER_API_KEY_FILE), not both")
+        try:
+            key = self.api_key_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the API key file {self.api_key_file}: {e}") from None
+        if not key:
+            raise ValueError(f"the API key file {self.api_key_file} is empty")
+        self.api_key = SecretStr(key)
+        return self
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path_shape(cls, value: str) -> str:
+        if value and (not value.startswith("/") or value.endswith("/")):
+            raise ValueError("a root path starts with / and does not end with one, as /captioner")
+        return value
 
     @property
     def max_body_bytes(self) -> int:

@@ -1,4 +1,5 @@
-"""Liveness, readiness and Prometheus metrics: always open, never behind the API key."""
+"""Liveness, readiness and Prometheus metrics. The probes are always open; /metrics needs the API key
+(when one is set) unless the settings make it public."""
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -126,16 +126,33 @@ def test_the_server_keeps_serving_after_bad_input(client):
     assert client.get("/readyz").status_code == 200
 
 
-def test_api_key_guards_v1_but_not_health_metrics_or_page(make_client):
+def test_api_key_guards_all_but_the_probes_the_page_and_the_api_description(make_client):
     client = make_client(api_key="s3cret")
     error_of(client.get("/v1/model"), 401, "unauthorized")
     error_of(client.get("/v1/model", headers={"X-API-Key": "wrong"}), 401, "unauthorized")
     error_of(client.post("/v1/captions", files=upload(("a.png", png()))), 401, "unauthorized")
+    error_of(client.get("/metrics"), 401, "unauthorized")
+    error_of(client.get("/no/such/page"), 401, "unauthorized")  # unknown paths are not public either
     assert client.get("/v1/model", headers={"X-API-Key": "s3cret"}).status_code == 200
     r = client.post("/v1/captions", files=upload(("a.png", png())), headers={"X-API-Key": "s3cret"})
     assert r.status_code == 200, r.text
-    for path in ("/healthz", "/readyz", "/metrics", "/", "/static/app.js"):
+    for path in ("/healthz", "/readyz", "/", "/static/app.js", "/docs", "/openapi.json"):
         assert client.get(path).status_code == 200, path
+    assert make_client(api_key="s3cret", public_metrics=True).get("/metrics").status_code == 200
+
+
+def test_keys_are_compared_as_digests_of_one_length(make_client, monkeypatch):
+    """hmac.compare_digest takes as long for any two inputs of one length: so keys of any length
+    are compared as SHA-256 digests, and the time a wrong key takes tells nothing of the right one."""
+    import api.guard
+
+    compared = []
+    real = api.guard.hmac.compare_digest
+    monkeypatch.setattr(api.guard.hmac, "compare_digest", lambda a, b: compared.append((len(a), len(b))) or real(a, b))
+    client = make_client(api_key="s3cret")
+    for key in ("", "s", "s3cre", "s3cret", "s3cret-and-more" * 10):
+        client.get("/v1/model", headers={"X-API-Key": key})
+    assert compared == [(32, 32)] * 5
 
 
 def test_cors_origins_setting_allows_preflight_from_those_origins(make_client):
