@@ -55,6 +55,14 @@ class Distributed:
         torch.distributed.broadcast(tensor, 0)
         return bool(tensor.item())
 
+    def share(self, obj):
+        """Rank 0's `obj` (anything picklable), on every rank: what one rank found out, told to all."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, 0)  # pickled into a CPU tensor: gloo's
+        return box[0]
+
     def close(self) -> None:
         """Leave the process group, if this process joined one."""
         if self.world_size > 1 and torch.distributed.is_initialized():

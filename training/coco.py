@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 COCO_YEARS = ("2014", "2017")
@@ -36,6 +37,7 @@ class CaptionSplit:
     image_paths: list[Path]  # image_paths[i] shows image_ids[i]
     captions: list[list[str]]  # raw reference captions of image_ids[i]
     instances: Path | None = None  # the Shapes world's drawn truth (instances_S.json), for its truth metrics
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why: images left out as unusable
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -47,7 +49,14 @@ class CaptionSplit:
     def first(self, count: int) -> CaptionSplit:
         """The first `count` images (lowest ids): a quick look at a large split."""
         return CaptionSplit(self.name, self.image_ids[:count], self.image_paths[:count], self.captions[:count],
-                            self.instances)
+                            self.instances, self.skipped)
+
+    def without(self, bad: Mapping[Path, str]) -> CaptionSplit:
+        """This split less the images at the paths of `bad` (path -> why), which `skipped` records."""
+        keep = [i for i, path in enumerate(self.image_paths) if path not in bad]
+        return CaptionSplit(self.name, [self.image_ids[i] for i in keep], [self.image_paths[i] for i in keep],
+                            [self.captions[i] for i in keep], self.instances,
+                            {**self.skipped, **{str(path): why for path, why in bad.items()}})
 
 
 def load_split(root: Path, split: str, karpathy: Path | None = None) -> CaptionSplit:

@@ -38,6 +38,7 @@ from runtime.devices import add_device_arguments, resolve_device
 from runtime.flags import add_model_flags, model_from_flags
 from training.caption_metrics import CocoScorer
 from training.coco import CaptionSplit, load_split
+from training.image_check import BadImagesError, find_bad_images, skipped_note, usable_split
 
 
 def truth_scores(split: CaptionSplit, captions: Mapping[int, dict]) -> dict[str, float]:
@@ -151,6 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser, EvaluationSize, title="evaluation")
     add_device_arguments(parser)
     parser.add_argument("--spice", action="store_true", help="also SPICE, if its Stanford models are on disk")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="score without the images found missing or unreadable (listed) instead of stopping")
     # only the best caption is scored
     add_model_flags(parser, DecodeOptions, title="decoding", skip=("attention", "num_captions"), defaults={"seed": 0})
 
@@ -168,10 +171,18 @@ def main(args: argparse.Namespace) -> int:
     split = load_split(args.data, args.split, args.karpathy)
     if size.limit is not None:
         split = split.first(size.limit)
+    try:  # every image looked at before decoding any, with the limits decoding will apply
+        split = usable_split(split, find_bad_images(split.image_paths, predictor.limits), args.skip_bad_images)
+    except BadImagesError as e:
+        print(f"captioner evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if split.skipped:
+        print(skipped_note(split), file=sys.stderr)
     out_dir = args.out or args.checkpoint.parent
     with CocoScorer(spice=args.spice) as scorer:
         _, scores = evaluate(predictor, split, options, size.batch_size, out_dir, scorer, size.workers, progress=True)
-    print(f"{args.checkpoint} on {args.data} {split.name} ({len(split)} images, {options.method})")
+    skipped = f", {len(split.skipped)} bad ones left out" if split.skipped else ""
+    print(f"{args.checkpoint} on {args.data} {split.name} ({len(split)} images{skipped}, {options.method})")
     print(format_scores(scores))
     print(f"wrote {out_dir / f'results_{split.name}.json'} and {out_dir / f'scores_{split.name}.json'}")
     return 0

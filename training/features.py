@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.encoder import Encoder
-from captioner.images import PIXELS_VERSION, ImageLimits, ImagePreset, open_image
+from captioner.images import PIXELS_VERSION, ImageError, ImageLimits, ImagePreset, open_image
 from runtime.files import replacing
 
 
@@ -55,7 +55,11 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         # decoded as serving decodes them (a JPEG at libjpeg's reduced scale when that still
         # covers the preset), so a model trains on the pixels it will be shown
-        return self.preset(open_image(self.paths[i], DATASET_IMAGE_LIMITS, min_size=self.preset.size))
+        try:
+            image = open_image(self.paths[i], DATASET_IMAGE_LIMITS, min_size=self.preset.size)
+        except ImageError as e:  # a data set's error names its file (a DataLoader worker's reaches the loop)
+            raise ImageError(e.code, f"{self.paths[i]}: {e.message}") from None
+        return self.preset(image)
 
 
 def _encode_into(out: np.ndarray, encoder: Encoder, paths: Sequence[Path], batch_size: int, workers: int,

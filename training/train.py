@@ -57,6 +57,7 @@ from training.coco import CaptionSplit, load_split
 from training.data import CaptionBatches, encode_captions
 from training.evaluate import truth_scores
 from training.features import ImageFiles, cached_features, encode_images
+from training.image_check import BadImagesError, find_bad_images, skipped_note, usable_split
 from training.scst import scst_loss
 
 RESUME_STATE = "last.pt"  # in OUT, with the best model and the history
@@ -75,6 +76,8 @@ class TrainConfig(BaseModel):
     karpathy: str = Field("", description="Karpathy's dataset_coco.json, for the usual COCO splits")
     train_split: str = Field("train", description="the split trained on")
     val_split: str = Field("val", description="the split each epoch is validated on")
+    skip_bad_images: bool = Field(False, description="train without the images found missing or unreadable "
+                                  "(the model card lists them) instead of stopping before any work")
     epochs: int = Field(10, ge=1, description="passes over the training split")
     batch_size: int = Field(32, ge=1, description="images per step; each brings captions_per_image captions")
     captions_per_image: int = Field(5, ge=1, description="captions drawn per image and step")
@@ -141,7 +144,14 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"captioner train: error: {e}", file=sys.stderr)
         return 2
-    train(config, model_config)
+    try:
+        train(config, model_config)
+    except BadImagesError as e:  # found before the long work: a message, not a traceback
+        dist = Distributed.from_environment()
+        if dist.main:
+            print(f"captioner train: error: {e}", file=sys.stderr)
+        dist.close()
+        return 2
     return 0
 
 
@@ -268,7 +278,7 @@ def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
         model_config = ModelConfig.from_dict(resumed["model_config"])
     elif initial is not None:  # and so do --init-from's
         model_config = initial.config
-    train_split, val_split, vocab = load_data(config, resumed)
+    train_split, val_split, vocab = load_data(config, resumed, dist)
     if resumed is None and initial is not None:
         vocab = initial.vocab
     torch.manual_seed(config.seed)
@@ -304,12 +314,18 @@ def load_initial_model(config: TrainConfig) -> tuple[CaptionModel | None, dict |
                    "epoch": card.get("epoch"), "scores": card.get("scores", {})}
 
 
-def load_data(config: TrainConfig, resumed: dict | None) -> tuple[CaptionSplit, CaptionSplit, Vocabulary]:
+def load_data(config: TrainConfig, resumed: dict | None,
+              dist: Distributed = Distributed()) -> tuple[CaptionSplit, CaptionSplit, Vocabulary]:
     """The training and validation splits, and the vocabulary: a resumed run's own, else the
-    training captions' words."""
+    training captions' words. Every image is checked first (by rank 0, which tells the others):
+    bad ones are a BadImagesError naming them, or left out with --skip-bad-images."""
     karpathy = Path(config.karpathy) if config.karpathy else None
-    train_split, val_split = (load_split(Path(config.data), name, karpathy)
-                              for name in (config.train_split, config.val_split))
+    splits = [load_split(Path(config.data), name, karpathy) for name in (config.train_split, config.val_split)]
+    bad = dist.share([find_bad_images(split.image_paths) for split in splits] if dist.main else None)
+    train_split, val_split = (usable_split(split, b, config.skip_bad_images) for split, b in zip(splits, bad))
+    for split in (train_split, val_split):
+        if split.skipped and dist.main:
+            print(skipped_note(split))
     if resumed is not None:
         return train_split, val_split, Vocabulary.from_json(resumed["vocab"])
     vocab = Vocabulary.build((c for cs in train_split.captions for c in cs), config.min_word_count)
@@ -560,7 +576,10 @@ def model_card(run: Run, scores: dict[str, float]) -> dict:
     return {
         "training_data": {"root": str(Path(config.data).resolve()), "train_split": config.train_split,
                           "train_images": len(run.train_split.image_ids), "val_split": config.val_split,
-                          "karpathy": config.karpathy or None},
+                          "karpathy": config.karpathy or None,
+                          # --skip-bad-images: what was left out, split by split
+                          "skipped_images": {split.name: {"count": len(split.skipped), "images": split.skipped}
+                                             for split in (run.train_split, run.val_split) if split.skipped}},
         "train_config": config.model_dump(),
         "objective": "SCST" if config.scst else "cross-entropy",
         "init_from": run.init_from,

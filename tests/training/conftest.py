@@ -8,9 +8,11 @@ runs below are `training.train.train` itself, on real PNG files.
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
+from PIL import Image
 
 from captioner.config import ModelConfig
 from training.shapes import generate
@@ -57,6 +59,42 @@ def add_one_caption_split(root: Path, source: str, name: str, count: int) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     for image in images:
         shutil.copy2(root / "images" / source / image["file_name"], folder / image["file_name"])
+
+
+def coco_layout(shapes_root: Path, root: Path) -> Path:
+    """The tiny Shapes world in MS COCO 2017's own layout, as real data comes: JPEGs in ROOT/train2017/
+    and ROOT/val2017/, captions in ROOT/annotations/captions_{train,val}2017.json (no instances file)."""
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        data = json.loads((shapes_root / "annotations" / f"captions_{split}.json").read_text())
+        folder = root / f"{split}2017"
+        folder.mkdir()
+        for image in data["images"]:
+            name = Path(image["file_name"]).with_suffix(".jpg").name
+            Image.open(shapes_root / "images" / split / image["file_name"]).convert("RGB").save(folder / name,
+                                                                                                quality=90)
+            image["file_name"] = name
+        (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(data))
+    return root
+
+
+class DirtyData(NamedTuple):
+    root: Path
+    missing: Path  # a listed image deleted from disk
+    corrupt: Path  # a listed JPEG cut short inside its header
+
+
+@pytest.fixture(scope="session")
+def dirty_coco(shapes_root, tmp_path_factory) -> DirtyData:
+    """The tiny Shapes world in the COCO layout with two bad training images of 24: the 3rd deleted,
+    the 5th cut to its first 30 bytes (Pillow: "Truncated File Read" reading its header)."""
+    root = coco_layout(shapes_root, tmp_path_factory.mktemp("dirty-coco"))
+    data = json.loads((root / "annotations" / "captions_train2017.json").read_text())
+    names = [i["file_name"] for i in sorted(data["images"], key=lambda i: i["id"])]
+    missing, corrupt = root / "train2017" / names[2], root / "train2017" / names[4]
+    missing.unlink()
+    corrupt.write_bytes(corrupt.read_bytes()[:30])
+    return DirtyData(root, missing, corrupt)
 
 
 def train_config(data: Path, out: Path, **overrides) -> TrainConfig:
