@@ -25,8 +25,25 @@ class Metrics:
         self.images = Counter("captioner_images", "images captioned", registry=self.registry)
 
 
+# Label values come from these sets only: a client makes up methods and paths at will, and every
+# new label value would be a new series in every scrape, for ever.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+OTHER_METHOD = "other"
+UNMATCHED = "unmatched"
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else OTHER_METHOD
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's template (/v1/captions, /static), or one label for everything else."""
+    return getattr(scope.get("route"), "path", None) or UNMATCHED
+
+
 class MetricsMiddleware:
-    """Counts every HTTP answer by route template (not raw path, which would explode the label set)."""
+    """Counts every HTTP answer by route template and known method (not raw path or method, which
+    would explode the label set)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -48,9 +65,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(label, scope["method"], str(status)).inc()
+            label = route_label(scope)
+            self.metrics.requests.labels(label, method_label(scope["method"]), str(status)).inc()
             if status >= 400:
                 self.metrics.errors.labels(label, str(status)).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - start)
