@@ -2,7 +2,7 @@
 
 The loss is checked against an independent computation: the library's sampler and greedy
 decoder with the same seed, and a caption's log-probability summed step by step through
-`Decoder.step()`.
+`Decoder.step()`; under DistributedDataParallel, two real processes average their gradients.
 """
 
 import math
@@ -167,3 +167,48 @@ def test_a_few_scst_steps_raise_the_reward():
         optimizer.step()
         rewards.append(stats["greedy_reward"])
     assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.5  # about 0.2 -> 1.0 (of 10)
+
+
+# ---------------------------------------------------------------- under DistributedDataParallel
+
+def scst_gradients_on_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
+    """One rank of a gloo group: its own images, re-scored through the DDP-wrapped decoder; saves
+    the decoder's gradients after backward."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model, features, references, cider = ddp_case()
+        mine = slice(2 * rank, 2 * rank + 2)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model.decoder)
+        loss, _ = scst_loss(model.decoder, features[mine], references[mine], cider, model.vocab, 3, 8, seed=rank,
+                            learner=wrapped)
+        loss.backward()
+        torch.save([p.grad for p in model.decoder.parameters()], f"{out}/{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def ddp_case():
+    model = talkative_tiny_model()
+    with torch.no_grad():
+        features = region_features(model, 4)
+    references = [[c] for c in TINY_CAPTIONS]
+    return model, features, references, CiderD(references)
+
+
+@pytest.mark.slow
+def test_through_ddp_the_ranks_gradients_are_averaged(tmp_path):
+    """Two processes, two images each: every rank ends with the mean of the two ranks' own gradients,
+    which only happens when the pass with gradient goes through the wrapper."""
+    torch.multiprocessing.spawn(scst_gradients_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    model, features, references, cider = ddp_case()
+    alone = []
+    for rank in (0, 1):
+        mine = slice(2 * rank, 2 * rank + 2)
+        loss, _ = scst_loss(model.decoder, features[mine], references[mine], cider, model.vocab, 3, 8, seed=rank)
+        alone.append(grads(loss, model.decoder))
+    assert any(not torch.allclose(a, b) for a, b in zip(*alone, strict=True))  # the ranks differ on their own
+    for rank in (0, 1):
+        synced = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        for got, a, b in zip(synced, *alone, strict=True):
+            torch.testing.assert_close(got, (a + b) / 2, rtol=1e-4, atol=1e-6)
