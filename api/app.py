@@ -22,6 +22,7 @@ from .batcher import Batcher
 from .errors import install_error_handlers
 from .form import request_body_schema
 from .guard import RequestGuard
+from .headers import SecurityHeaders
 from .metrics import Metrics, MetricsMiddleware
 from .routers import captions, health, model, page
 from .settings import Settings, get_settings
@@ -86,12 +87,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
 
-    # Added innermost first: metrics see every answer, CORS answers preflights before the key check.
+    # Added innermost first: metrics see every answer, every answer gets the security headers, CORS
+    # answers preflights before the key check.
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, api_key=api_key,
                        public_metrics=settings.public_metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Content-Type"])
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 

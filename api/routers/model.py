@@ -1,5 +1,7 @@
 """The model card: what is loaded, what it was trained on, how it scored, and the limits."""
 
+import re
+
 from fastapi import APIRouter
 
 from captioner.decoding import MAX_BEAM_SIZE, MAX_CAPTIONS, MAX_LENGTH, MAX_TOP_K
@@ -24,5 +26,23 @@ async def model_card(predictor: PredictorDep, settings: SettingsDep) -> ModelCar
 
 
 def describe_model(predictor: Predictor, settings: Settings) -> dict:
-    """The predictor's own description and saved card, with the checkpoint's file name."""
-    return {**predictor.info(), "checkpoint": settings.checkpoint.name}
+    """The predictor's own description and saved card, with the checkpoint's file name. Absolute
+    paths of the machine that trained it (the data's root, the run's folders) are cut to their
+    base names: where someone keeps their data is no business of the server's clients."""
+    return {**without_paths(predictor.info()), "checkpoint": settings.checkpoint.name}
+
+
+# An absolute path, POSIX (/data/coco, ~/coco) or Windows (C:\data, \\server\share), alone or in a
+# sentence; not the path of a URL (after "//host") nor a fraction like 1/2 or "val/test".
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/\\~-])(?:~|[A-Za-z]:|\\)?[/\\](?:[^\s/\\'\"]+[/\\])*([^\s/\\'\"]*)")
+
+
+def without_paths(value):
+    """`value` (JSON-like) with every absolute path replaced by its base name."""
+    if isinstance(value, str):
+        return ABSOLUTE_PATH.sub(r"\1", value)
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_paths(v) for v in value]
+    return value

@@ -307,11 +307,16 @@ function pick(file) {
 
 // --- wiring ----------------------------------------------------------------
 
+// The API key lives in this tab's sessionStorage only: gone when the tab closes, never written to
+// disk for other tabs and later visits as localStorage would (older versions put it there: removed).
+const KEY_NAME = "captioner.apiKey";
+
 function init() {
   const key = $("api-key");
-  key.value = localStorage.getItem("captioner.apiKey") || "";
+  localStorage.removeItem(KEY_NAME);
+  key.value = sessionStorage.getItem(KEY_NAME) || "";
   key.addEventListener("change", () => {
-    localStorage.setItem("captioner.apiKey", key.value.trim());
+    sessionStorage.setItem(KEY_NAME, key.value.trim());
     loadCard();
   });
   $("key-form").addEventListener("submit", (e) => { e.preventDefault(); key.dispatchEvent(new Event("change")); });
