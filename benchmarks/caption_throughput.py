@@ -43,15 +43,20 @@ SECTION = "## Folder captioning throughput"
 BEAM_SIZE = 3
 ENCODER_BATCH_SIZES = (4, 8, 16, 32)
 STAGE_IMAGES, STAGE_BATCH_SIZE = 256, 32  # captioner caption's default batch size
-LABELS = {"a": "(a) encoder alone, batch {batch_size}, {threads} processes of 1 thread",
-          "b": "(b) the tutorials' loop, {threads} threads", "b'": "(b') that loop with the library's shortcuts",
-          "c": "(c) `captioner caption`", "c_amp": "(c) with --amp"}
+LABELS = {
+    "a": "(a) encoder alone, batch {batch_size}, {threads} processes of 1 thread",
+    "b": "(b) the tutorials' loop, {threads} threads",
+    "b'": "(b') that loop with the library's shortcuts",
+    "c": "(c) `captioner caption`",
+    "c_amp": "(c) with --amp",
+}
 
 
 def measure(run: Callable[[], None], count: int) -> dict:
     """Images per second, and CPU ms per image of this process and its ended children ((c)'s workers)."""
-    cpu = lambda: sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
-                                                                                resource.RUSAGE_CHILDREN)))
+    cpu = lambda: sum(
+        u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
     start_wall, start_cpu = time.perf_counter(), cpu()
     run()
     return {"images_per_s": count / (time.perf_counter() - start_wall), "cpu_ms": 1000 * (cpu() - start_cpu) / count}
@@ -104,8 +109,9 @@ def encoder_rates(checkpoint: Path, paths: list[Path], processes: int) -> dict[s
         batches = pixels.split(size)
         shares = [batches[i::processes] for i in range(min(processes, len(batches)))]
         ready, times = fork.Barrier(len(shares)), fork.SimpleQueue()
-        workers = [fork.Process(target=encode_share, args=(predictor.model.encoder, share, ready, times))
-                   for share in shares]
+        workers = [
+            fork.Process(target=encode_share, args=(predictor.model.encoder, share, ready, times)) for share in shares
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -113,8 +119,10 @@ def encoder_rates(checkpoint: Path, paths: list[Path], processes: int) -> dict[s
         if any(worker.exitcode for worker in workers):
             raise RuntimeError(f"an encoder process failed at batch size {size}")
         starts, ends, cpu = zip(*(times.get() for _ in workers), strict=True)
-        rates[str(size)] = {"images_per_s": len(paths) / (max(ends) - min(starts)),
-                            "cpu_ms": 1000 * sum(cpu) / len(paths)}
+        rates[str(size)] = {
+            "images_per_s": len(paths) / (max(ends) - min(starts)),
+            "cpu_ms": 1000 * sum(cpu) / len(paths),
+        }
     return rates
 
 
@@ -158,8 +166,20 @@ def loop_rate(checkpoint: Path, paths: list[Path], max_length: int, tutorial: bo
 
 def cli_rate(checkpoint: Path, folder: Path, count: int, max_length: int, extra: list[str]) -> dict:
     """(c) in a process that has run it on a thirty-second of the images first. Loading the model is included."""
-    argv = ["caption", str(folder), "--checkpoint", str(checkpoint), "--method", "beam", "--beam-size",
-            str(BEAM_SIZE), "--attention", "--max-length", str(max_length), *extra]
+    argv = [
+        "caption",
+        str(folder),
+        "--checkpoint",
+        str(checkpoint),
+        "--method",
+        "beam",
+        "--beam-size",
+        str(BEAM_SIZE),
+        "--attention",
+        "--max-length",
+        str(max_length),
+        *extra,
+    ]
 
     def run(*more: str) -> None:
         if (status := cli.main([*argv, *more])) != 0:
@@ -183,8 +203,10 @@ def stage_costs(checkpoint: Path, paths: list[Path], max_length: int) -> dict:
     images = [predictor.prepare(p) for p in paths]
     ticks.append(time.thread_time())
     with torch.inference_mode():
-        features = [predictor.encode(stack_pixels([im.pixels for im in images[i:i + STAGE_BATCH_SIZE]]))
-                    for i in range(0, len(images), STAGE_BATCH_SIZE)]  # (B, P, D) each
+        features = [
+            predictor.encode(stack_pixels([im.pixels for im in images[i : i + STAGE_BATCH_SIZE]]))
+            for i in range(0, len(images), STAGE_BATCH_SIZE)
+        ]  # (B, P, D) each
         ticks.append(time.thread_time())
         captions = [hyps for batch in features for hyps in predictor.model.caption_features(batch, options)]
         ticks.append(time.thread_time())
@@ -192,8 +214,10 @@ def stage_costs(checkpoint: Path, paths: list[Path], max_length: int) -> dict:
         result_line(path.name, predictor.format_result(image, hyps, options))
     ticks.append(time.thread_time())
     stages = zip(("read and prepare", "encoder", "beam search", "result line"), ticks, ticks[1:], strict=False)
-    return {"cpu_ms": {stage: 1000 * (end - begin) / len(paths) for stage, begin, end in stages},
-            "words": sum(len(hyps[0].token_ids) for hyps in captions) / len(captions)}
+    return {
+        "cpu_ms": {stage: 1000 * (end - begin) / len(paths) for stage, begin, end in stages},
+        "words": sum(len(hyps[0].token_ids) for hyps in captions) / len(captions),
+    }
 
 
 def render(results: dict) -> str:
@@ -204,21 +228,40 @@ def render(results: dict) -> str:
     rows = []
     for key, label in LABELS.items():
         within = [speed(r["c"]) / speed(r[key]) for r in rounds]
-        rows.append([label.format(batch_size=best["a"]["batch_size"], **setup), f"{speed(best[key]):.1f}",
-                     f"{best[key]['cpu_ms']:.1f}", f"{speed(best['c']) / speed(best[key]):.2f}",
-                     f"{min(within):.2f} to {max(within):.2f}"])
+        rows.append(
+            [
+                label.format(batch_size=best["a"]["batch_size"], **setup),
+                f"{speed(best[key]):.1f}",
+                f"{best[key]['cpu_ms']:.1f}",
+                f"{speed(best['c']) / speed(best[key]):.2f}",
+                f"{min(within):.2f} to {max(within):.2f}",
+            ]
+        )
     total = sum(ms.values())
-    return "\n".join([
-        SECTION, "", f"`{results['command']}`", "",
-        f"{describe_machine(results['machine'])}. Model: {setup['model']}. {setup['images']} images, beam size "
-        f"{BEAM_SIZE}, attention on, at most {setup['max_length']} words ({results['stages']['words']:.1f} on "
-        f"average); the best of {len(rounds)} rounds.", "",
-        *markdown_table(["", "images/s", "CPU ms per image", "(c) / this", "(c) / this within a round"], rows), "",
-        "(a) by batch size, images/s: " + ", ".join(f"{size}: {max(speed(r['a_sizes'][size]) for r in rounds):.1f}"
-                                                    for size in rounds[0]["a_sizes"]) + ".", "",
-        f"(c)'s stages on one thread, batches of {STAGE_BATCH_SIZE}, CPU ms per image: "
-        + ", ".join(f"{stage} {cost:.1f}" for stage, cost in ms.items())
-        + f"; total {total:.1f}, encoder share {ms['encoder'] / total:.2f}.", ""])
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"`{results['command']}`",
+            "",
+            f"{describe_machine(results['machine'])}. Model: {setup['model']}. {setup['images']} images, beam size "
+            f"{BEAM_SIZE}, attention on, at most {setup['max_length']} words ({results['stages']['words']:.1f} on "
+            f"average); the best of {len(rounds)} rounds.",
+            "",
+            *markdown_table(["", "images/s", "CPU ms per image", "(c) / this", "(c) / this within a round"], rows),
+            "",
+            "(a) by batch size, images/s: "
+            + ", ".join(
+                f"{size}: {max(speed(r['a_sizes'][size]) for r in rounds):.1f}" for size in rounds[0]["a_sizes"]
+            )
+            + ".",
+            "",
+            f"(c)'s stages on one thread, batches of {STAGE_BATCH_SIZE}, CPU ms per image: "
+            + ", ".join(f"{stage} {cost:.1f}" for stage, cost in ms.items())
+            + f"; total {total:.1f}, encoder share {ms['encoder'] / total:.2f}.",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,15 +290,22 @@ def main(argv: list[str] | None = None) -> int:
                 rates[key] = in_child(loop_rate, args.checkpoint, paths, args.max_length, tutorial)
             for key, extra in (("c", []), ("c_amp", ["--amp"])):
                 rates[key] = in_child(cli_rate, args.checkpoint, folder, len(paths), args.max_length, extra)
-            print(f"round {r + 1}, images/s:", *(f"{key} {rates[key]['images_per_s']:.1f}" for key in LABELS),
-                  file=sys.stderr)
+            print(
+                f"round {r + 1}, images/s:",
+                *(f"{key} {rates[key]['images_per_s']:.1f}" for key in LABELS),
+                file=sys.stderr,
+            )
             rounds.append(rates)
         c = Predictor.from_checkpoint(args.checkpoint).model.config
         results = {
             "command": "python benchmarks/caption_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine(),
-            "setup": {"model": f"{args.checkpoint} ({c.encoder} encoder, {c.cell} decoder, hidden {c.hidden_dim})",
-                      "images": len(paths), "max_length": args.max_length, "threads": threads},
+            "setup": {
+                "model": f"{args.checkpoint} ({c.encoder} encoder, {c.cell} decoder, hidden {c.hidden_dim})",
+                "images": len(paths),
+                "max_length": args.max_length,
+                "threads": threads,
+            },
             "rounds": rounds,
             "stages": in_child(stage_costs, args.checkpoint, paths[:STAGE_IMAGES], args.max_length),
         }

@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+from captioner.checkpoint import load_checkpoint
 from captioner.config import ModelConfig
 from captioner.decoding import DecodeOptions
-from runtime.home import default_workdir
-from captioner.checkpoint import load_checkpoint
 from captioner.predictor import Predictor
+from runtime.home import default_workdir
 from training.coco import load_split
 from training.demo import DEMO_MODEL, DEMO_SEED, DEMO_SPLITS, DEMO_TRAINING
 from training.evaluate import evaluate
@@ -26,7 +26,7 @@ from training.shapes import generate
 from training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_file import write_section  # noqa: E402
+from results_file import write_section
 
 SECTION = "## Decoder comparison on Shapes"
 VARIANTS = {
@@ -51,10 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split(data, "test")
     rows = []
     for name, change in VARIANTS.items():
-        config = TrainConfig(**{**DEMO_TRAINING.model_dump(), "data": str(data),
-                                "out": str(args.workdir / "compare" / name.replace(" ", "_")), "epochs": args.epochs,
-                                "patience": args.epochs, "cache_dir": str(args.workdir / "features"),
-                                "seed": DEMO_SEED, "progress": False})
+        config = TrainConfig(
+            **{
+                **DEMO_TRAINING.model_dump(),
+                "data": str(data),
+                "out": str(args.workdir / "compare" / name.replace(" ", "_")),
+                "epochs": args.epochs,
+                "patience": args.epochs,
+                "cache_dir": str(args.workdir / "features"),
+                "seed": DEMO_SEED,
+                "progress": False,
+            }
+        )
         best = train(config, ModelConfig(**{**DEMO_MODEL.model_dump(), **change}))
         history = json.loads((Path(config.out) / "history.json").read_text())
         minutes = history[-1]["seconds"] / 60  # the epochs' own clock: the first variant also builds the feature cache
@@ -63,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, scores, minutes))
         print(name, {k: round(scores.get(k, float("nan")), 3) for k in COLUMNS}, f"{minutes:.1f} min")
 
-    lines = [SECTION, "",
-             f"Shapes world, {DEMO_SPLITS['train']} training images, {args.epochs} epochs each, the default "
-             f"recipe otherwise; test split ({len(test)} images), beam size 3. "
-             "Pointing game: n/a without attention. Training time is wall-clock time on the machine "
-             "that ran it (the epochs only, validation included), which other jobs may have shared.", "",
-             "| variant | " + " | ".join(COLUMNS) + " | training time |",
-             "|---|" + "---|" * (len(COLUMNS) + 1)]
+    lines = [
+        SECTION,
+        "",
+        f"Shapes world, {DEMO_SPLITS['train']} training images, {args.epochs} epochs each, the default "
+        f"recipe otherwise; test split ({len(test)} images), beam size 3. "
+        "Pointing game: n/a without attention. Training time is wall-clock time on the machine "
+        "that ran it (the epochs only, validation included), which other jobs may have shared.",
+        "",
+        "| variant | " + " | ".join(COLUMNS) + " | training time |",
+        "|---|" + "---|" * (len(COLUMNS) + 1),
+    ]
     for name, scores, minutes in rows:
         cells = [f"{scores[c]:.3f}" if c in scores and scores[c] == scores[c] else "n/a" for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes:.1f} min |")

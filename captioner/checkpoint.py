@@ -54,8 +54,10 @@ def read_header(path: str | Path) -> tuple[ModelConfig, Vocabulary, dict]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a captioner checkpoint")
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(f"{path} has format version {meta.get('format_version')}; "
-                              f"this version of captioner reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has format version {meta.get('format_version')}; "
+            f"this version of captioner reads version {FORMAT_VERSION}"
+        )
     try:
         config = ModelConfig.from_dict(json.loads(meta["config"]))
         vocab = Vocabulary.from_json(json.loads(meta["vocab"]))
@@ -77,8 +79,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
     if missing or unexpected or wrong:
-        details = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                   for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        details = [
+            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
         raise CheckpointError(f"{path} does not match its config: " + "; ".join(details))
     model.load_state_dict(tensors)
     return model.to(device).eval(), card

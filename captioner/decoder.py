@@ -164,8 +164,9 @@ class Decoder(nn.Module):
         context = torch.bmm(alpha, memory.regions)  # (B, k, R)
         return alpha.view(B * k, P), context.view(B * k, -1)
 
-    def step(self, words: torch.Tensor, state: DecoderState, memory: Memory
-             ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+    def step(
+        self, words: torch.Tensor, state: DecoderState, memory: Memory
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """Read `words` (N,), predict the next: logits (N, V), the new state, and the
         attention alpha (N, P) used for that prediction (None without attention)."""
         emb = self.dropout(self.embed(words))  # (N, E)
@@ -180,8 +181,9 @@ class Decoder(nn.Module):
         logits = self.out(self.dropout(top + self.context_out(context)))  # (N, V)
         return logits, state, alpha
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing. features (B, P, D); captions (N, T), N = B * captions_per_image,
         image i's captions in rows i*k .. i*k+k-1, each starting with <start>. Returns
         logits (N, T-1, V) predicting captions[:, 1:] and alphas (N, T-1, P) (None without

@@ -77,8 +77,10 @@ def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
         mapped = {}
         for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
             if tensor.shape != expected.shape:
-                raise RuntimeError(f"EfficientNet-Lite0 weights: {src_key} {tuple(tensor.shape)} "
-                                   f"does not fit {dst_key} {tuple(expected.shape)}")
+                raise RuntimeError(
+                    f"EfficientNet-Lite0 weights: {src_key} {tuple(tensor.shape)} "
+                    f"does not fit {dst_key} {tuple(expected.shape)}"
+                )
             mapped[dst_key] = tensor
         net.load_state_dict(mapped)
     return net
@@ -99,8 +101,17 @@ class StrideTwoSameConv(nn.Conv2d):
     def __init__(self, conv: nn.Conv2d):
         # on the meta device: initialising weights of its own would draw from the global random
         # generator and change every weight a model initialises after this layer
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                         conv.groups, conv.bias is not None, device="meta")
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            device="meta",
+        )
         self.weight, self.bias = conv.weight, conv.bias  # the same parameters, under the same names
 
     def forward(self, x):
@@ -191,8 +202,10 @@ class ResNet(Encoder):
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         if pretrained:
             if weights_path is None:
-                raise ValueError(f"resnet{depth} needs its ImageNet weights as a local file "
-                                 "(--encoder-weights PATH); nothing is downloaded")
+                raise ValueError(
+                    f"resnet{depth} needs its ImageNet weights as a local file "
+                    "(--encoder-weights PATH); nothing is downloaded"
+                )
             net.load_state_dict(_load_state_dict(Path(weights_path)))
         self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
 
@@ -212,9 +225,12 @@ class TinyEncoder(Encoder):
     def __init__(self, pretrained: bool = False):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
         )
 
     def feature_map(self, images):
@@ -255,8 +271,13 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
         bns.append(BatchNormAct2d)
     except ImportError:
         pass
-    return (type(conv) in convs and type(bn) in bns and conv.out_channels == bn.num_features
-            and bn.running_mean is not None and bn.running_var is not None)
+    return (
+        type(conv) in convs
+        and type(bn) in bns
+        and conv.out_channels == bn.num_features
+        and bn.running_mean is not None
+        and bn.running_var is not None
+    )
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -271,8 +292,10 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         graph = _ConvBnTracer().trace(model)
     except Exception as e:  # fx fails in many ways: control flow on a traced value, len() of one, ...
-        raise RuntimeError(f"cannot tell which convolution each BatchNorm of {type(model).__name__} follows: "
-                           f"torch.fx cannot trace it ({type(e).__name__}: {e})") from e
+        raise RuntimeError(
+            f"cannot tell which convolution each BatchNorm of {type(model).__name__} follows: "
+            f"torch.fx cannot trace it ({type(e).__name__}: {e})"
+        ) from e
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -289,8 +312,11 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
         conv, bn = model.get_submodule(source.target), model.get_submodule(node.target)
-        if (_foldable(conv, bn) and calls[source.target] == calls[node.target] == 1
-                and all(owners[id(p)] == 1 for p in (*conv.parameters(), *bn.parameters()))):
+        if (
+            _foldable(conv, bn)
+            and calls[source.target] == calls[node.target] == 1
+            and all(owners[id(p)] == 1 for p in (*conv.parameters(), *bn.parameters()))
+        ):
             pairs.append((source.target, node.target))
     return pairs
 
@@ -313,8 +339,9 @@ def fold_batch_norms(encoder: nn.Module) -> int:
     pairs = conv_bn_pairs(encoder)
     for conv_name, bn_name in pairs:
         conv, bn = encoder.get_submodule(conv_name), encoder.get_submodule(bn_name)
-        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                            bn.weight, bn.bias)
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
         conv.weight.copy_(weight)  # in place: the weight keeps its memory format (channels-last)
         conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
         rest = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()

@@ -38,7 +38,8 @@ class CaptionModel(nn.Module):
         return decode(self.decoder, self.decoder.prepare(features), options)
 
 
-def build_model(config: ModelConfig, vocab: Vocabulary, pretrained: bool = True,
-                encoder_weights: str | None = None) -> CaptionModel:
+def build_model(
+    config: ModelConfig, vocab: Vocabulary, pretrained: bool = True, encoder_weights: str | None = None
+) -> CaptionModel:
     """A new model; `pretrained=False` when a checkpoint will supply every weight."""
     return CaptionModel(config, vocab, build_encoder(config.encoder, pretrained, encoder_weights))

@@ -8,8 +8,9 @@ from .images import ImageSource, open_image
 from .predictor import Predictor, PreparedImage
 
 
-def prepare_with_picture(predictor: Predictor, source: ImageSource,
-                         picture_size: int | None) -> tuple[PreparedImage, Image.Image | None]:
+def prepare_with_picture(
+    predictor: Predictor, source: ImageSource, picture_size: int | None
+) -> tuple[PreparedImage, Image.Image | None]:
     """The model's input and, when `picture_size` is given, the picture no larger than that for
     overlays, both from one decode. A JPEG is decoded only as large as the model and the overlays
     need (libjpeg's reduced scales): about half the time of a full decode for a 12-megapixel photo.

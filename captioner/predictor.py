@@ -26,9 +26,16 @@ class PreparedImage:
 
 
 class Predictor:
-    def __init__(self, model: CaptionModel, card: dict | None = None, device: str | torch.device = "cpu",
-                 limits: ImageLimits = ImageLimits(), max_batch_size: int = 32, encoder_batch_size: int | None = None,
-                 amp: bool = False):
+    def __init__(
+        self,
+        model: CaptionModel,
+        card: dict | None = None,
+        device: str | torch.device = "cpu",
+        limits: ImageLimits = ImageLimits(),
+        max_batch_size: int = 32,
+        encoder_batch_size: int | None = None,
+        amp: bool = False,
+    ):
         self.model = model.to(device).eval()
         self.card = card or {}
         self.device = torch.device(device)
@@ -77,7 +84,7 @@ class Predictor:
         """One result per image, in order, in chunks of at most `max_batch_size`."""
         results = []
         for start in range(0, len(images), self.max_batch_size):
-            chunk = images[start:start + self.max_batch_size]
+            chunk = images[start : start + self.max_batch_size]
             pixels = stack_pixels([im.pixels for im in chunk])  # (B, 3, S, S)
             if self.device.type == "cuda":
                 pixels = pixels.pin_memory()  # so the copy below does not wait for the GPU
@@ -108,7 +115,14 @@ class Predictor:
             caption = {"text": " ".join(tokens), "tokens": tokens, "log_prob": round(hyp.log_prob, 4)}
             if options.attention and hyp.attention is not None:
                 grids = hyp.attention.float().view(-1, h, w)  # (T, h, w)
-                caption["attention"] = grids.double().round(decimals=5).tolist()  # in double: 0.01303, not 0.013030000030994415
+                caption["attention"] = (
+                    grids.double().round(decimals=5).tolist()
+                )  # in double: 0.01303, not 0.013030000030994415
             captions.append(caption)
-        return {"width": image.width, "height": image.height, "method": options.method,
-                "attention_grid": [h, w], "captions": captions}
+        return {
+            "width": image.width,
+            "height": image.height,
+            "method": options.method,
+            "attention_grid": [h, w],
+            "captions": captions,
+        }

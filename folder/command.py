@@ -35,8 +35,16 @@ from runtime.flags import add_model_flags, model_from_flags
 from runtime.home import default_checkpoint
 
 from .files import Entry, Shard, find_entries, run_order
-from .journal import (JournalWriter, check_settings, common_settings, merge, recover, write_coco, write_csv,
-                      write_settings)
+from .journal import (
+    JournalWriter,
+    check_settings,
+    common_settings,
+    merge,
+    recover,
+    write_coco,
+    write_csv,
+    write_settings,
+)
 from .lock import Busy, holding
 
 FORMATS = ("jsonl", "csv", "coco")
@@ -137,14 +145,30 @@ class Throughput(BaseModel):
     """How the command spreads its work over the CPUs; none of it changes a caption, so none of it
     is a compared setting (`journal`)."""
 
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description=(
-        "images per decoding batch; the encoder takes them in equal parts of at most 16, cheapest on a CPU; "
-        "a stop loses at most the batches in flight"))
-    workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description=(
-        "batches captioned at once, each by a worker that reads, encodes and decodes it; processes on a CPU "
-        "under Linux, else threads; none: the CPUs available, shared among torchrun's local ranks"))
-    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description=(
-        "torch threads of each worker; none: the CPUs available shared among the workers"))
+    batch_size: int = Field(
+        32,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description=(
+            "images per decoding batch; the encoder takes them in equal parts of at most 16, cheapest on a CPU; "
+            "a stop loses at most the batches in flight"
+        ),
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_WORKERS,
+        description=(
+            "batches captioned at once, each by a worker that reads, encodes and decodes it; processes on a CPU "
+            "under Linux, else threads; none: the CPUs available, shared among torchrun's local ranks"
+        ),
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_THREADS,
+        description=("torch threads of each worker; none: the CPUs available shared among the workers"),
+    )
 
 
 def _shard(text: str) -> Shard:
@@ -159,26 +183,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files and folders")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help=f"model file (default: the default model, {default_checkpoint()})")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help=f"model file (default: the default model, {default_checkpoint()})"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output file; rerunning resumes it")
-    parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="default: csv for an --out ending in .csv, else jsonl")
+    parser.add_argument(
+        "--format", choices=FORMATS, default=None, help="default: csv for an --out ending in .csv, else jsonl"
+    )
     add_model_flags(parser, DecodeOptions, title="decoding", skip=("attention",))
     parser.add_argument("--attention", action="store_true", help="one attention grid per word in the output")
-    parser.add_argument("--overlays", type=Path, metavar="DIR",
-                        help="write DIR/<file>.png: the picture, its best caption and a heatmap per word")
+    parser.add_argument(
+        "--overlays",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/<file>.png: the picture, its best caption and a heatmap per word",
+    )
     parser.add_argument("-r", "--recursive", action="store_true", help="enter subfolders")
-    parser.add_argument("--follow-links", action="store_true",
-                        help="read symbolic links that lead outside the folder")
+    parser.add_argument("--follow-links", action="store_true", help="read symbolic links that lead outside the folder")
     add_model_flags(parser, Throughput, title="throughput")
     add_device_arguments(parser)
     parser.add_argument("--shard", type=_shard, metavar="I/N", help="caption only the I-th of N disjoint parts")
-    parser.add_argument("--merge", type=Path, nargs="+", metavar="PART",
-                        help="merge shard outputs into --out in the single-run order, captioning nothing")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="caption again the images whose lines in --out are errors (not the files skipped "
-                             "by design), replacing those lines")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="PART",
+        help="merge shard outputs into --out in the single-run order, captioning nothing",
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="caption again the images whose lines in --out are errors (not the files skipped "
+        "by design), replacing those lines",
+    )
 
 
 def _usage_error(message: str) -> int:
@@ -236,8 +273,7 @@ def main(args: argparse.Namespace) -> int:
     ranks = torchrun_rank()
     if problem := _conflicting_flags(args, ranks):
         return _usage_error(problem)
-    outputs = Outputs(args.out, args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl"),
-                      args.overlays)
+    outputs = Outputs(args.out, args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl"), args.overlays)
     try:
         entries = find_entries(args.paths, args.recursive, args.follow_links, exclude=outputs.written_here)
     except (OSError, ValueError) as e:
@@ -309,8 +345,15 @@ def _exclusive(outputs: Outputs, ranks: tuple[int, int] | None) -> Iterator[None
         yield
 
 
-def _caption_run(args: argparse.Namespace, throughput: Throughput, options: DecodeOptions, device: torch.device,
-                 outputs: Outputs, entries: list[Entry], ranks: tuple[int, int] | None) -> int:
+def _caption_run(
+    args: argparse.Namespace,
+    throughput: Throughput,
+    options: DecodeOptions,
+    device: torch.device,
+    outputs: Outputs,
+    entries: list[Entry],
+    ranks: tuple[int, int] | None,
+) -> int:
     """Caption into the output what it lacks, and with --retry-failed what failed in it; the
     exit status. The output's lock is held."""
     order = run_order(entries)
@@ -339,8 +382,17 @@ def _caption_run(args: argparse.Namespace, throughput: Throughput, options: Deco
         write_settings(outputs.journal, settings)
     already_done = len(entries) - len(todo)
     if ranks:
-        _caption(args, throughput, predictor, options, todo, journals[-1], already_done, label=f"rank {ranks[0]}: ",
-                 show_progress=ranks[0] == 0)
+        _caption(
+            args,
+            throughput,
+            predictor,
+            options,
+            todo,
+            journals[-1],
+            already_done,
+            label=f"rank {ranks[0]}: ",
+            show_progress=ranks[0] == 0,
+        )
         return _merge_ranks(outputs, order, *ranks)
     failed = _caption(args, throughput, predictor, options, todo, outputs.journal, already_done)
     if retried or earlier.superseded:
@@ -380,13 +432,26 @@ def _load(checkpoint: Path, args: argparse.Namespace, batch_size: int, device: t
 def _settings(checkpoint: Path, args: argparse.Namespace, options: DecodeOptions) -> dict:
     """What decides the output's lines, kept beside its journal (`journal`): which model
     (by content: a retrained model at the same path is another model) and how it decodes."""
-    return {"checkpoint": str(checkpoint.resolve()),
-            "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
-            **options.model_dump(), "attention": args.attention, "amp": args.amp}
+    return {
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+        **options.model_dump(),
+        "attention": args.attention,
+        "amp": args.amp,
+    }
 
 
-def _caption(args: argparse.Namespace, throughput: Throughput, predictor, options: DecodeOptions, todo: list[Entry],
-             output: Path, already_done: int, label: str = "", show_progress: bool = True) -> int:
+def _caption(
+    args: argparse.Namespace,
+    throughput: Throughput,
+    predictor,
+    options: DecodeOptions,
+    todo: list[Entry],
+    output: Path,
+    already_done: int,
+    label: str = "",
+    show_progress: bool = True,
+) -> int:
     """Caption `todo` into `output` and say how it went; returns how many images failed."""
     from concurrent.futures.process import BrokenProcessPool
 
@@ -396,32 +461,48 @@ def _caption(args: argparse.Namespace, throughput: Throughput, predictor, option
 
     cpus = cpus_per_local_rank()
     workers = throughput.workers or cpus
-    config = PipelineConfig(throughput.batch_size, lanes=workers,
-                            threads_per_lane=throughput.threads or max(1, cpus // workers),
-                            overlays=args.overlays, keep_attention=args.attention)
+    config = PipelineConfig(
+        throughput.batch_size,
+        lanes=workers,
+        threads_per_lane=throughput.threads or max(1, cpus // workers),
+        overlays=args.overlays,
+        keep_attention=args.attention,
+    )
     start = time.perf_counter()
     writer = JournalWriter(output)
-    with tqdm(total=sum(e.skip is None for e in todo), unit="img", desc=f"{label}captioning",
-              disable=None if show_progress else True, file=sys.stderr) as bar:
+    with tqdm(
+        total=sum(e.skip is None for e in todo),
+        unit="img",
+        desc=f"{label}captioning",
+        disable=None if show_progress else True,
+        file=sys.stderr,
+    ) as bar:
         try:
             tally = caption_entries(predictor, todo, options, config, writer.append, bar.update)
         except KeyboardInterrupt:
             bar.close()
-            print(f"{label}interrupted: {output} holds every finished batch; rerun the same command to go on",
-                  file=sys.stderr)
+            print(
+                f"{label}interrupted: {output} holds every finished batch; rerun the same command to go on",
+                file=sys.stderr,
+            )
             raise SystemExit(130) from None
         except BrokenProcessPool:
             bar.close()
-            print(f"{label}error: a worker process died (out of memory?); {output} holds every finished batch; "
-                  f"rerun the same command to go on, with fewer --workers or a smaller --batch-size",
-                  file=sys.stderr)
+            print(
+                f"{label}error: a worker process died (out of memory?); {output} holds every finished batch; "
+                f"rerun the same command to go on, with fewer --workers or a smaller --batch-size",
+                file=sys.stderr,
+            )
             raise SystemExit(1) from None
         finally:
             writer.close()
     seconds = time.perf_counter() - start
-    print(f"{label}captioned {tally.captioned}, failed {tally.failed}, skipped {tally.skipped}, "
-          f"already done {already_done}; {seconds:.1f} s, {tally.captioned / max(seconds, 1e-9):.1f} images/s "
-          f"-> {output}", file=sys.stderr)
+    print(
+        f"{label}captioned {tally.captioned}, failed {tally.failed}, skipped {tally.skipped}, "
+        f"already done {already_done}; {seconds:.1f} s, {tally.captioned / max(seconds, 1e-9):.1f} images/s "
+        f"-> {output}",
+        file=sys.stderr,
+    )
     return tally.failed
 
 
@@ -434,8 +515,11 @@ def _finish(outputs: Outputs, failed: int | None = None, label: str = "") -> int
     elif outputs.format == "coco":
         write_coco(outputs.journal, outputs.out)
     if failed:
-        print(f"{label}{failed} image{'s' * (failed > 1)} could not be captioned: see the \"error\" lines "
-              f"in {outputs.journal}", file=sys.stderr)
+        print(
+            f'{label}{failed} image{"s" * (failed > 1)} could not be captioned: see the "error" lines '
+            f"in {outputs.journal}",
+            file=sys.stderr,
+        )
     elif label:
         print(f"{label}-> {outputs.out}", file=sys.stderr)
     return 1 if failed else 0

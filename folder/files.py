@@ -58,8 +58,12 @@ class Walk:
     exclude: Callable[[Path], bool]
 
 
-def find_entries(paths: list[Path], recursive: bool = False, follow_links: bool = False,
-                 exclude: Callable[[Path], bool] = lambda path: False) -> list[Entry]:
+def find_entries(
+    paths: list[Path],
+    recursive: bool = False,
+    follow_links: bool = False,
+    exclude: Callable[[Path], bool] = lambda path: False,
+) -> list[Entry]:
     """Every file under `paths` (folders entered only with `recursive`), in run order,
     leaving out what `exclude` says (inside folders; paths given are always taken).
 
@@ -81,8 +85,10 @@ def find_entries(paths: list[Path], recursive: bool = False, follow_links: bool 
         if entry.file in seen:
             if seen[entry.file].resolve() == entry.path.resolve():
                 continue  # the same file named twice
-            raise ValueError(f"two inputs are both named {entry.file!r} ({seen[entry.file]} and {entry.path}); "
-                             "caption them in separate runs")
+            raise ValueError(
+                f"two inputs are both named {entry.file!r} ({seen[entry.file]} and {entry.path}); "
+                "caption them in separate runs"
+            )
         seen[entry.file] = entry.path
         unique.append(entry)
     return unique
@@ -96,16 +102,23 @@ def run_order(entries: list[Entry]) -> dict[str, int]:
 
 def _file_entry(name: str, path: Path) -> Entry:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return Entry(name, path, ImageError("not_an_image", f"{path.suffix or 'no extension'}: not one of "
-                                                           f"{', '.join(IMAGE_SUFFIXES)}"))
+        return Entry(
+            name,
+            path,
+            ImageError("not_an_image", f"{path.suffix or 'no extension'}: not one of {', '.join(IMAGE_SUFFIXES)}"),
+        )
     kind = _special_kind(path)
     if kind is not None:
         return Entry(name, path, ImageError("not_a_regular_file", f"a {kind}: only regular files are read"))
     return Entry(name, path)
 
 
-_SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                  (stat.S_ISBLK, "block device"))
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "named pipe"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
 
 
 def _special_kind(path: Path) -> str | None:
@@ -136,8 +149,16 @@ def _walk(folder: Path, root: Path, prefix: str, walk: Walk, visited: set[Path])
             if target.is_dir() and not walk.recursive:
                 continue
             if not walk.follow_links and not target.is_relative_to(root):
-                entries.append(Entry(name, path, ImageError(
-                    "outside_root", f"a symbolic link to {target}, outside the folder; --follow-links to read it")))
+                entries.append(
+                    Entry(
+                        name,
+                        path,
+                        ImageError(
+                            "outside_root",
+                            f"a symbolic link to {target}, outside the folder; --follow-links to read it",
+                        ),
+                    )
+                )
                 continue
             if target.is_dir():
                 # inside the root, its files are found under their own names; followed, entered once

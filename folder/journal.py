@@ -178,8 +178,9 @@ def read_settings(journal: Path) -> dict | None:
 def _differences(a: dict, b: dict, a_label: str, b_label: str) -> str:
     """What two settings disagree on, as "beam_size 3 there, 5 here; ..."; empty when they agree."""
     keys = sorted((a.keys() | b.keys()) - set(NOT_COMPARED))
-    return "; ".join(f"{key} {a.get(key)!r} {a_label}, {b.get(key)!r} {b_label}"
-                     for key in keys if a.get(key) != b.get(key))
+    return "; ".join(
+        f"{key} {a.get(key)!r} {a_label}, {b.get(key)!r} {b_label}" for key in keys if a.get(key) != b.get(key)
+    )
 
 
 def check_settings(journal: Path, settings: dict) -> None:
@@ -205,8 +206,9 @@ def common_settings(journals: list[Path]) -> dict | None:
         if first is None:
             first, first_journal = settings, journal
         elif differences := _differences(first, settings, f"in {first_journal.name}", f"in {journal.name}"):
-            raise ValueError(f"{first_journal} and {journal} hold captions made with different settings "
-                             f"({differences})")
+            raise ValueError(
+                f"{first_journal} and {journal} hold captions made with different settings ({differences})"
+            )
     return first
 
 
@@ -242,13 +244,26 @@ def write_csv(journal: Path, out: Path) -> None:
         writer.writeheader()
         for record in read_results(journal):
             if "error" in record:
-                writer.writerow({"file": record["file"], "error_code": record["error"]["code"],
-                                 "error_message": record["error"]["message"]})
+                writer.writerow(
+                    {
+                        "file": record["file"],
+                        "error_code": record["error"]["code"],
+                        "error_message": record["error"]["message"],
+                    }
+                )
                 continue
             for rank, caption in enumerate(record["captions"], 1):
-                writer.writerow({"file": record["file"], "rank": rank, "caption": caption["text"],
-                                 "log_prob": caption["log_prob"], "width": record["width"],
-                                 "height": record["height"], "method": record["method"]})
+                writer.writerow(
+                    {
+                        "file": record["file"],
+                        "rank": rank,
+                        "caption": caption["text"],
+                        "log_prob": caption["log_prob"],
+                        "width": record["width"],
+                        "height": record["height"],
+                        "method": record["method"],
+                    }
+                )
 
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")

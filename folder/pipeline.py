@@ -62,8 +62,14 @@ class Tally:
         self.skipped += other.skipped
 
 
-def caption_entries(predictor: Predictor, entries: list[Entry], options: DecodeOptions, config: PipelineConfig,
-                    write: Callable[[list[str]], None], progress: Callable[[int], object] = lambda n: None) -> Tally:
+def caption_entries(
+    predictor: Predictor,
+    entries: list[Entry],
+    options: DecodeOptions,
+    config: PipelineConfig,
+    write: Callable[[list[str]], None],
+    progress: Callable[[int], object] = lambda n: None,
+) -> Tally:
     """One output line per entry, handed to `write` a batch at a time in entry order."""
     tally = Tally()
     lanes = _start_lanes(predictor, config)
@@ -77,8 +83,7 @@ def caption_entries(predictor: Predictor, entries: list[Entry], options: DecodeO
 
     try:
         for segment in _segments(entries, config.batch_size, config.lanes):
-            in_flight.append(lanes.submit(_caption_segment, segment, options, config.overlays,
-                                          config.keep_attention))
+            in_flight.append(lanes.submit(_caption_segment, segment, options, config.overlays, config.keep_attention))
             if len(in_flight) > config.lanes + 1:
                 finish(in_flight.popleft())
         while in_flight:
@@ -91,16 +96,20 @@ def caption_entries(predictor: Predictor, entries: list[Entry], options: DecodeO
 def lanes_are_processes(device: torch.device, config: PipelineConfig) -> bool:
     """Fork only on Linux (macOS's system libraries are not fork-safe), only on a CPU (CUDA cannot
     be forked once started), and only for more than one lane."""
-    return (config.processes and config.lanes > 1 and device.type == "cpu"
-            and sys.platform.startswith("linux"))
+    return config.processes and config.lanes > 1 and device.type == "cpu" and sys.platform.startswith("linux")
 
 
 def _start_lanes(predictor: Predictor, config: PipelineConfig) -> Executor:
     if lanes_are_processes(predictor.device, config):
-        return ProcessPoolExecutor(config.lanes, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_start_lane, initargs=(predictor, config.threads_per_lane, os.getpid()))
-    return ThreadPoolExecutor(config.lanes, "lane", initializer=_start_lane,
-                              initargs=(predictor, config.threads_per_lane))
+        return ProcessPoolExecutor(
+            config.lanes,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_start_lane,
+            initargs=(predictor, config.threads_per_lane, os.getpid()),
+        )
+    return ThreadPoolExecutor(
+        config.lanes, "lane", initializer=_start_lane, initargs=(predictor, config.threads_per_lane)
+    )
 
 
 _lane = threading.local()  # the predictor of the lane running in this thread
@@ -147,8 +156,9 @@ def _segments(entries: list[Entry], batch_size: int, lanes: int) -> Iterator[lis
         yield segment
 
 
-def _caption_segment(segment: list[Entry], options: DecodeOptions, overlays: Path | None,
-                     keep_attention: bool) -> tuple[list[str], Tally]:
+def _caption_segment(
+    segment: list[Entry], options: DecodeOptions, overlays: Path | None, keep_attention: bool
+) -> tuple[list[str], Tally]:
     """In a lane: the output line of every entry, in order, and how they went."""
     predictor: Predictor = _lane.predictor
     results: list[dict] = [{} for _ in segment]

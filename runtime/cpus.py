@@ -18,8 +18,11 @@ def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
 def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
     """CPUs' worth of time per period that the cgroup allows (cgroup v2 `cpu.max`, else v1's
     `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None where there is no limit or no cgroup."""
-    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"),
-                                    ("cpu,cpuacct/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_period_us")):
+    for quota_file, period_file in (
+        ("cpu.max", None),
+        ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"),
+        ("cpu,cpuacct/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_period_us"),
+    ):
         try:
             text = (cgroup_root / quota_file).read_text().split()
             if period_file is not None:

@@ -29,15 +29,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise ValueError(f"device {name}: no CUDA GPU is available here (torch {torch.__version__}, {build})")
     index = local_rank if device.index is None else device.index
     if index >= torch.cuda.device_count():
-        raise ValueError(f"device {name}: GPU {index} does not exist; this machine has "
-                         f"{torch.cuda.device_count()}")
+        raise ValueError(f"device {name}: GPU {index} does not exist; this machine has {torch.cuda.device_count()}")
     return torch.device("cuda", index)
 
 
 def add_device_arguments(parser) -> None:
     """--device and --amp for the commands that run a trained model."""
-    parser.add_argument("--device", default="cpu",
-                        help=f"{DEVICES} (default cpu); under torchrun, cuda is each process's own GPU")
-    parser.add_argument("--amp", action="store_true",
-                        help="run the encoder in mixed precision: bf16 on a CPU (fast where it has AMX), "
-                             "fp16 on a GPU; captions may differ slightly from float32's")
+    parser.add_argument(
+        "--device", default="cpu", help=f"{DEVICES} (default cpu); under torchrun, cuda is each process's own GPU"
+    )
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="run the encoder in mixed precision: bf16 on a CPU (fast where it has AMX), "
+        "fp16 on a GPU; captions may differ slightly from float32's",
+    )

@@ -18,9 +18,15 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, title: str | None = None,
-                    skip: Iterable[str] = (), defaults: Mapping[str, Any] | None = None,
-                    env_prefix: str | None = None) -> None:
+def add_model_flags(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    *,
+    title: str | None = None,
+    skip: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    env_prefix: str | None = None,
+) -> None:
     """One flag per field of `model` except `skip`, in a group titled `title`. `defaults` replaces a
     field's default for this command; `env_prefix` names the variable that sets it too."""
     group = parser.add_argument_group(title or model.__name__)

@@ -55,6 +55,9 @@ def test_the_dispatcher_names_every_application_and_nothing_in_the_library():
 def test_the_rule_is_checked_against_real_imports(tmp_path):
     """The checker itself sees plain, dotted and in-function imports, and leaves relative ones."""
     module = tmp_path / "m.py"
-    module.write_text("import os\nimport api.app\nfrom training.train import x\nfrom . import y\n"
-                      "def f():\n    from folder import command\n", encoding="utf-8")
+    module.write_text(
+        "import os\nimport api.app\nfrom training.train import x\nfrom . import y\n"
+        "def f():\n    from folder import command\n",
+        encoding="utf-8",
+    )
     assert imported_packages(module) == {"os", "api", "training", "folder"}

@@ -1,9 +1,9 @@
 """`pip install .` gets what the code imports: pyproject.toml declares every package of the
 pinned lock (requirements.txt), with a range each pin satisfies."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -27,8 +27,11 @@ def test_every_pinned_package_is_declared_and_nothing_else():
 
 def test_every_pin_is_within_its_declared_range():
     ranges = declared()
-    outside = {name: (version, str(ranges[name].specifier)) for name, version in pins().items()
-               if not ranges[name].specifier.contains(version)}
+    outside = {
+        name: (version, str(ranges[name].specifier))
+        for name, version in pins().items()
+        if not ranges[name].specifier.contains(version)
+    }
     assert outside == {}
 
 

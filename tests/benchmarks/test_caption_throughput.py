@@ -23,8 +23,7 @@ def benchmark():
     return module
 
 
-def test_the_tutorials_decoder_says_what_the_library_says_and_projects_the_image_at_every_step(benchmark,
-                                                                                               tiny_model):
+def test_the_tutorials_decoder_says_what_the_library_says_and_projects_the_image_at_every_step(benchmark, tiny_model):
     decoder = tiny_model.decoder
     with torch.inference_mode():
         features = tiny_model.encoder(torch.rand(1, 3, 64, 64))  # (1, P, D)
@@ -42,17 +41,33 @@ def test_the_tutorials_decoder_says_what_the_library_says_and_projects_the_image
 
 def test_the_benchmark_measures_every_contender_and_keeps_the_other_sections(tiny_checkpoint, tmp_path):
     results = tmp_path / "RESULTS.md"
-    results.write_text("# Benchmarks\n\n## Folder captioning throughput\n\nstale figures\n\n"
-                       "## Decoder comparison\n\nkept\n")
+    results.write_text(
+        "# Benchmarks\n\n## Folder captioning throughput\n\nstale figures\n\n## Decoder comparison\n\nkept\n"
+    )
     run = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--checkpoint", str(tiny_checkpoint), "--images", "6", "--rounds", "1",
-         "--max-length", "4", "--out", str(results)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(BENCHMARK),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--images",
+            "6",
+            "--rounds",
+            "1",
+            "--max-length",
+            "4",
+            "--out",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
 
     text = results.read_text()
     assert "## Decoder comparison\n\nkept" in text and "stale figures" not in text
-    section = text[text.index("## Folder captioning throughput"):]
+    section = text[text.index("## Folder captioning throughput") :]
     measured = json.loads((tmp_path / "results" / "caption_throughput.json").read_text())
     assert len(measured["rounds"]) == 1 and measured["setup"]["images"] == 6
     machine = measured["machine"]

@@ -121,8 +121,11 @@ def _sixteen_bit() -> Image.Image:
 IMAGE_CASES = {
     "jpeg_L": (lambda: image_bytes(Image.new("L", (40, 30), 255), "JPEG"), (5, 5), WHITE),
     "jpeg_RGB": (lambda: image_bytes(Image.new("RGB", (40, 30), RED), "JPEG", quality=95), (5, 5), RED),
-    "jpeg_CMYK": (lambda: image_bytes(Image.new("RGB", (40, 30), RED).convert("CMYK"), "JPEG", quality=95),
-                  (5, 5), RED),
+    "jpeg_CMYK": (
+        lambda: image_bytes(Image.new("RGB", (40, 30), RED).convert("CMYK"), "JPEG", quality=95),
+        (5, 5),
+        RED,
+    ),
     "png_RGBA": (lambda: image_bytes(Image.new("RGBA", (40, 30), (0, 0, 0, 0)), "PNG"), (5, 5), WHITE),
     "png_LA": (lambda: image_bytes(Image.new("LA", (40, 30), (0, 0)), "PNG"), (5, 5), WHITE),
     "png_P_transparent": (lambda: image_bytes(_palette_with_transparency(), "PNG", transparency=0), (5, 5), WHITE),
@@ -137,9 +140,19 @@ IMAGE_CASES = {
 
 # The Pillow mode each case really is on disk, so a case cannot silently test something easier.
 IMAGE_MODES = {
-    "jpeg_L": "L", "jpeg_RGB": "RGB", "jpeg_CMYK": "CMYK", "png_RGBA": "RGBA", "png_LA": "LA",
-    "png_P_transparent": "P", "png_P_opaque_half": "P", "png_I16": "I;16", "png_I16_dark_half": "I;16",
-    "gif_animated": "P", "webp": "RGB", "bmp": "RGB", "jpeg_exif_orientation_6": "RGB",
+    "jpeg_L": "L",
+    "jpeg_RGB": "RGB",
+    "jpeg_CMYK": "CMYK",
+    "png_RGBA": "RGBA",
+    "png_LA": "LA",
+    "png_P_transparent": "P",
+    "png_P_opaque_half": "P",
+    "png_I16": "I;16",
+    "png_I16_dark_half": "I;16",
+    "gif_animated": "P",
+    "webp": "RGB",
+    "bmp": "RGB",
+    "jpeg_exif_orientation_6": "RGB",
 }
 
 

@@ -8,8 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from captioner.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, read_header,
-                                  save_checkpoint)
+from captioner.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, read_header, save_checkpoint
 from captioner.decoding import DecodeOptions
 from tests.captioner.conftest import random_images
 
@@ -38,8 +37,9 @@ def rewrite_header(path, out, **changes):
     return out
 
 
-@pytest.mark.parametrize("config", [{}, dict(attention=False, cell="gru", num_layers=2),
-                                    dict(init_state="learned", positional=False)])
+@pytest.mark.parametrize(
+    "config", [{}, dict(attention=False, cell="gru", num_layers=2), dict(init_state="learned", positional=False)]
+)
 def test_round_trip_gives_identical_outputs(make_model, tmp_path, no_unpickling, config):
     model = make_model(**config)
     path = tmp_path / "model.safetensors"
@@ -59,8 +59,9 @@ def test_round_trip_gives_identical_outputs(make_model, tmp_path, no_unpickling,
         expected = model.caption_features(model.encoder(images), options)
         got = loaded.caption_features(loaded.encoder(images), options)
     assert torch.equal(logits, expected_logits)
-    assert [[(h.token_ids, h.log_prob) for h in hyps] for hyps in got] == \
-           [[(h.token_ids, h.log_prob) for h in hyps] for hyps in expected]
+    assert [[(h.token_ids, h.log_prob) for h in hyps] for hyps in got] == [
+        [(h.token_ids, h.log_prob) for h in hyps] for hyps in expected
+    ]
 
 
 def test_file_is_safetensors_with_a_versioned_json_header(tiny_checkpoint, tiny_model):
@@ -131,13 +132,16 @@ def test_missing_weights_are_named(make_model, tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"format_version": str(FORMAT_VERSION + 1)}, "format version"),
-    ({"format": "someone-else"}, "not a captioner checkpoint"),
-    ({"config": "{not json"}, "broken header"),
-    ({"config": json.dumps({"hidden_size": 3})}, "broken header"),
-    ({"vocab": json.dumps(["a", "b"])}, "broken header"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"format_version": str(FORMAT_VERSION + 1)}, "format version"),
+        ({"format": "someone-else"}, "not a captioner checkpoint"),
+        ({"config": "{not json"}, "broken header"),
+        ({"config": json.dumps({"hidden_size": 3})}, "broken header"),
+        ({"vocab": json.dumps(["a", "b"])}, "broken header"),
+    ],
+)
 def test_foreign_or_broken_headers_are_refused(tiny_checkpoint, tmp_path, changes, message):
     path = rewrite_header(tiny_checkpoint, tmp_path / "other.safetensors", **changes)
     with pytest.raises(CheckpointError, match=message):

@@ -14,17 +14,20 @@ def test_defaults_are_the_pretrained_attention_lstm():
     assert c.init_state == "mean"  # h0, c0 from the mean region, as in the paper
 
 
-@pytest.mark.parametrize("overrides", [
-    {"cell": "transformer"},
-    {"init_state": "zeros"},
-    {"num_layers": 0},
-    {"embed_dim": 0},
-    {"region_dim": -1},
-    {"hidden_dim": 0},
-    {"attention_dim": 0},
-    {"dropout": 1.0},
-    {"dropout": -0.1},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"cell": "transformer"},
+        {"init_state": "zeros"},
+        {"num_layers": 0},
+        {"embed_dim": 0},
+        {"region_dim": -1},
+        {"hidden_dim": 0},
+        {"attention_dim": 0},
+        {"dropout": 1.0},
+        {"dropout": -0.1},
+    ],
+)
 def test_invalid_values_are_refused(overrides):
     with pytest.raises(ValueError):
         ModelConfig(**overrides)

@@ -66,8 +66,10 @@ def test_show_and_tell_has_no_attention_layers(make_model):
 def gradient_configs():
     for cell, attention, init_state in itertools.product(CELLS, [True, False], ["mean", "learned"]):
         for num_layers in (1, 2):
-            yield pytest.param(dict(cell=cell, attention=attention, init_state=init_state, num_layers=num_layers),
-                               id=f"{cell}-{'att' if attention else 'noatt'}-{init_state}-L{num_layers}")
+            yield pytest.param(
+                dict(cell=cell, attention=attention, init_state=init_state, num_layers=num_layers),
+                id=f"{cell}-{'att' if attention else 'noatt'}-{init_state}-L{num_layers}",
+            )
 
 
 @pytest.mark.parametrize("config", gradient_configs())
@@ -148,11 +150,13 @@ def test_step_treats_every_row_independently(make_model):
         memory = decoder.prepare(features)
         logits, state, alpha = decoder.step(words, decoder.init_state(memory), memory)
         for i in range(4):
-            one_memory = decoder.prepare(features[i:i + 1])
-            one_logits, one_state, one_alpha = decoder.step(words[i:i + 1], decoder.init_state(one_memory), one_memory)
-            torch.testing.assert_close(one_logits, logits[i:i + 1])
-            torch.testing.assert_close(one_state.h, state.h[:, i:i + 1])
-            torch.testing.assert_close(one_alpha, alpha[i:i + 1])
+            one_memory = decoder.prepare(features[i : i + 1])
+            one_logits, one_state, one_alpha = decoder.step(
+                words[i : i + 1], decoder.init_state(one_memory), one_memory
+            )
+            torch.testing.assert_close(one_logits, logits[i : i + 1])
+            torch.testing.assert_close(one_state.h, state.h[:, i : i + 1])
+            torch.testing.assert_close(one_alpha, alpha[i : i + 1])
 
 
 @pytest.mark.parametrize("attention", [True, False])

@@ -41,7 +41,7 @@ def test_each_image_is_encoded_independently_of_its_batch():
     images = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         together = encoder(images)
-        alone = torch.cat([encoder(images[i:i + 1]) for i in range(4)])
+        alone = torch.cat([encoder(images[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(together, alone)
 
 
@@ -249,7 +249,8 @@ def test_inference_on_a_cpu_runs_the_high_resolution_front_image_by_image_with_t
 @pytest.mark.parametrize("channels, groups, kernel", [(8, 8, 3), (8, 8, 5), (3, 1, 3)], ids=["dw3", "dw5", "dense3"])
 @pytest.mark.parametrize("size", [(16, 16), (15, 16), (16, 13)], ids=["even", "odd-height", "odd-width"])
 def test_stride_two_same_convolution_computes_timms_outputs_and_gradients_without_a_padded_copy(
-        channels, groups, kernel, size, monkeypatch):
+    channels, groups, kernel, size, monkeypatch
+):
     from timm.layers import Conv2dSame, padding
 
     from captioner.encoder import StrideTwoSameConv
@@ -259,7 +260,9 @@ def test_stride_two_same_convolution_computes_timms_outputs_and_gradients_withou
     ours = StrideTwoSameConv(timm_conv)
     padded_copies = []
     real_pad_same = padding.pad_same
-    monkeypatch.setattr(padding, "pad_same", lambda x, *a, **k: padded_copies.append(x.shape) or real_pad_same(x, *a, **k))
+    monkeypatch.setattr(
+        padding, "pad_same", lambda x, *a, **k: padded_copies.append(x.shape) or real_pad_same(x, *a, **k)
+    )
     x = torch.randn(2, channels, *size, requires_grad=True)
     expected = timm_conv(x)  # timm's own path, which pads
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, timm_conv.weight, timm_conv.bias])

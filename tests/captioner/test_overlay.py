@@ -71,8 +71,12 @@ def test_caption_sheet_has_the_picture_and_one_tile_per_word(num_words):
 
 
 def test_caption_sheet_tiles_are_the_heatmaps():
-    sheet = caption_sheet(Image.new("RGB", (100, 100), (0, 0, 0)), ["left", "right"],
-                          [one_hot_grid(2, 2, 0, 0), one_hot_grid(2, 2, 0, 1)], tile=100)
+    sheet = caption_sheet(
+        Image.new("RGB", (100, 100), (0, 0, 0)),
+        ["left", "right"],
+        [one_hot_grid(2, 2, 0, 0), one_hot_grid(2, 2, 0, 1)],
+        tile=100,
+    )
     assert warmth(sheet, (100 + 10, 10)) > warmth(sheet, (100 + 90, 10))  # "left" looks top-left
     assert warmth(sheet, (200 + 90, 10)) > warmth(sheet, (200 + 10, 10))  # "right" looks top-right
 
@@ -83,8 +87,7 @@ def turned_jpeg(size=(1600, 1200)) -> bytes:
     exif[0x0112] = 6
     buffer = io.BytesIO()
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-        buffer, format="JPEG", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="JPEG", exif=exif)
     return buffer.getvalue()
 
 
@@ -101,10 +104,13 @@ def test_a_picture_for_overlays_comes_from_the_same_decode_and_is_no_larger_than
 
 def test_dropping_attention_leaves_the_rest_of_the_result(tiny_model):
     predictor = Predictor(tiny_model)
-    [result] = predictor.caption([Image.new("RGB", (40, 30), (200, 30, 30))],
-                                 DecodeOptions(method="beam", beam_size=2, num_captions=2, attention=True))
+    [result] = predictor.caption(
+        [Image.new("RGB", (40, 30), (200, 30, 30))],
+        DecodeOptions(method="beam", beam_size=2, num_captions=2, attention=True),
+    )
     assert all("attention" in c for c in result["captions"])
-    [expected] = predictor.caption([Image.new("RGB", (40, 30), (200, 30, 30))],
-                                   DecodeOptions(method="beam", beam_size=2, num_captions=2))
+    [expected] = predictor.caption(
+        [Image.new("RGB", (40, 30), (200, 30, 30))], DecodeOptions(method="beam", beam_size=2, num_captions=2)
+    )
     drop_attention(result)
     assert result == expected

@@ -68,8 +68,7 @@ def test_results_come_back_in_order_and_batched_equals_alone(predictor, image_fi
     alone = [predictor.caption([p], options)[0] for p in paths]
     for a, b in zip(together, alone):
         assert [c["tokens"] for c in a["captions"]] == [c["tokens"] for c in b["captions"]]
-        assert [c["log_prob"] for c in a["captions"]] == pytest.approx([c["log_prob"] for c in b["captions"]],
-                                                                       abs=2e-4)
+        assert [c["log_prob"] for c in a["captions"]] == pytest.approx([c["log_prob"] for c in b["captions"]], abs=2e-4)
 
 
 def test_batches_are_cut_at_max_batch_size_without_changing_results(tiny_model, image_files, encoder_calls):
@@ -90,11 +89,14 @@ def test_batches_are_cut_at_max_batch_size_without_changing_results(tiny_model, 
     assert tokens(small) == tokens(large) == tokens(split) == tokens(even)
 
 
-@pytest.mark.parametrize("options", [
-    DecodeOptions(method="greedy", max_length=7, attention=True),
-    DecodeOptions(method="sample", num_captions=3, seed=0, max_length=7, attention=True),
-    DecodeOptions(method="beam", beam_size=4, num_captions=4, max_length=7, attention=True),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        DecodeOptions(method="greedy", max_length=7, attention=True),
+        DecodeOptions(method="sample", num_captions=3, seed=0, max_length=7, attention=True),
+        DecodeOptions(method="beam", beam_size=4, num_captions=4, max_length=7, attention=True),
+    ],
+)
 def test_result_format_with_attention_grids(predictor, image_files, options):
     with torch.no_grad():
         predictor.model.decoder.out.bias[predictor.model.vocab.end_id] = -3.0  # words before <end>
@@ -104,7 +106,7 @@ def test_result_format_with_attention_grids(predictor, image_files, options):
     for caption in result["captions"]:
         assert set(caption) == CAPTION_KEYS | {"attention"}
         assert caption["text"] == " ".join(caption["tokens"])
-        assert all(isinstance(t, str) and not t.startswith("<") or t == "<unk>" for t in caption["tokens"])
+        assert all((isinstance(t, str) and not t.startswith("<")) or t == "<unk>" for t in caption["tokens"])
         assert isinstance(caption["log_prob"], float) and caption["log_prob"] < 0
         grids = torch.tensor(caption["attention"])  # (T, h, w)
         assert len(caption["tokens"]) > 0 and grids.shape == (len(caption["tokens"]), 8, 8)
@@ -133,8 +135,9 @@ def test_log_prob_is_the_decoders_rounded(predictor, tiny_model, image_files):
         hypotheses = tiny_model.caption_features(tiny_model.encoder(prepared.pixels[None]), options)[0]
     result = predictor.caption_batch([prepared], options)[0]
     assert [c["log_prob"] for c in result["captions"]] == [round(h.log_prob, 4) for h in hypotheses]
-    assert [c["tokens"] for c in result["captions"]] == [[tiny_model.vocab.words[i] for i in h.token_ids]
-                                                        for h in hypotheses]
+    assert [c["tokens"] for c in result["captions"]] == [
+        [tiny_model.vocab.words[i] for i in h.token_ids] for h in hypotheses
+    ]
 
 
 def test_prepare_resizes_to_the_encoder_preset(predictor, image_files):
@@ -200,7 +203,8 @@ def test_a_served_model_has_its_batch_norms_folded_and_says_the_same(tmp_path):
     for ours, reference in zip(served.caption(pictures, options), unfolded.caption(pictures, options)):
         assert [c["tokens"] for c in ours["captions"]] == [c["tokens"] for c in reference["captions"]]
         assert [c["log_prob"] for c in ours["captions"]] == pytest.approx(
-            [c["log_prob"] for c in reference["captions"]], abs=1e-3)
+            [c["log_prob"] for c in reference["captions"]], abs=1e-3
+        )
 
 
 def test_amp_runs_the_encoder_in_bfloat16_and_decodes_in_float32(tiny_model, image_files):

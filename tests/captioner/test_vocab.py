@@ -71,11 +71,14 @@ def test_json_round_trip():
     assert again.encode("the cat") == vocab.encode("the cat")
 
 
-@pytest.mark.parametrize("words", [
-    ("a", "b"),  # no specials
-    (START, PAD, END, UNK, "a"),  # specials in the wrong order
-    SPECIALS + ("a", "a"),  # a word twice
-])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ("a", "b"),  # no specials
+        (START, PAD, END, UNK, "a"),  # specials in the wrong order
+        SPECIALS + ("a", "a"),  # a word twice
+    ],
+)
 def test_invalid_word_lists_are_refused(words):
     with pytest.raises(ValueError):
         Vocabulary(words)

@@ -16,8 +16,11 @@ HEAVY = ("training", "api", "fastapi", "pycocotools")
 
 def modules_after(code: str) -> set[str]:
     """The modules a fresh interpreter holds after running `code` (SystemExit allowed)."""
-    program = ("import json, sys\ntry:\n" + textwrap.indent(textwrap.dedent(code), "    ") +
-               "\nexcept SystemExit:\n    pass\nprint(json.dumps(sorted(sys.modules)))\n")
+    program = (
+        "import json, sys\ntry:\n"
+        + textwrap.indent(textwrap.dedent(code), "    ")
+        + "\nexcept SystemExit:\n    pass\nprint(json.dumps(sorted(sys.modules)))\n"
+    )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -68,14 +71,16 @@ def test_a_missing_or_unknown_command_is_a_usage_error(argv, capsys):
 
 
 def test_the_subcommand_gets_the_rest_of_the_arguments_and_returns_its_code(tmp_path, monkeypatch):
-    (tmp_path / "fake_subcommand.py").write_text(textwrap.dedent("""
+    (tmp_path / "fake_subcommand.py").write_text(
+        textwrap.dedent("""
         def add_arguments(parser):
             parser.add_argument("path")
             parser.add_argument("--times", type=int, default=1)
 
         def main(args):
             return 0 if args.path == "ok" else args.times
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_subcommand", "a test double"))
     assert cli.main(["fake", "ok"]) == 0

@@ -41,7 +41,7 @@ def _picture(mode: str, size=(40, 30)) -> Image.Image:
     rng = np.random.default_rng(len(mode))
     rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     if mode == "I;16":
-        return Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+        return Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
     if mode == "P":
         return rgb.convert("P", palette=Image.Palette.ADAPTIVE)
     return rgb.convert(mode)
@@ -78,9 +78,26 @@ GOOD_IMAGES = {
 FAILED = {"broken.jpg": "corrupt_image", "text.png": "unsupported_format"}
 SKIPPED = {"notes.txt": "not_an_image", "outside_link.jpg": "outside_root"}
 # the single-run order: every folder's entries sorted by name, subfolders entered where they sort
-ORDER = ["animated.gif", "bitmap.BMP", "broken.jpg", "cmyk.jpg", "deep.png", "gray.png", "inside_link.png",
-         "la.png", "notes.txt", "outside_link.jpg", "palette.png", "photo.webp", "rgb.jpg", "rgba.png",
-         "rotated.jpeg", "sub/deeper/last.jpg", "sub/inner.png", "text.png"]
+ORDER = [
+    "animated.gif",
+    "bitmap.BMP",
+    "broken.jpg",
+    "cmyk.jpg",
+    "deep.png",
+    "gray.png",
+    "inside_link.png",
+    "la.png",
+    "notes.txt",
+    "outside_link.jpg",
+    "palette.png",
+    "photo.webp",
+    "rgb.jpg",
+    "rgba.png",
+    "rotated.jpeg",
+    "sub/deeper/last.jpg",
+    "sub/inner.png",
+    "text.png",
+]
 
 
 @pytest.fixture
@@ -112,8 +129,19 @@ def read_lines(path: Path) -> list[dict]:
 
 def test_every_file_gets_one_line_in_walk_order(mixed_folder, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "captions.jsonl"
-    status = caption(mixed_folder, "--recursive", "--checkpoint", tiny_checkpoint, "--out", out,
-                     "--method", "greedy", "--attention", "--batch-size", "4")
+    status = caption(
+        mixed_folder,
+        "--recursive",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--method",
+        "greedy",
+        "--attention",
+        "--batch-size",
+        "4",
+    )
     assert status == 1  # two images failed
     lines = read_lines(out)
     assert [line["file"] for line in lines] == ORDER
@@ -159,8 +187,17 @@ def test_without_recursive_subfolders_are_left_out(mixed_folder, tiny_checkpoint
 
 def test_links_out_of_the_folder_are_read_when_asked(mixed_folder, tiny_checkpoint, tmp_path):
     out = tmp_path / "captions.jsonl"
-    caption(mixed_folder / "outside_link.jpg", mixed_folder / "rgb.jpg", "--checkpoint", tiny_checkpoint,
-            "--out", out, "--method", "greedy", "--follow-links")
+    caption(
+        mixed_folder / "outside_link.jpg",
+        mixed_folder / "rgb.jpg",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--method",
+        "greedy",
+        "--follow-links",
+    )
     lines = read_lines(out)
     assert [line["file"] for line in lines] == ["outside_link.jpg", "rgb.jpg"]  # files given: their names
     assert all("captions" in line for line in lines)
@@ -168,8 +205,20 @@ def test_links_out_of_the_folder_are_read_when_asked(mixed_folder, tiny_checkpoi
 
 def test_results_are_the_predictors(mixed_folder, tiny_checkpoint, tmp_path):
     out = tmp_path / "captions.jsonl"
-    status = caption(mixed_folder / "rgb.jpg", mixed_folder / "sub", "--checkpoint", tiny_checkpoint, "--out", out,
-                     "--beam-size", "3", "--num-captions", "2", "--batch-size", "1")
+    status = caption(
+        mixed_folder / "rgb.jpg",
+        mixed_folder / "sub",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--beam-size",
+        "3",
+        "--num-captions",
+        "2",
+        "--batch-size",
+        "1",
+    )
     assert status == 0
     lines = read_lines(out)
     assert [line["file"] for line in lines] == ["rgb.jpg", "inner.png"]  # relative to the folder given
@@ -178,7 +227,8 @@ def test_results_are_the_predictors(mixed_folder, tiny_checkpoint, tmp_path):
         [expected] = predictor.caption([path], DecodeOptions(beam_size=3, num_captions=2))
         assert [c["text"] for c in line["captions"]] == [c["text"] for c in expected["captions"]]
         assert [c["log_prob"] for c in line["captions"]] == pytest.approx(
-            [c["log_prob"] for c in expected["captions"]], abs=1e-3)
+            [c["log_prob"] for c in expected["captions"]], abs=1e-3
+        )
         assert "attention" not in line["captions"][0]
 
 
@@ -226,8 +276,9 @@ def test_the_settings_that_wrote_the_lines_are_kept_beside_them(mixed_folder, ti
     assert written == ["captions.csv", "captions.csv.jsonl", "captions.csv.jsonl.settings.json"]
 
 
-def test_a_rerun_with_another_model_or_other_flags_is_refused_and_changes_nothing(mixed_folder, tiny_checkpoint,
-                                                                                  tmp_path, capsys):
+def test_a_rerun_with_another_model_or_other_flags_is_refused_and_changes_nothing(
+    mixed_folder, tiny_checkpoint, tmp_path, capsys
+):
     out = tmp_path / "captions.jsonl"
     args = (mixed_folder, "--out", out, "--method", "greedy", "--batch-size", "1")
     caption(*args, "--checkpoint", tiny_checkpoint)
@@ -347,8 +398,10 @@ def test_coco_results_load_for_evaluation(tmp_path, tiny_checkpoint):
     assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
 
     truth = COCO()
-    truth.dataset = {"images": [{"id": i} for i in ids], "annotations": [
-        {"id": n, "image_id": i, "caption": "a shape"} for n, i in enumerate(ids, 1)]}
+    truth.dataset = {
+        "images": [{"id": i} for i in ids],
+        "annotations": [{"id": n, "image_id": i, "caption": "a shape"} for n, i in enumerate(ids, 1)],
+    }
     truth.createIndex()
     assert sorted(truth.loadRes(str(out)).getImgIds()) == ids
 
@@ -361,8 +414,20 @@ def test_coco_ids_come_from_names_or_from_the_order():
 
 def test_overlays_are_pngs_named_after_the_file(mixed_folder, tiny_checkpoint, tmp_path):
     out, sheets = tmp_path / "captions.jsonl", tmp_path / "sheets"
-    caption(mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", out, "--overlays", sheets,
-            "--method", "greedy", "--max-length", "3")
+    caption(
+        mixed_folder,
+        "-r",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--overlays",
+        sheets,
+        "--method",
+        "greedy",
+        "--max-length",
+        "3",
+    )
     written = sorted(str(p.relative_to(sheets)) for p in sheets.rglob("*.png"))
     assert written == sorted(f"{name}.png" for name in GOOD_IMAGES)
     for path in sheets.rglob("*.png"):
@@ -376,13 +441,16 @@ def test_overlays_are_pngs_named_after_the_file(mixed_folder, tiny_checkpoint, t
                 assert sheet.width == min(1 + len(line["captions"][0]["tokens"]), 5) * 224
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], "--batch-size"),
-    (["--batch-size", "257"], "--batch-size"),
-    (["--workers", "33"], "--workers"),
-    (["--shard", "2/2"], "--shard"),
-    (["--format", "xml"], "--format"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "257"], "--batch-size"),
+        (["--workers", "33"], "--workers"),
+        (["--shard", "2/2"], "--shard"),
+        (["--format", "xml"], "--format"),
+    ],
+)
 def test_out_of_range_flags_are_usage_errors(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         caption(tmp_path, "--out", tmp_path / "o.jsonl", *flags)
@@ -390,10 +458,15 @@ def test_out_of_range_flags_are_usage_errors(flags, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [
-    ["--beam-size", "11"], ["--method", "greedy", "--num-captions", "2"], ["--temperature", "0"],
-    ["--beam-size", "2", "--num-captions", "3"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--beam-size", "11"],
+        ["--method", "greedy", "--num-captions", "2"],
+        ["--temperature", "0"],
+        ["--beam-size", "2", "--num-captions", "3"],
+    ],
+)
 def test_bad_decoding_options_are_usage_errors(flags, tmp_path, capsys):
     assert caption(tmp_path, "--out", tmp_path / "o.jsonl", *flags) == 2
     assert "captioner caption: error:" in capsys.readouterr().err
@@ -408,16 +481,16 @@ def test_missing_paths_and_models_are_reported(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_a_device_this_machine_lacks_is_a_usage_error_before_any_work(mixed_folder, tiny_checkpoint, tmp_path,
-                                                                       capsys):
+def test_a_device_this_machine_lacks_is_a_usage_error_before_any_work(mixed_folder, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     assert caption(mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--device", "cuda") == 2
     assert "captioner caption: error: device cuda: no CUDA GPU is available here" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_amp_runs_the_encoder_in_bfloat16_and_captions_the_same_files(mixed_folder, tiny_checkpoint, tmp_path,
-                                                                      monkeypatch):
+def test_amp_runs_the_encoder_in_bfloat16_and_captions_the_same_files(
+    mixed_folder, tiny_checkpoint, tmp_path, monkeypatch
+):
     encoder_dtypes = []
     real_forward = Encoder.forward
 
@@ -431,8 +504,18 @@ def test_amp_runs_the_encoder_in_bfloat16_and_captions_the_same_files(mixed_fold
     outs = {amp: tmp_path / f"amp{amp}.jsonl" for amp in ("", "--amp")}
     for amp, out in outs.items():
         encoder_dtypes.clear()
-        args = [mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy",
-                "--workers", "1"]  # one worker: a thread of this process, where the spy sees it
+        args = [
+            mixed_folder,
+            "-r",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--out",
+            out,
+            "--method",
+            "greedy",
+            "--workers",
+            "1",
+        ]  # one worker: a thread of this process, where the spy sees it
         assert caption(*args, *([amp] if amp else [])) == 1  # the two broken files
         assert set(encoder_dtypes) == {torch.bfloat16 if amp else torch.float32}
     exact, mixed = read_lines(outs[""]), read_lines(outs["--amp"])
@@ -464,13 +547,27 @@ def test_pipes_sockets_and_devices_are_skipped_without_being_opened(tiny_checkpo
     out = tmp_path / "captions.jsonl"
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(root / "socket.jpg"))
-        command = [Path(sys.executable).parent / "captioner", "caption", root, tmp_path / "given.jpg",
-                   "--follow-links", "--checkpoint", tiny_checkpoint, "--out", out]
+        command = [
+            Path(sys.executable).parent / "captioner",
+            "caption",
+            root,
+            tmp_path / "given.jpg",
+            "--follow-links",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--out",
+            out,
+        ]
         run = subprocess.run(command, capture_output=True, text=True, timeout=300)  # a pipe opened: no end
     assert run.returncode == 0, run.stderr  # skipped files are no failures
     codes = [(line["file"], line.get("error", {}).get("code")) for line in read_lines(out)]
-    assert codes == [("null.png", "not_a_regular_file"), ("photo.jpg", None), ("pipe.jpg", "not_a_regular_file"),
-                     ("socket.jpg", "not_a_regular_file"), ("given.jpg", "not_a_regular_file")]
+    assert codes == [
+        ("null.png", "not_a_regular_file"),
+        ("photo.jpg", None),
+        ("pipe.jpg", "not_a_regular_file"),
+        ("socket.jpg", "not_a_regular_file"),
+        ("given.jpg", "not_a_regular_file"),
+    ]
     messages = {line["file"]: line["error"]["message"] for line in read_lines(out) if "error" in line}
     assert "named pipe" in messages["pipe.jpg"] and "socket" in messages["socket.jpg"]
     assert "character device" in messages["null.png"]
@@ -486,8 +583,20 @@ def test_a_link_loop_is_entered_once(tmp_path):
 
 
 def test_outputs_inside_the_folder_are_never_inputs(mixed_folder, tiny_checkpoint, tmp_path, capsys):
-    args = (mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", mixed_folder / "captions.csv",
-            "--overlays", mixed_folder / "sheets", "--method", "greedy", "--max-length", "2")
+    args = (
+        mixed_folder,
+        "-r",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--out",
+        mixed_folder / "captions.csv",
+        "--overlays",
+        mixed_folder / "sheets",
+        "--method",
+        "greedy",
+        "--max-length",
+        "2",
+    )
     caption(*args)
     caption(*args)
     assert "captioned 0, failed 0, skipped 0, already done 18" in capsys.readouterr().err
@@ -498,13 +607,25 @@ def test_outputs_inside_the_folder_are_never_inputs(mixed_folder, tiny_checkpoin
 def test_parts_made_with_different_settings_are_not_merged(mixed_folder, tiny_checkpoint, tmp_path, capsys):
     parts = [tmp_path / f"part{i}.jsonl" for i in range(2)]
     for i, method in enumerate(("greedy", "beam")):
-        caption(mixed_folder, "-r", "--checkpoint", tiny_checkpoint, "--out", parts[i], "--shard", f"{i}/2",
-                "--method", method)
+        caption(
+            mixed_folder,
+            "-r",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--out",
+            parts[i],
+            "--shard",
+            f"{i}/2",
+            "--method",
+            method,
+        )
     capsys.readouterr()
     out = tmp_path / "captions.jsonl"
     assert caption(mixed_folder, "-r", "--out", out, "--merge", *parts) == 2
-    assert ("part0.jsonl and " in (err := capsys.readouterr().err)
-            and "different settings (method 'greedy' in part0.jsonl, 'beam' in part1.jsonl)" in err)
+    assert (
+        "part0.jsonl and " in (err := capsys.readouterr().err)
+        and "different settings (method 'greedy' in part0.jsonl, 'beam' in part1.jsonl)" in err
+    )
     assert not out.exists()
 
 

@@ -65,8 +65,12 @@ def test_runs_and_merges_on_a_held_output_are_refused_before_any_work(holder, ti
     holding.wait()
     assert caption(*args, "--out", out) == 0
     assert [line["file"] for line in read_lines(folder / "captions.csv.jsonl")] == ["a.jpg"]
-    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg", "captions.csv", "captions.csv.jsonl",
-                                                        "captions.csv.jsonl.settings.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "a.jpg",
+        "captions.csv",
+        "captions.csv.jsonl",
+        "captions.csv.jsonl.settings.json",
+    ]
 
 
 def test_outputs_lock_their_own_name_and_their_journals(tmp_path):

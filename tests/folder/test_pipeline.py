@@ -1,7 +1,6 @@
 """The folder pipeline's lanes: forked processes on a CPU, threads elsewhere, and the same lines either way."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,21 +30,32 @@ def test_process_lanes_and_thread_lanes_write_the_same_lines_in_order(mixed_fold
     assert written[True] == written[False]
     assert [line.split('"file":"')[1].split('"')[0] for line in written[True]] == ORDER
     tally = tallies[True]
-    assert (tally.captioned, tally.failed, tally.skipped) == (len(ORDER) - len(FAILED) - len(SKIPPED),
-                                                              len(FAILED), len(SKIPPED))
+    assert (tally.captioned, tally.failed, tally.skipped) == (
+        len(ORDER) - len(FAILED) - len(SKIPPED),
+        len(FAILED),
+        len(SKIPPED),
+    )
     assert tallies[False] == tally
-    sheets = {processes: sorted(p.relative_to(tmp_path / f"sheets{processes}").as_posix()
-                                for p in (tmp_path / f"sheets{processes}").rglob("*.png")) for processes in written}
+    sheets = {
+        processes: sorted(
+            p.relative_to(tmp_path / f"sheets{processes}").as_posix()
+            for p in (tmp_path / f"sheets{processes}").rglob("*.png")
+        )
+        for processes in written
+    }
     assert sheets[True] == sheets[False] and len(sheets[True]) == tally.captioned
 
 
-@pytest.mark.parametrize("device, lanes, processes, expected", [
-    ("cpu", 2, True, True),
-    ("cpu", 1, True, False),  # one lane: nothing to gain from another process
-    ("cpu", 4, False, False),
-    ("cuda", 2, True, False),  # CUDA cannot be forked once started
-    ("cuda:1", 8, True, False),
-])
+@pytest.mark.parametrize(
+    "device, lanes, processes, expected",
+    [
+        ("cpu", 2, True, True),
+        ("cpu", 1, True, False),  # one lane: nothing to gain from another process
+        ("cpu", 4, False, False),
+        ("cuda", 2, True, False),  # CUDA cannot be forked once started
+        ("cuda:1", 8, True, False),
+    ],
+)
 def test_lanes_are_forked_only_on_a_cpu_and_for_more_than_one_lane(device, lanes, processes, expected):
     config = PipelineConfig(lanes=lanes, processes=processes)
     on_linux = os.uname().sysname == "Linux"
@@ -59,6 +69,5 @@ def test_a_lane_that_fails_fails_the_run_instead_of_losing_lines(mixed_folder, t
     entries = find_entries([mixed_folder], recursive=True, follow_links=False)
     batches = []
     with pytest.raises(TypeError):
-        caption_entries(predictor, entries, DecodeOptions(), PipelineConfig(batch_size=4, lanes=2),
-                        batches.append)
+        caption_entries(predictor, entries, DecodeOptions(), PipelineConfig(batch_size=4, lanes=2), batches.append)
     assert batches == []

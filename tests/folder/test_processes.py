@@ -36,8 +36,12 @@ def single_run(folder: Path, out: Path, *flags) -> str:
 def start_midway(command: list[str], out: Path) -> subprocess.Popen:
     """The command, once it has written 5 lines; with Ctrl-C's default meaning even where this
     test runs with SIGINT ignored (a background job of a shell does), which the command inherits."""
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
         assert process.poll() is None, process.stderr.read().decode()
@@ -70,8 +74,21 @@ def slow_run(tmp_path, tiny_checkpoint) -> tuple[Path, list, Path, list[str]]:
     """(folder, flags, out, command) of a run slow enough to be stopped midway: beam 10 to 50 words,
     one image per batch, and two workers, which on a CPU are forked processes."""
     folder = many_images(tmp_path / "photos", 150)
-    flags = ["-r", "--checkpoint", tiny_checkpoint, "--batch-size", "1", "--beam-size", "10", "--max-length", "50",
-             "--threads", "1", "--workers", "2"]
+    flags = [
+        "-r",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--batch-size",
+        "1",
+        "--beam-size",
+        "10",
+        "--max-length",
+        "50",
+        "--threads",
+        "1",
+        "--workers",
+        "2",
+    ]
     out = tmp_path / "captions.jsonl"
     return folder, flags, out, [str(BIN / "captioner"), "caption", str(folder), "--out", str(out), *map(str, flags)]
 
@@ -121,9 +138,25 @@ def test_torchrun_ranks_merge_into_the_single_run_output(tmp_path, tiny_checkpoi
     flags = ["-r", "--checkpoint", tiny_checkpoint, "--method", "greedy", "--batch-size", "1", "--threads", "1"]
     out = tmp_path / "captions.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    torchrun = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
-                                 "cli", "caption", str(folder), "--out", str(out), *map(str, flags)],
-                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    torchrun = subprocess.Popen(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "cli",
+            "caption",
+            str(folder),
+            "--out",
+            str(out),
+            *map(str, flags),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         _, stderr = torchrun.communicate(timeout=300)
     finally:

@@ -30,8 +30,7 @@ def small_folder(tmp_path) -> Path:
     return root
 
 
-def test_failed_images_are_captioned_again_and_their_lines_replaced(small_folder, tiny_checkpoint, tmp_path,
-                                                                    capsys):
+def test_failed_images_are_captioned_again_and_their_lines_replaced(small_folder, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "captions.jsonl"
     flags = ("--checkpoint", tiny_checkpoint, "--method", "greedy", "--batch-size", "1")
     args = (small_folder, "--out", out, *flags)
@@ -51,8 +50,9 @@ def test_failed_images_are_captioned_again_and_their_lines_replaced(small_folder
     assert out.read_text() == single_run(small_folder, tmp_path / "reference.jsonl", *flags)
 
 
-def test_an_image_that_fails_again_keeps_one_error_line_and_csv_one_row(small_folder, tiny_checkpoint, tmp_path,
-                                                                         capsys):
+def test_an_image_that_fails_again_keeps_one_error_line_and_csv_one_row(
+    small_folder, tiny_checkpoint, tmp_path, capsys
+):
     out = tmp_path / "captions.csv"
     args = (small_folder, "--checkpoint", tiny_checkpoint, "--out", out, "--method", "greedy")
     break_image(small_folder / "b.jpg")
@@ -67,20 +67,36 @@ def test_an_image_that_fails_again_keeps_one_error_line_and_csv_one_row(small_fo
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(row["file"], row["error_code"]) for row in rows] == [
-        ("a.jpg", ""), ("b.jpg", "unsupported_format"), ("c.txt", "not_an_image"), ("d.jpg", "")]
+        ("a.jpg", ""),
+        ("b.jpg", "unsupported_format"),
+        ("c.txt", "not_an_image"),
+        ("d.jpg", ""),
+    ]
 
 
 def test_retrying_is_no_merge(small_folder, tmp_path, capsys):
-    assert caption(small_folder, "--out", tmp_path / "o.jsonl", "--merge", tmp_path / "p.jsonl",
-                   "--retry-failed") == 2
+    assert caption(small_folder, "--out", tmp_path / "o.jsonl", "--merge", tmp_path / "p.jsonl", "--retry-failed") == 2
     assert "--merge captions nothing" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_a_killed_retry_resumes_to_the_output_of_one_clean_run(tmp_path, tiny_checkpoint):
     folder = many_images(tmp_path / "photos", 60)
-    flags = ["-r", "--checkpoint", tiny_checkpoint, "--batch-size", "1", "--beam-size", "10", "--max-length", "50",
-             "--threads", "1", "--workers", "2"]
+    flags = [
+        "-r",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--batch-size",
+        "1",
+        "--beam-size",
+        "10",
+        "--max-length",
+        "50",
+        "--threads",
+        "1",
+        "--workers",
+        "2",
+    ]
     images = sorted(folder.rglob("*.png"))
     wholes = {path: break_image(path) for path in images[::2]}  # every other image fails
     out = tmp_path / "captions.jsonl"

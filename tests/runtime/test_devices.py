@@ -20,8 +20,10 @@ def test_a_gpu_this_machine_lacks_is_named_in_the_error(name):
         resolve_device(name)
 
 
-@pytest.mark.parametrize("name, message", [("gpu", "unknown device 'gpu'"), ("xla", "unsupported device 'xla'"),
-                                           ("cuda:x", "unknown device")])
+@pytest.mark.parametrize(
+    "name, message",
+    [("gpu", "unknown device 'gpu'"), ("xla", "unsupported device 'xla'"), ("cuda:x", "unknown device")],
+)
 def test_names_torch_does_not_run_here_are_refused(name, message):
     with pytest.raises(ValueError, match=message):
         resolve_device(name)

@@ -19,10 +19,12 @@ def decode_parser(**kwargs) -> argparse.ArgumentParser:
 def test_decoding_flags_give_decode_options_with_its_defaults_and_bounds():
     parser = decode_parser(skip=("attention",))
     assert model_from_flags(DecodeOptions, parser.parse_args([])) == DecodeOptions()
-    args = parser.parse_args(["--method", "sample", "--num-captions", "4", "--top-k", "5", "--seed", "7",
-                              "--length-penalty", "0"])
+    args = parser.parse_args(
+        ["--method", "sample", "--num-captions", "4", "--top-k", "5", "--seed", "7", "--length-penalty", "0"]
+    )
     assert model_from_flags(DecodeOptions, args, attention=True) == DecodeOptions(
-        method="sample", num_captions=4, top_k=5, seed=7, length_penalty=0.0, attention=True)
+        method="sample", num_captions=4, top_k=5, seed=7, length_penalty=0.0, attention=True
+    )
     with pytest.raises(ValueError, match="--beam-size"):
         model_from_flags(DecodeOptions, parser.parse_args(["--beam-size", "99"]))
     with pytest.raises(ValueError, match="--beam-size"):
