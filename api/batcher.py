@@ -6,6 +6,12 @@ awaits a future. The worker takes the first job, gathers more for up to
 identical into one `Predictor.caption_batch` call each, and resolves every
 job's future on its event loop. A full queue is refused at once (`QueueFull`),
 so an overloaded server answers 503 instead of queueing without bound.
+
+Should the worker itself die (an error outside a model call), the jobs it held
+and those queued fail with `WorkerDead`, and so does every later submit: a dead
+worker is answered at once, never by a timeout. A lock makes "still accepting?"
+and "queue the job" one step, and stopping flips it in the same lock, so no job
+can slip into the queue behind the worker's stop mark and wait for nobody.
 """
 
 import asyncio
@@ -33,6 +39,10 @@ class ShuttingDown(Exception):
     pass
 
 
+class WorkerDead(Exception):
+    pass
+
+
 @dataclass(eq=False)
 class Job:
     images: list[PreparedImage]
@@ -57,53 +67,95 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="captioner-model", daemon=True)
+        self._lock = threading.Lock()  # held to change _accepting, and to check it and queue a job
         self._accepting = False
+        self._death: BaseException | None = None  # what killed the worker, if anything did
+        self._current: list[Job] = []  # the jobs the worker holds (gathered, not yet resolved)
         metrics.queue_depth.set_function(self._queue.qsize)
 
     @property
     def alive(self) -> bool:
-        return self._accepting and self._thread.is_alive()
+        return self._accepting and self._thread.is_alive() and self._death is None
+
+    @property
+    def dead(self) -> bool:
+        """The worker ended without being asked to: nothing will be captioned any more."""
+        return self._death is not None or (self._accepting and self._thread.ident is not None
+                                           and not self._thread.is_alive())
 
     def start(self) -> None:
-        self._accepting = True
+        with self._lock:
+            self._accepting = True
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new jobs, finish the queued ones, then end the worker."""
-        self._accepting = False
+        with self._lock:
+            self._accepting = False  # from here on no job enters the queue: _STOP is the last
         if self._thread.is_alive():
-            self._queue.put(_STOP, timeout=timeout)
+            try:
+                self._queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                pass
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("the model worker did not stop within %.0f s", timeout)
+        if not self._thread.is_alive():
+            self._fail_queued(ShuttingDown())
 
     async def submit(self, images: list[PreparedImage], options: DecodeOptions) -> list[dict]:
-        """One result per image, in order; raises QueueFull or ShuttingDown at once."""
-        if not self._accepting:
-            raise ShuttingDown()
+        """One result per image, in order; raises QueueFull, ShuttingDown or WorkerDead at once."""
         loop = asyncio.get_running_loop()
         job = Job(images, options, loop.create_future(), loop)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull() from None
+        with self._lock:
+            if self.dead:
+                raise WorkerDead()
+            if not self._accepting:
+                raise ShuttingDown()
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFull() from None
         return await job.future
+
+    def _fail_queued(self, error: Exception) -> None:
+        """Answer every job still queued with `error` (the worker will not take them)."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP:
+                _resolve(job, error=error)
 
     # The worker thread: everything below runs there, and only there is the model used.
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # the worker is gone: say so to everyone waiting, and to all who come
+            log.critical("the model worker died; the server cannot caption any more", exc_info=e)
+            with self._lock:
+                self._death = e
+            for job in self._current:
+                _resolve(job, error=WorkerDead())
+            self._fail_queued(WorkerDead())
+
+    def _serve(self) -> None:
         while True:
             first = self._queue.get()
             if first is _STOP:
                 return
             jobs, stop = self._gather(first)
             self._process(jobs)
+            self._current = []
             if stop:
                 return
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
         """`first` and whatever else arrives within max_wait, up to max_batch_size images."""
         jobs, size = [first], len(first.images)
+        self._current = jobs
         deadline = time.monotonic() + self.max_wait
         while size < self.max_batch_size:
             remaining = deadline - time.monotonic()

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from captioner.predictor import Predictor
 
 from .batcher import Batcher
+from .errors import worker_dead
 from .form import CaptionForm, read_caption_form
 from .metrics import Metrics
 from .settings import Settings
@@ -39,6 +40,9 @@ async def _caption_form(request: Request) -> AsyncIterator[CaptionForm]:
     """The files and options of a caption request, read within the limits; the files closed after."""
     settings: Settings = request.app.state.settings
     predictor: Predictor = request.app.state.predictor
+    batcher: Batcher = request.app.state.batcher
+    if batcher.dead:  # refused before a byte of the body is read
+        raise worker_dead()
     form = await read_caption_form(request, settings.max_images, predictor.limits.max_bytes)
     try:
         yield form

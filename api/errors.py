@@ -67,6 +67,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return APIError(exc.status_code, code, message, getattr(exc, "headers", None)).response()
 
 
+def worker_dead() -> APIError:
+    return APIError(503, "model_worker_dead", "the model worker has died: this server cannot caption until "
+                                              "it is restarted (its /healthz fails)")
+
+
 class ClientGone(Exception):
     """The client closed its connection before its answer: nobody is left to answer."""
 

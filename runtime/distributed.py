@@ -2,6 +2,7 @@
 
 torchrun starts one process per device and tells each its place in the environment (RANK,
 WORLD_SIZE, LOCAL_RANK); a process started any other way is rank 0 of 1 and joins no group.
+Every collective here moves CPU tensors, so it runs on gloo, beside nccl on GPUs.
 """
 
 import os
@@ -54,6 +55,22 @@ class Distributed:
         tensor = torch.tensor([flag], dtype=torch.int32)
         torch.distributed.broadcast(tensor, 0)
         return bool(tensor.item())
+
+    def highest(self, value: int) -> int:
+        """The highest of every rank's `value`: what one rank raises (a signal it caught) reaches all."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(tensor, torch.distributed.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj` (anything picklable), in rank order, on rank 0; None on the others."""
+        if self.world_size == 1:
+            return [obj]
+        objects = [None] * self.world_size if self.main else None
+        torch.distributed.gather_object(obj, objects, dst=0)
+        return objects
 
     def share(self, obj):
         """Rank 0's `obj` (anything picklable), on every rank: what one rank found out, told to all."""

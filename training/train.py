@@ -315,10 +315,11 @@ def load_initial_model(config: TrainConfig) -> tuple[CaptionModel | None, dict |
 
 
 def load_data(config: TrainConfig, resumed: dict | None,
-              dist: Distributed = Distributed()) -> tuple[CaptionSplit, CaptionSplit, Vocabulary]:
+              dist: Distributed | None = None) -> tuple[CaptionSplit, CaptionSplit, Vocabulary]:
     """The training and validation splits, and the vocabulary: a resumed run's own, else the
     training captions' words. Every image is checked first (by rank 0, which tells the others):
     bad ones are a BadImagesError naming them, or left out with --skip-bad-images."""
+    dist = dist or Distributed()
     karpathy = Path(config.karpathy) if config.karpathy else None
     splits = [load_split(Path(config.data), name, karpathy) for name in (config.train_split, config.val_split)]
     bad = dist.share([find_bad_images(split.image_paths) for split in splits] if dist.main else None)
@@ -474,12 +475,14 @@ def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
             writer.add_scalar("train/grad_norm", float(grad_norm), progress.step)
             writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], progress.step)
         bar.set_postfix(loss=f"{progress.last_loss:.3f}")
-        if stop or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
-            if run.dist.main:
-                save_state(run.resume_path, resume_state(run))
-            if stop:
-                print(f"\nstopped by signal {stop[-1]}: resume with --resume")
-                return False
+        # a signal caught by any rank stops every rank after this same step (one small all-reduce)
+        caught = run.dist.highest(stop[-1] if stop else 0)
+        if caught or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
+            save_resume_state(run)
+        if caught:
+            rank = f" (rank {run.dist.rank} of {run.dist.world_size})" if run.dist.world_size > 1 else ""
+            print(f"\nstopped by signal {caught} after step {progress.step}{rank}: resume with --resume")
+            return False
     return True
 
 
@@ -502,12 +505,25 @@ def decode_features(model: CaptionModel, features: np.ndarray, image_ids: list[i
     return captions
 
 
-def evaluate(model: CaptionModel, features: np.ndarray, split: CaptionSplit, limit: int, beam_size: int,
-             batch_size: int = 64) -> dict[str, float]:
+def evaluate(model: CaptionModel, features: "np.ndarray | EncodedImages", split: CaptionSplit, limit: int,
+             beam_size: int, batch_size: int = 64, dist: Distributed | None = None) -> dict[str, float]:
     """Validation by real decoding (not teacher forcing) of the first `limit` images' features (0:
-    all): CIDEr, plus the truth metrics on the Shapes world. Decoding is apart from scoring, so
-    ranks could each decode a share of the images and one score them all."""
-    captions = decode_features(model, features, split.image_ids[:limit or None], beam_size, batch_size)
+    all): CIDEr, plus the truth metrics on the Shapes world. Each rank decodes every world_size-th
+    batch of `batch_size` images, the very batches one process decodes, so the captions are the
+    same; rank 0 gathers and scores them and returns the scores, the other ranks {}."""
+    dist = dist or Distributed()  # alone
+    image_ids = split.image_ids[:limit or None]
+    mine = {}
+    for start in range(dist.rank * batch_size, len(image_ids), dist.world_size * batch_size):
+        end = min(start + batch_size, len(image_ids))
+        mine.update(decode_features(model, features[start:end], image_ids[start:end], beam_size, batch_size))
+    if split.instances is None:  # only the Shapes world's pointing game reads the attention: not sent
+        mine = {i: {**c, "attention": None} for i, c in mine.items()}
+    shares = dist.gather(mine)
+    if shares is None:
+        return {}
+    decoded = {i: c for share in shares for i, c in share.items()}
+    captions = {i: decoded[i] for i in image_ids}  # in one process's order, so the sums add up alike
     references = split.references()
     texts = {i: " ".join(c["tokens"]) for i, c in captions.items()}
     scores = {"CIDEr": cider({i: references[i] for i in texts}, texts)}
@@ -516,45 +532,64 @@ def evaluate(model: CaptionModel, features: np.ndarray, split: CaptionSplit, lim
     return scores
 
 
-def validation_features(run: Run) -> np.ndarray:
-    """The validation images' (N, P, D) features: cached, or encoded now by an encoder that learns."""
+class EncodedImages:
+    """Region features (N, P, D) of images, encoded when rows are sliced out: a rank encodes only
+    the validation images it decodes."""
+
+    def __init__(self, encoder, paths: list[Path], device: torch.device, workers: int):
+        self.encoder, self.paths, self.device, self.workers = encoder, paths, device, workers
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return encode_images(self.encoder, self.paths[rows], device=self.device, workers=self.workers)
+
+
+def validation_features(run: Run) -> np.ndarray | EncodedImages:
+    """The validation images' (N, P, D) features: cached, or encoded as they are decoded by an
+    encoder that learns."""
     if not run.fine_tune:
         return run.features[run.val_split.name]
-    return encode_images(run.model.encoder, run.val_split.image_paths[:run.config.val_limit or None],
-                         device=run.device, workers=run.config.workers)
+    return EncodedImages(run.model.encoder, run.val_split.image_paths[:run.config.val_limit or None],
+                         run.device, run.config.workers)
 
 
 def end_epoch(run: Run, writer) -> None:
-    """Rank 0, once epoch `run.progress.epoch` is trained: validate, log, keep the best model and
-    save the resume state."""
-    config, progress = run.config, run.progress
-    scores = evaluate(run.model, validation_features(run), run.val_split, config.val_limit, config.val_beam_size)
-    for name, value in scores.items():
-        writer.add_scalar(f"val/{name}", value, progress.epoch)
+    """Every rank, once epoch `run.progress.epoch` is trained: validate (each rank decodes its share,
+    rank 0 scores and tells the others, so every rank's progress is the same), log, keep the best
+    model and save the resume state (rank 0 writes)."""
+    config, progress, dist = run.config, run.progress, run.dist
+    scores = dist.share(evaluate(run.model, validation_features(run), run.val_split, config.val_limit,
+                                 config.val_beam_size, dist=dist))
+    if writer:  # rank 0's
+        for name, value in scores.items():
+            writer.add_scalar(f"val/{name}", value, progress.epoch)
     progress.history.append({"epoch": progress.epoch, "loss": round(progress.last_loss, 4),
                              "seconds": round(time.time() - run.started, 1),
                              **{f"val_{k}": round(v, 4) for k, v in scores.items()}})
-    print(f"epoch {progress.epoch}: " + ", ".join(f"val {k} {v:.3f}" for k, v in scores.items()))
+    if dist.main:
+        print(f"epoch {progress.epoch}: " + ", ".join(f"val {k} {v:.3f}" for k, v in scores.items()))
     if scores["CIDEr"] > progress.best:
         progress.best, progress.bad_epochs = scores["CIDEr"], 0
-        save_model(run.model, run.best_path, model_card(run, scores))
+        if dist.main:
+            save_model(run.model, run.best_path, model_card(run, scores))
     else:
         progress.bad_epochs += 1
-    save_state(run.resume_path, resume_state(run))
+    save_resume_state(run)
 
 
 def train_epochs(run: Run, writer, stop: list[int]) -> bool:
-    """The epochs left, each trained, then validated by rank 0, until the last or `patience` epochs
-    without a better CIDEr; False when a signal stopped the run."""
+    """The epochs left, each trained, then validated, until the last or `patience` epochs without a
+    better CIDEr; False when a signal stopped the run."""
     config, progress, dist = run.config, run.progress, run.dist
     # a run resumed after it had stopped early trains no further (every rank read the same state)
     while progress.epoch < config.epochs and progress.bad_epochs < config.patience:
         if not train_one_epoch(run, writer, stop):
             return False
         progress.epoch, progress.batch = progress.epoch + 1, 0
-        if dist.main:
-            end_epoch(run, writer)
-        if dist.agree(progress.bad_epochs >= config.patience):  # rank 0 validated: every rank stops together
+        end_epoch(run, writer)
+        if dist.agree(progress.bad_epochs >= config.patience):  # rank 0 scored: every rank stops together
             if dist.main:
                 print(f"early stop: no better validation CIDEr for {config.patience} epochs")
             break
@@ -589,13 +624,23 @@ def model_card(run: Run, scores: dict[str, float]) -> dict:
     }
 
 
-def resume_state(run: Run) -> dict:
-    """Everything a resumed run needs to continue bit for bit as if it had never stopped, the
-    global RNG (dropout's) included."""
+def resume_state(run: Run) -> dict | None:
+    """Everything a resumed run needs to continue bit for bit as if it had never stopped, every
+    rank's global RNG (dropout's) included: on rank 0; None on the others. Every rank calls it."""
+    rng_ranks = run.dist.gather(torch.get_rng_state())  # each rank drew its own dropout masks
+    if rng_ranks is None:
+        return None
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), **asdict(run.progress), "rng": torch.get_rng_state(),
-            "vocab": run.vocab.to_json(), "model_config": run.model_config.to_dict(),
+            "rng_ranks": rng_ranks, "vocab": run.vocab.to_json(), "model_config": run.model_config.to_dict(),
             "train_config": run.config.model_dump()}
+
+
+def save_resume_state(run: Run) -> None:
+    """OUT/last.pt, written by rank 0 with what every rank gave; every rank calls it at the same step."""
+    state = resume_state(run)
+    if state is not None:
+        save_state(run.resume_path, state)
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -623,7 +668,9 @@ def restore(run: Run, state: dict) -> None:
     run.scaler.load_state_dict(state["scaler"])
     # states saved before last_loss was kept lack it: the default stands in
     run.progress = Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
-    torch.set_rng_state(state["rng"])
+    # each rank's own RNG; rank 0's for all when the state is older or the number of ranks changed
+    rng_ranks = state.get("rng_ranks") or []
+    torch.set_rng_state(rng_ranks[run.dist.rank] if len(rng_ranks) == run.dist.world_size else state["rng"])
 
 
 # ---------------------------------------------------------------- all together

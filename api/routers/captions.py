@@ -20,9 +20,9 @@ from captioner.overlay import drop_attention, heatmap_overlay, prepare_with_pict
 from captioner.predictor import Predictor, PreparedImage
 from captioner.vocab import SPECIALS
 
-from ..batcher import QueueFull, ShuttingDown
+from ..batcher import QueueFull, ShuttingDown, WorkerDead
 from ..deps import BatcherDep, CaptionFormDep, ImageThreadsDep, PredictorDep, SettingsDep
-from ..errors import APIError, invalid_option
+from ..errors import APIError, invalid_option, worker_dead
 from ..schemas import ERROR_RESPONSES, CaptionOptions, CaptionResponse
 from .model import describe_model
 
@@ -58,6 +58,8 @@ async def create_captions(
                        RETRY_AFTER) from None
     except ShuttingDown:
         raise APIError(503, "shutting_down", "the server is stopping", RETRY_AFTER) from None
+    except WorkerDead:
+        raise worker_dead() from None
     except asyncio.TimeoutError:
         raise APIError(504, "timeout", f"the model did not answer within {settings.request_timeout_s:g} s") from None
 

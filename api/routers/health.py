@@ -5,14 +5,18 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import MetricsDep
-from ..errors import APIError
+from ..errors import APIError, worker_dead
 from ..schemas import ErrorResponse, Status
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Status, summary="Liveness: the process answers")
-async def healthz() -> Status:
+@router.get("/healthz", response_model=Status, summary="Liveness: the process answers and its model worker lives",
+            responses={503: {"model": ErrorResponse, "description": "the model worker has died: restart me"}})
+async def healthz(request: Request):
+    batcher = getattr(request.app.state, "batcher", None)
+    if batcher is not None and batcher.dead:
+        return worker_dead().response()
     return Status(status="ok")
 
 

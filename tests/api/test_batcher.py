@@ -5,11 +5,12 @@ Images are told apart by their widths, which every result carries.
 """
 
 import asyncio
+import queue
 import threading
 
 import pytest
 
-from api.batcher import Batcher, QueueFull, ShuttingDown
+from api.batcher import Batcher, Job, QueueFull, ShuttingDown, WorkerDead
 from api.metrics import Metrics
 from captioner.decoding import DecodeOptions
 from captioner.predictor import Predictor
@@ -202,3 +203,81 @@ def test_stop_finishes_queued_jobs_before_the_worker_ends(make_predictor):
     results = asyncio.run(main())
     assert [widths(r) for r in results] == [[70], [71], [72]]
     assert not batcher._thread.is_alive()
+
+
+class Fatal(BaseException):
+    """What kills a thread that `except Exception` would not catch."""
+
+
+def test_a_dead_worker_fails_its_jobs_and_every_later_one_at_once(make_predictor):
+    predictor = make_predictor()
+    real = predictor.caption_batch
+
+    def dies_on_width_13(images, options):
+        if any(image.width == 13 for image in images):
+            raise Fatal()
+        return real(images, options)
+
+    predictor.caption_batch = dies_on_width_13
+    batcher, _ = start(predictor, max_wait_ms=0)
+
+    async def main():
+        assert widths(await batcher.submit(prepared(predictor, 12), GREEDY)) == [12]
+        with pytest.raises(WorkerDead):
+            await asyncio.wait_for(batcher.submit(prepared(predictor, 13), GREEDY), 30)
+        with pytest.raises(WorkerDead):
+            await asyncio.wait_for(batcher.submit(prepared(predictor, 14), GREEDY), 30)
+
+    try:
+        asyncio.run(main())
+        assert batcher.dead and not batcher.alive
+    finally:
+        batcher.stop()
+
+
+class PausingQueue(queue.Queue):
+    """Holds a job's put (at most `pause` seconds) until a stop mark has been put: the order in
+    which a submit racing a stop used to leave its job behind the mark, waiting for nobody."""
+
+    def __init__(self, maxsize: int, pause: float = 2.0):
+        super().__init__(maxsize)
+        self.stop_put, self.pause = threading.Event(), pause
+        self.job_waiting = threading.Event()
+
+    def put(self, item, block=True, timeout=None):
+        if not isinstance(item, Job):
+            self.stop_put.set()
+        super().put(item, block, timeout)
+
+    def put_nowait(self, item):
+        self.job_waiting.set()
+        self.stop_put.wait(self.pause)
+        super().put_nowait(item)
+
+
+def test_a_submit_racing_stop_is_answered_never_left_behind(make_predictor):
+    predictor = make_predictor()
+    batcher = Batcher(predictor, Metrics(), max_wait_ms=0)
+    batcher._queue = PausingQueue(64)  # before the worker starts waiting on the queue
+    batcher.start()
+    stopper = threading.Thread(target=batcher.stop)
+
+    async def main():
+        job = asyncio.ensure_future(asyncio.to_thread(asyncio.run, submit_alone()))
+        assert await asyncio.to_thread(batcher._queue.job_waiting.wait, 30)
+        stopper.start()  # stop() while the submit is between "accepting?" and "queued"
+        return await job
+
+    async def submit_alone():
+        try:
+            return await asyncio.wait_for(batcher.submit(prepared(predictor, 81), GREEDY), 20)
+        except ShuttingDown:
+            return "refused"
+        except TimeoutError:
+            return "left behind the stop mark, never answered"
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        stopper.join(30)
+    assert result == "refused" or (isinstance(result, list) and widths(result) == [81]), result

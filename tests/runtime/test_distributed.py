@@ -27,6 +27,7 @@ def test_a_process_alone_is_rank_0_of_1(alone):
     assert (dist.rank, dist.world_size, dist.local_rank, dist.main) == (0, 1, 0, True)
     dist.barrier()  # nothing to wait for
     assert dist.agree(True) is True and dist.agree(False) is False
+    assert (dist.highest(15), dist.gather("mine"), dist.share("mine")) == (15, ["mine"], "mine")
     dist.close()
 
 
@@ -84,15 +85,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_ranks_agree_on_rank_0s_flag():
-    """Two real processes, started as torchrun would (env:// rendezvous), on gloo."""
+def run_ranks(script: str) -> list[str]:
+    """`script` run by two real processes, started as torchrun would (env:// rendezvous): their stdouts."""
     common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
               "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], text=True, stdout=subprocess.PIPE,
+    ranks = [subprocess.Popen([sys.executable, "-c", script], text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in (0, 1)]
     outputs = [p.communicate(timeout=120) for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs
-    assert [out.split() for out, _ in outputs] == [["0", "2", "0", "True", "False"],
-                                                   ["1", "2", "1", "True", "False"]]
+    return [out for out, _ in outputs]
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_rank_0s_flag():
+    """On gloo, with the CPU tensors the end-of-epoch agreement uses."""
+    assert [out.split() for out in run_ranks(RANK_SCRIPT)] == [["0", "2", "0", "True", "False"],
+                                                               ["1", "2", "1", "True", "False"]]
+
+
+COLLECTIVES_SCRIPT = """
+from runtime.distributed import init_distributed
+dist, device = init_distributed("cpu")
+caught = dist.highest(15 if dist.rank == 1 else 0)  # a signal one rank caught
+print(repr((caught, dist.gather({"rank": dist.rank}), dist.share(f"found by rank {dist.rank}"))))
+dist.close()
+"""
+
+
+@pytest.mark.slow
+def test_what_one_rank_raises_reaches_all_and_rank_0_gathers_and_shares():
+    assert run_ranks(COLLECTIVES_SCRIPT) == [
+        repr((15, [{"rank": 0}, {"rank": 1}], "found by rank 0")) + "\n",
+        repr((15, None, "found by rank 0")) + "\n"]

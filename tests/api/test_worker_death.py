@@ -1,0 +1,57 @@
+"""A dead model worker, in the real server: fatal and visible. The worker is killed from inside
+(a model call that raises what `except Exception` does not catch, for pictures 13 pixels wide);
+everything else is the real app under uvicorn, over loopback HTTP."""
+
+import sys
+
+import httpx
+import pytest
+
+from .helpers import png
+
+pytestmark = pytest.mark.slow
+
+LAUNCHER = """
+import sys, uvicorn
+from api.app import create_app
+from api.settings import Settings
+from captioner.predictor import Predictor
+
+class Fatal(BaseException):
+    pass
+
+real = Predictor.caption_batch
+
+def caption_batch(self, images, options):
+    if any(image.width == 13 for image in images):
+        raise Fatal("the worker dies here")
+    return real(self, images, options)
+
+Predictor.caption_batch = caption_batch
+uvicorn.run(create_app(Settings()), host="127.0.0.1", port=int(sys.argv[1]), log_level="info")
+"""
+
+
+def caption(base: str, width: int) -> httpx.Response:
+    # The client waits at most 60 s; the server's own limit is 10 minutes: a 504 would never come in time.
+    return httpx.post(base + "/v1/captions", files=[("images", ("a.png", png((width, 20)), "image/png"))],
+                      data={"method": "greedy"}, timeout=60)
+
+
+def test_a_dead_worker_fails_liveness_and_every_request_at_once(start_server, tiny_checkpoint):
+    server = start_server(command=[sys.executable, "-c", LAUNCHER, "PORT"],
+                          env={"CAPTIONER_CHECKPOINT": str(tiny_checkpoint), "CAPTIONER_THREADS": "1",
+                               "CAPTIONER_REQUEST_TIMEOUT_S": "600"})
+    assert caption(server.base, 12).status_code == 200
+    assert httpx.get(server.base + "/healthz", timeout=10).status_code == 200
+
+    r = caption(server.base, 13)  # in the model when the worker dies: answered, not left to time out
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_worker_dead", r.text
+
+    r = httpx.get(server.base + "/healthz", timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_worker_dead"
+    assert httpx.get(server.base + "/readyz", timeout=10).status_code == 503
+    for _ in range(3):
+        r = caption(server.base, 12)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_worker_dead", r.text
+    assert "the model worker died" in server.log()
