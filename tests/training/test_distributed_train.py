@@ -110,6 +110,7 @@ def test_validation_split_across_ranks_equals_one_process(together, shapes_root)
 
 SHARED_VALIDATION = """
 import json
+import torch
 import training.train as train_module
 from captioner.checkpoint import load_checkpoint
 from runtime.distributed import Distributed, init_distributed
