@@ -6,6 +6,8 @@ Every collective here moves CPU tensors, so it runs on gloo, beside nccl on GPUs
 """
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,17 @@ def torchrun_rank() -> tuple[int, int] | None:
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return None
+
+
+def torchrun_restarts() -> int:
+    """How many times torchrun has restarted this group of workers after a failure (--max-restarts):
+    0 on the first start, and without torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def torchrun_run_id() -> str | None:
+    """The torchrun job this process belongs to (--rdzv_id; a fresh one with --standalone), or None."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 @dataclass(frozen=True)
@@ -102,5 +115,50 @@ def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     if dist.world_size > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(process_group_backend(device))
+        store, rank, world_size = next(torch.distributed.rendezvous("env://"))  # torchrun's store
+        torch.distributed.init_process_group(process_group_backend(device), store=fresh_store(store, rank, world_size),
+                                             rank=rank, world_size=world_size)
     return dist, device
+
+
+def fresh_store(store: torch.distributed.Store, rank: int, world_size: int,
+                timeout_s: float = 600.0) -> torch.distributed.PrefixStore:
+    """`store` under a prefix that is this group of processes' alone.
+
+    torchrun's agent keeps one store for the whole job, so a group it restarts after a failure
+    (--max-restarts) would find there the addresses the dead group left, and connect to them
+    (pytorch/pytorch#135712). Here rank 0 names the group by a new token, and every other rank
+    takes a token only once rank 0 has answered a nonce of its own: no rank can take a dead group's.
+    """
+    deadline = time.monotonic() + timeout_s
+
+    def wait(what: str) -> None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: no {what} within {timeout_s:.0f} s while forming the process group")
+        time.sleep(0.01)
+
+    if rank == 0:
+        token = uuid.uuid4().hex
+        store.set("group/leader", token)
+        waiting = set(range(1, world_size))
+        while waiting:
+            for r in sorted(waiting):
+                if store.check([f"group/follower/{r}"]):
+                    led, nonce = store.get(f"group/follower/{r}").decode().split()
+                    if led == token:  # a follower of this group, not a dead one's
+                        store.set(f"group/answer/{nonce}", token)
+                        waiting.discard(r)
+            if waiting:
+                wait(f"word from ranks {sorted(waiting)}")
+    else:
+        nonce = uuid.uuid4().hex
+        while True:
+            leader = store.get("group/leader").decode()  # waits for the first; may be a dead group's
+            store.set(f"group/follower/{rank}", f"{leader} {nonce}")
+            retry = time.monotonic() + 1.0
+            while not store.check([f"group/answer/{nonce}"]) and time.monotonic() < retry:
+                wait("answer from rank 0")
+            if store.check([f"group/answer/{nonce}"]):
+                token = store.get(f"group/answer/{nonce}").decode()
+                break
+    return torch.distributed.PrefixStore(f"group/{token}/", store)

@@ -47,7 +47,7 @@ from captioner.model import CaptionModel, build_model
 from captioner.vocab import Vocabulary
 from runtime.allocator import keep_freed_memory
 from runtime.devices import DEVICES, resolve_device
-from runtime.distributed import Distributed, init_distributed
+from runtime.distributed import Distributed, init_distributed, torchrun_restarts, torchrun_run_id
 from runtime.files import replacing, write_text
 from runtime.flags import add_model_flags, model_from_flags
 from runtime.home import captioner_home
@@ -101,9 +101,10 @@ class TrainConfig(BaseModel):
     encoder_weights: str = Field("", description="ResNets: the ImageNet weights file")
     cache_dir: str = Field("", description="the feature cache (none: $CAPTIONER_HOME/features)")
     workers: int = Field(2, ge=0, description="image decoding processes")
-    checkpoint_every: int = Field(0, ge=0, description="also save the resume state every N steps "
-                                  "(0: at epoch ends only)")
-    resume: bool = Field(False, description="continue the run in OUT where it stopped")
+    checkpoint_every: int = Field(1000, ge=0, description="also save the resume state every N steps (0: at "
+                                  "epoch ends only): the most a crash loses, or a worker lost under torchrun")
+    resume: bool = Field(False, description="continue the run in OUT where it stopped (under torchrun, its "
+                         "restarts after a failure resume by themselves)")
     init_from: str = Field("", description="start from this checkpoint (an earlier run's best.safetensors): its "
                            "weights, model settings and vocabulary; the model flags are ignored")
     scst: bool = Field(False, description="self-critical sequence training (Rennie et al. 2017) from --init-from "
@@ -633,7 +634,7 @@ def resume_state(run: Run) -> dict | None:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), **asdict(run.progress), "rng": torch.get_rng_state(),
             "rng_ranks": rng_ranks, "vocab": run.vocab.to_json(), "model_config": run.model_config.to_dict(),
-            "train_config": run.config.model_dump()}
+            "train_config": run.config.model_dump(), "torchrun_run_id": torchrun_run_id()}
 
 
 def save_resume_state(run: Run) -> None:
@@ -650,15 +651,26 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_resume_state(config: TrainConfig, dist: Distributed) -> dict | None:
-    """OUT/last.pt with --resume, if there is one."""
+    """OUT/last.pt, if there is one, with --resume; and when torchrun restarted the workers after one
+    failed (--max-restarts), if this torchrun job wrote it: they go on from its last checkpoint by
+    themselves."""
     path = Path(config.out) / RESUME_STATE
-    if not config.resume:
+    restarts = torchrun_restarts()
+    if not (config.resume or restarts):
         return None
     if not path.exists():
         if dist.main:
             print(f"no {path} to resume from: starting afresh")
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not config.resume:  # restarted
+        if state.get("torchrun_run_id") != torchrun_run_id():
+            if dist.main:
+                print(f"{path} is an earlier run's: starting afresh")
+            return None
+        if dist.main:
+            print(f"torchrun restarted the workers (restart {restarts}): resuming from {path} at step {state['step']}")
+    return state
 
 
 def restore(run: Run, state: dict) -> None:

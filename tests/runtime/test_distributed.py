@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from runtime.distributed import Distributed, init_distributed, process_group_backend, torchrun_rank
+from runtime.distributed import Distributed, init_distributed, process_group_backend, torchrun_rank, torchrun_restarts
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -29,6 +29,13 @@ def test_a_process_alone_is_rank_0_of_1(alone):
     assert dist.agree(True) is True and dist.agree(False) is False
     assert (dist.highest(15), dist.gather("mine"), dist.share("mine")) == (15, ["mine"], "mine")
     dist.close()
+
+
+def test_torchrun_restarts_come_from_its_environment(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert torchrun_restarts() == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert torchrun_restarts() == 2
 
 
 def test_init_alone_joins_no_group_and_gives_the_device(alone):
@@ -85,10 +92,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(script: str) -> list[str]:
+def run_ranks(script: str, env: dict[str, str] | None = None) -> list[str]:
     """`script` run by two real processes, started as torchrun would (env:// rendezvous): their stdouts."""
     common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-              "OMP_NUM_THREADS": "1"}
+              "OMP_NUM_THREADS": "1", **(env or {})}
     ranks = [subprocess.Popen([sys.executable, "-c", script], text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in (0, 1)]
@@ -118,3 +125,16 @@ def test_what_one_rank_raises_reaches_all_and_rank_0_gathers_and_shares():
     assert run_ranks(COLLECTIVES_SCRIPT) == [
         repr((15, [{"rank": 0}, {"rank": 1}], "found by rank 0")) + "\n",
         repr((15, None, "found by rank 0")) + "\n"]
+
+
+@pytest.mark.slow
+def test_a_group_formed_again_on_the_same_store_does_not_meet_the_dead_one():
+    """A restart under torchrun --max-restarts: its agent's store outlives the workers, so the second
+    group finds there what the first one left (pytorch/pytorch#135712), and must not connect to it."""
+    port = free_port()
+    agent_store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True)  # torchrun's
+    for restart in ("0", "1", "2"):
+        env = {"MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": restart}
+        assert [out.split() for out in run_ranks(RANK_SCRIPT, env)] == [["0", "2", "0", "True", "False"],
+                                                                        ["1", "2", "1", "True", "False"]]
+    del agent_store

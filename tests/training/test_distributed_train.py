@@ -174,6 +174,25 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_resumes_exactly(togethe
     assert_same_run(together[0], out)
 
 
+def test_a_worker_killed_is_restarted_and_the_run_ends_as_if_never_interrupted(together, shapes_root, tmp_path):
+    """torchrun --max-restarts 1: rank 1 SIGKILLed after the resume state of step 4 is on disk; torchrun
+    restarts both workers, which resume from OUT/last.pt without --resume."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(torchrun(shapes_root, out, "--checkpoint-every", "2", max_restarts=1),
+                               env=environment(tmp_path), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_step(process, out, 4)
+        os.kill(worker_pid(process.pid, rank=1), signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=400)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stdout + stderr
+    resumed = re.findall(r"torchrun restarted the workers \(restart 1\): resuming from .*last\.pt at step (\d+)",
+                         stdout)
+    assert len(resumed) == 1 and 4 <= int(resumed[0]) < EPOCHS * 3, stdout + stderr
+    assert_same_run(together[0], out)
+
+
 def test_early_stopping_stops_both_ranks(shapes_root, tmp_path):
     """With lr 0 no epoch beats the first: after patience 1, both ranks stop (or rank 1 would wait forever)."""
     out = tmp_path / "run"

@@ -365,6 +365,51 @@ def test_resume_from_a_periodic_checkpoint_after_a_crash_equals_an_uninterrupted
     assert_same_run(uninterrupted, out)
 
 
+def test_saving_the_resume_state_changes_nothing(shapes_root, uninterrupted, tmp_path):
+    """checkpoint_every only writes files (the demo's recipe keeps its results whatever it is)."""
+    out = tmp_path / "run"
+    train(resume_config(shapes_root, out, checkpoint_every=1), RESUME_MODEL)
+    assert_same_run(uninterrupted, out)
+
+
+def test_the_default_checkpoint_interval_suits_coco_sized_epochs():
+    assert TrainConfig().checkpoint_every == 1000
+
+
+def crash_in_step_5(shapes_root: Path, out: Path, monkeypatch, job: str) -> None:
+    """A run of torchrun job `job` that saved its state at step 4, mid epoch 2 (checkpoint_every=2), and
+    crashed in step 5."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+    stop_at_step(monkeypatch, 5, "crash")
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(resume_config(shapes_root, out, checkpoint_every=2), RESUME_MODEL)
+    monkeypatch.undo()
+    assert last_state(out)["step"] == 4
+
+
+def test_a_torchrun_restart_resumes_by_itself(shapes_root, uninterrupted, tmp_path, monkeypatch, capsys):
+    """Workers torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) go on from OUT/last.pt without --resume."""
+    out = tmp_path / "run"
+    crash_in_step_5(shapes_root, out, monkeypatch, "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    train(resume_config(shapes_root, out, checkpoint_every=2), RESUME_MODEL)
+    assert f"torchrun restarted the workers (restart 1): resuming from {out / 'last.pt'} at step 4" in \
+        capsys.readouterr().out
+    assert_same_run(uninterrupted, out)
+
+
+def test_a_torchrun_restart_does_not_resume_another_jobs_state(shapes_root, uninterrupted, tmp_path, monkeypatch,
+                                                               capsys):
+    out = tmp_path / "run"
+    crash_in_step_5(shapes_root, out, monkeypatch, "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    train(resume_config(shapes_root, out), RESUME_MODEL)
+    assert f"{out / 'last.pt'} is an earlier run's: starting afresh" in capsys.readouterr().out
+    assert_same_run(uninterrupted, out)
+
+
 def test_resume_keeps_the_runs_model_settings_and_vocabulary(shapes_root, uninterrupted, tmp_path, monkeypatch,
                                                              capsys):
     out = tmp_path / "run"
