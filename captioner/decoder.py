@@ -118,10 +118,8 @@ class Decoder(nn.Module):
         if self.region_pos is not None:
             regions = regions + self.region_pos + self.coord_proj(self.coords)  # (B, P, R)
         regions = self.dropout(regions)
-        if self.config.attention:
-            keys = self.key_proj(regions)  # (B, P, A)
-        else:
-            keys = regions.new_zeros(regions.shape[:2] + (0,))
+        # (B, P, A); (B, P, 0) without attention
+        keys = self.key_proj(regions) if self.config.attention else regions.new_zeros(regions.shape[:2] + (0,))
         return Memory(regions, keys)
 
     def init_state(self, memory: Memory) -> DecoderState:
@@ -190,9 +188,11 @@ class Decoder(nn.Module):
         attention). Each image is projected once, however many captions it has."""
         memory = self.prepare(features).repeat(captions_per_image)
         state = self.init_state(memory)
-        logits, alphas = [], []
+        logits: list[torch.Tensor] = []
+        alphas: list[torch.Tensor] = []  # one per step with attention, none without
         for t in range(captions.size(1) - 1):
             step_logits, state, alpha = self.step(captions[:, t], state, memory)
             logits.append(step_logits)
-            alphas.append(alpha)
+            if alpha is not None:
+                alphas.append(alpha)
         return torch.stack(logits, 1), (torch.stack(alphas, 1) if self.config.attention else None)

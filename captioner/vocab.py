@@ -3,7 +3,7 @@
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3
@@ -19,6 +19,7 @@ def tokenize(text: str) -> list[str]:
 @dataclass(frozen=True)
 class Vocabulary:
     words: tuple[str, ...]  # index = id; the first four are SPECIALS
+    _ids: dict[str, int] = field(init=False, repr=False, compare=False)  # word -> id, from `words`
 
     def __post_init__(self):
         if self.words[: len(SPECIALS)] != SPECIALS:

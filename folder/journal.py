@@ -141,7 +141,8 @@ def recover(*paths: Path) -> JournalState:
 class JournalWriter:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        # open across `append` calls until `close`: the writer owns it, a `with` block cannot
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def append(self, lines: list[str]) -> None:
         """One write per batch, then to disk: an interruption loses at most the batch in flight."""
@@ -198,18 +199,16 @@ def write_settings(journal: Path, settings: dict) -> None:
 
 def common_settings(journals: list[Path]) -> dict | None:
     """The settings every one of `journals` that records any was written with; ValueError when two differ."""
-    first, first_journal = None, None
+    first: tuple[Path, dict] | None = None  # the first journal that records settings, and them
     for journal in journals:
         settings = read_settings(journal)
         if settings is None:
             continue
         if first is None:
-            first, first_journal = settings, journal
-        elif differences := _differences(first, settings, f"in {first_journal.name}", f"in {journal.name}"):
-            raise ValueError(
-                f"{first_journal} and {journal} hold captions made with different settings ({differences})"
-            )
-    return first
+            first = journal, settings
+        elif differences := _differences(first[1], settings, f"in {first[0].name}", f"in {journal.name}"):
+            raise ValueError(f"{first[0]} and {journal} hold captions made with different settings ({differences})")
+    return None if first is None else first[1]
 
 
 def merge(sources: list[Path], order: dict[str, int], out: Path) -> None:
@@ -219,7 +218,7 @@ def merge(sources: list[Path], order: dict[str, int], out: Path) -> None:
     index = _index(sources)
     names = sorted(index.lines, key=lambda name: (order.get(name, len(order)), index.lines[name].seen))
     with ExitStack() as files, replacing(out) as tmp, open(tmp, "wb") as f:
-        readers = [files.enter_context(open(p, "rb")) if p.exists() else None for p in sources]
+        readers = {i: files.enter_context(open(p, "rb")) for i, p in enumerate(sources) if p.exists()}
         for name in names:
             line = index.lines[name]
             reader = readers[line.source]
@@ -274,10 +273,9 @@ def coco_image_ids(names: list[str]) -> list[int]:
     shapes_test_000000000007.png -> 7) when every name has one and no two agree;
     otherwise 1, 2, 3, ... in output order, so ids never collide."""
     numbers = [_TRAILING_NUMBER.search(Path(n).stem) for n in names]
-    if all(numbers):
-        ids = [int(m.group(1)) for m in numbers]
-        if len(set(ids)) == len(ids):
-            return ids
+    ids = [int(m.group(1)) for m in numbers if m is not None]
+    if len(ids) == len(names) and len(set(ids)) == len(ids):
+        return ids
     return list(range(1, len(names) + 1))
 
 

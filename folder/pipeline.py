@@ -188,7 +188,7 @@ def _caption_segment(
                 tally.failed += 1
         else:
             tally.captioned += 1
-            if picture is not None:  # the sheet exists before its line says the image is done
+            if overlays is not None and picture is not None:  # the sheet exists before its line says it is done
                 _write_sheet(picture, result, overlays / f"{entry.file}.png")
             if not keep_attention:
                 drop_attention(result)

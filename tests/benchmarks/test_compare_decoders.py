@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.conftest import one_thread, small_model  # noqa: F401 (one_thread is a fixture)
+from tests.training.conftest import small_model
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "compare_decoders.py"
 

@@ -107,7 +107,7 @@ def test_a_checkpoint_that_does_not_match_its_config_is_a_clear_error(tiny_check
 
     no_attention = json.dumps(config.to_dict() | {"attention": False})
     path = rewrite_header(tiny_checkpoint, tmp_path / "no_attention.safetensors", config=no_attention)
-    with pytest.raises(CheckpointError, match="unexpected: .*decoder.f_beta"):
+    with pytest.raises(CheckpointError, match=r"unexpected: .*decoder\.f_beta"):
         load_checkpoint(path)
 
 
@@ -115,7 +115,7 @@ def test_a_vocabulary_that_does_not_match_the_weights_is_refused(tiny_checkpoint
     _, vocab, _ = read_header(tiny_checkpoint)
     longer = json.dumps(vocab.to_json() + ["zebra"])
     path = rewrite_header(tiny_checkpoint, tmp_path / "longer.safetensors", vocab=longer)
-    with pytest.raises(CheckpointError, match="decoder.embed.weight"):
+    with pytest.raises(CheckpointError, match=r"decoder\.embed\.weight"):
         load_checkpoint(path)
 
 
@@ -128,7 +128,7 @@ def test_missing_weights_are_named(make_model, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(CheckpointError, match="missing: decoder.out.bias"):
+    with pytest.raises(CheckpointError, match=r"missing: decoder\.out\.bias"):
         load_checkpoint(path)
 
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 from captioner.checkpoint import save_checkpoint
 from captioner.decoding import DecodeOptions
 from captioner.encoder import Encoder
@@ -24,107 +23,7 @@ from folder.files import Entry, Shard, find_entries
 from folder.journal import coco_image_ids, recover, settings_path
 from folder.pipeline import MIN_TAIL_BATCH, _segments
 from tests.conftest import talkative_tiny_model
-
-RED = (220, 40, 40)
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """The command sets torch's threads for its process: give the other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def _picture(mode: str, size=(40, 30)) -> Image.Image:
-    """A picture with some structure (so JPEG, palettes and 16 bits all have work to do)."""
-    rng = np.random.default_rng(len(mode))
-    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    if mode == "I;16":
-        return Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
-    if mode == "P":
-        return rgb.convert("P", palette=Image.Palette.ADAPTIVE)
-    return rgb.convert(mode)
-
-
-def _write_animated_gif(path: Path) -> None:
-    frames = [Image.new("RGB", (40, 30), c).convert("P") for c in (RED, (0, 0, 255))]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
-
-
-def _write_rotated_jpeg(path: Path) -> None:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees: 40x30 stored, 30x40 shown
-    _picture("RGB").save(path, exif=exif)
-
-
-# name -> (writer, (width, height) of the picture as the user sees it)
-GOOD_IMAGES = {
-    "rgb.jpg": (lambda p: _picture("RGB").save(p, quality=90), (40, 30)),
-    "gray.png": (lambda p: _picture("L").save(p), (40, 30)),
-    "rgba.png": (lambda p: _picture("RGBA").save(p), (40, 30)),
-    "la.png": (lambda p: _picture("LA").save(p), (40, 30)),
-    "palette.png": (lambda p: _picture("P").save(p, transparency=0), (40, 30)),
-    "cmyk.jpg": (lambda p: _picture("CMYK").save(p), (40, 30)),
-    "deep.png": (lambda p: _picture("I;16").save(p), (40, 30)),
-    "animated.gif": (_write_animated_gif, (40, 30)),
-    "photo.webp": (lambda p: _picture("RGB").save(p), (40, 30)),
-    "bitmap.BMP": (lambda p: _picture("RGB").save(p, format="BMP"), (40, 30)),
-    "rotated.jpeg": (_write_rotated_jpeg, (30, 40)),
-    "sub/inner.png": (lambda p: _picture("RGB", (50, 20)).save(p), (50, 20)),
-    "sub/deeper/last.jpg": (lambda p: _picture("RGB", (20, 50)).save(p), (20, 50)),
-    "inside_link.png": (None, (40, 30)),  # a symbolic link to rgba.png, inside the folder
-}
-FAILED = {"broken.jpg": "corrupt_image", "text.png": "unsupported_format"}
-SKIPPED = {"notes.txt": "not_an_image", "outside_link.jpg": "outside_root"}
-# the single-run order: every folder's entries sorted by name, subfolders entered where they sort
-ORDER = [
-    "animated.gif",
-    "bitmap.BMP",
-    "broken.jpg",
-    "cmyk.jpg",
-    "deep.png",
-    "gray.png",
-    "inside_link.png",
-    "la.png",
-    "notes.txt",
-    "outside_link.jpg",
-    "palette.png",
-    "photo.webp",
-    "rgb.jpg",
-    "rgba.png",
-    "rotated.jpeg",
-    "sub/deeper/last.jpg",
-    "sub/inner.png",
-    "text.png",
-]
-
-
-@pytest.fixture
-def mixed_folder(tmp_path) -> Path:
-    """Good images of every mode and format, broken ones, a non-image, links in and out, subfolders."""
-    root = tmp_path / "photos"
-    (root / "sub" / "deeper").mkdir(parents=True)
-    for name, (write, _) in GOOD_IMAGES.items():
-        if write is not None:
-            write(root / name)
-    full = (root / "rgb.jpg").read_bytes()
-    (root / "broken.jpg").write_bytes(full[: len(full) // 2])  # cut mid-scan
-    (root / "text.png").write_text("not a picture at all")
-    (root / "notes.txt").write_text("the photos from the trip")
-    (root / "inside_link.png").symlink_to(root / "rgba.png")
-    outside = tmp_path / "elsewhere.jpg"
-    _picture("RGB").save(outside)
-    (root / "outside_link.jpg").symlink_to(outside)
-    return root
-
-
-def caption(*args) -> int:
-    return cli.main(["caption", *map(str, args)])
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.folder.conftest import FAILED, GOOD_IMAGES, ORDER, SKIPPED, caption, picture, read_lines
 
 
 def test_every_file_gets_one_line_in_walk_order(mixed_folder, tiny_checkpoint, tmp_path, capsys):
@@ -169,7 +68,7 @@ def test_names_in_any_script_and_names_that_are_not_utf8_are_written_and_resumed
     root.mkdir()
     names = ["café 東京.jpg", os.fsdecode(b"raw\xff.jpg")]  # the second: bytes no encoding reads
     for name in names:
-        _picture("RGB").save(root / name, format="JPEG")
+        picture("RGB").save(root / name, format="JPEG")
     out = tmp_path / "captions.jsonl"
     assert caption(root, "--checkpoint", tiny_checkpoint, "--out", out) == 0
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -389,7 +288,7 @@ def test_coco_results_load_for_evaluation(tmp_path, tiny_checkpoint):
     folder.mkdir()
     ids = [7, 42, 123456]
     for i in ids:
-        _picture("RGB").save(folder / f"shapes_test_{i:012d}.png")
+        picture("RGB").save(folder / f"shapes_test_{i:012d}.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff")
     out = tmp_path / "results.json"
     caption(folder, "--checkpoint", tiny_checkpoint, "--out", out, "--format", "coco")
@@ -529,8 +428,8 @@ def test_amp_runs_the_encoder_in_bfloat16_and_captions_the_same_files(
 def test_two_roots_with_the_same_names_are_refused(tmp_path):
     for root in ("a", "b"):
         (tmp_path / root).mkdir()
-        _picture("RGB").save(tmp_path / root / "same.jpg")
-    with pytest.raises(ValueError, match="same.jpg"):
+        picture("RGB").save(tmp_path / root / "same.jpg")
+    with pytest.raises(ValueError, match=r"same\.jpg"):
         find_entries([tmp_path / "a", tmp_path / "b"])
     assert [e.file for e in find_entries([tmp_path / "a", tmp_path / "a" / "same.jpg"])] == ["same.jpg"]
 
@@ -540,7 +439,7 @@ def test_pipes_sockets_and_devices_are_skipped_without_being_opened(tiny_checkpo
     """Opening a named pipe waits for a writer: the run would stop there for good."""
     root = tmp_path / "photos"
     root.mkdir()
-    _picture("RGB").save(root / "photo.jpg")
+    picture("RGB").save(root / "photo.jpg")
     os.mkfifo(root / "pipe.jpg")
     (root / "null.png").symlink_to(os.devnull)  # a character device, read with --follow-links
     os.mkfifo(tmp_path / "given.jpg")
@@ -576,7 +475,7 @@ def test_pipes_sockets_and_devices_are_skipped_without_being_opened(tiny_checkpo
 
 def test_a_link_loop_is_entered_once(tmp_path):
     (tmp_path / "a").mkdir()
-    _picture("RGB").save(tmp_path / "a" / "x.jpg")
+    picture("RGB").save(tmp_path / "a" / "x.jpg")
     os.symlink(tmp_path, tmp_path / "a" / "loop")
     names = [e.file for e in find_entries([tmp_path], recursive=True, follow_links=True)]
     assert names == ["a/x.jpg"]

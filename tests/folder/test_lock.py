@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from folder.command import Outputs
-from tests.folder.test_command import _picture, caption, keep_torch_threads, read_lines  # noqa: F401 (autouse)
-from tests.folder.test_processes import single_run, slow_run, start_midway, wait_for  # noqa: F401 (fixture)
+from tests.folder.conftest import caption, picture, read_lines, single_run, start_midway, wait_for
 
 HOLD = """
 import sys, time
@@ -44,7 +43,7 @@ def holder(tmp_path):
 def test_runs_and_merges_on_a_held_output_are_refused_before_any_work(holder, tiny_checkpoint, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
-    _picture("RGB").save(folder / "a.jpg")
+    picture("RGB").save(folder / "a.jpg")
     out = folder / "captions.csv"  # inside the folder: its lock files are never inputs
     holding = holder(out, "csv")
     args = (folder, "--checkpoint", tiny_checkpoint, "--method", "greedy")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from folder.journal import settings_path
-from tests.folder.test_command import _picture, caption, keep_torch_threads  # noqa: F401 (autouse fixture)
+from tests.folder.conftest import caption, picture
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux file names are bytes; others are text")
 
@@ -26,7 +26,7 @@ def latin1_folder(tmp_path) -> Path:
     root = tmp_path / "photos"
     for name in NAMES:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        _picture("RGB").save(root / name, format="PNG" if name.endswith(".png") else "JPEG")
+        picture("RGB").save(root / name, format="PNG" if name.endswith(".png") else "JPEG")
     (root / BROKEN).write_bytes(b"\xff\xd8\xff")
     return root
 
@@ -90,7 +90,7 @@ def test_names_are_sharded_merged_and_resumed(latin1_folder, tiny_checkpoint, tm
 def test_names_are_retried(latin1_folder, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "captions.csv"
     assert caption(latin1_folder, "--out", out, *common(tiny_checkpoint)) == 1
-    _picture("RGB").save(latin1_folder / BROKEN, format="JPEG")
+    picture("RGB").save(latin1_folder / BROKEN, format="JPEG")
     capsys.readouterr()
     assert caption(latin1_folder, "--out", out, "--retry-failed", *common(tiny_checkpoint)) == 0
     assert "captioned 1, failed 0, skipped 0, already done 3" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from captioner.decoding import DecodeOptions
 from captioner.predictor import Predictor
 from folder.files import find_entries
 from folder.pipeline import PipelineConfig, caption_entries, lanes_are_processes
-from tests.folder.test_command import FAILED, ORDER, SKIPPED, keep_torch_threads, mixed_folder  # noqa: F401
+from tests.folder.conftest import FAILED, ORDER, SKIPPED
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -3,59 +3,12 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-import cli
-from tests.folder.test_command import keep_torch_threads  # noqa: F401 (autouse fixture)
-
-BIN = Path(sys.executable).parent
-
-
-def many_images(folder: Path, count: int) -> Path:
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        sub = folder / f"set{i % 3}"
-        sub.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(sub / f"img_{i:04d}.png")
-    (folder / "set0" / "readme.txt").write_text("not an image")
-    return folder
-
-
-def single_run(folder: Path, out: Path, *flags) -> str:
-    assert cli.main(["caption", str(folder), "--out", str(out), *map(str, flags)]) == 0
-    return out.read_text()
-
-
-def start_midway(command: list[str], out: Path) -> subprocess.Popen:
-    """The command, once it has written 5 lines; with Ctrl-C's default meaning even where this
-    test runs with SIGINT ignored (a background job of a shell does), which the command inherits."""
-    process = subprocess.Popen(
-        command,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
-        assert process.poll() is None, process.stderr.read().decode()
-        time.sleep(0.01)
-    return process
-
-
-def wait_for(process: subprocess.Popen) -> str:
-    """Its stderr once it has exited; it and its workers are killed if it takes over a minute."""
-    try:
-        return process.communicate(timeout=60)[1].decode()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+from tests.folder.conftest import BIN, many_images, single_run, start_midway, wait_for
 
 
 def children(pid: int) -> list[int]:
@@ -67,30 +20,6 @@ def gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"  # a zombie awaiting init
     except FileNotFoundError:
         return True
-
-
-@pytest.fixture
-def slow_run(tmp_path, tiny_checkpoint) -> tuple[Path, list, Path, list[str]]:
-    """(folder, flags, out, command) of a run slow enough to be stopped midway: beam 10 to 50 words,
-    one image per batch, and two workers, which on a CPU are forked processes."""
-    folder = many_images(tmp_path / "photos", 150)
-    flags = [
-        "-r",
-        "--checkpoint",
-        tiny_checkpoint,
-        "--batch-size",
-        "1",
-        "--beam-size",
-        "10",
-        "--max-length",
-        "50",
-        "--threads",
-        "1",
-        "--workers",
-        "2",
-    ]
-    out = tmp_path / "captions.jsonl"
-    return folder, flags, out, [str(BIN / "captioner"), "caption", str(folder), "--out", str(out), *map(str, flags)]
 
 
 @pytest.mark.slow

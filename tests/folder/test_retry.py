@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.folder.test_command import _picture, caption, keep_torch_threads, read_lines  # noqa: F401 (autouse)
-from tests.folder.test_processes import BIN, many_images, single_run, wait_for
+from tests.folder.conftest import BIN, caption, many_images, picture, read_lines, single_run, wait_for
 
 
 def break_image(path: Path) -> bytes:
@@ -25,7 +24,7 @@ def small_folder(tmp_path) -> Path:
     root = tmp_path / "photos"
     root.mkdir()
     for name in ("a.jpg", "b.jpg", "d.jpg"):
-        _picture("RGB").save(root / name)
+        picture("RGB").save(root / name)
     (root / "c.txt").write_text("not an image")
     return root
 
