@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from captioner.images import ImageLimits
 from captioner.predictor import Predictor
 
+from .admission import Admission
 from .batcher import Batcher
 from .errors import install_error_handlers
 from .form import request_body_schema
@@ -52,7 +53,8 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     torch.set_num_threads(settings.threads)
     predictor = await anyio.to_thread.run_sync(load_predictor, settings)
-    batcher = Batcher(predictor, app.state.metrics, settings.max_wait_ms, settings.queue_size)
+    batcher = Batcher(predictor, app.state.metrics, settings.max_wait_ms, settings.queue_size,
+                      on_batch=app.state.admission.record)
     app.state.predictor, app.state.batcher = predictor, batcher
     # Decoding a large upload takes memory: as many at once as there are cores, not one per request.
     app.state.image_threads = anyio.CapacityLimiter(settings.threads)
@@ -75,6 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.admission = admission = Admission(settings.queue_size)
+    app.state.metrics.in_flight.set_function(lambda: admission.in_flight)
     install_error_handlers(app)
 
     api_key = settings.api_key.get_secret_value() if settings.api_key else None

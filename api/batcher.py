@@ -19,10 +19,11 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from captioner.decoding import DecodeOptions
-from captioner.predictor import PreparedImage, Predictor
+from captioner.predictor import Predictor, PreparedImage
 
 from .metrics import Metrics
 
@@ -60,9 +61,11 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, predictor: Predictor, metrics: Metrics, max_wait_ms: float = 5.0, queue_size: int = 64):
+    def __init__(self, predictor: Predictor, metrics: Metrics, max_wait_ms: float = 5.0, queue_size: int = 64,
+                 on_batch: Callable[[int, float], None] | None = None):
         self.predictor = predictor
         self.metrics = metrics
+        self.on_batch = on_batch  # told (images, seconds) after each model call: the measured throughput
         self.max_batch_size = predictor.max_batch_size  # what one model call holds
         self.max_wait = max_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -166,18 +169,24 @@ class Batcher:
             if job is _STOP:
                 return jobs, True
             jobs.append(job)
-            size += len(job.images)
+            if not job.future.done():  # a job whose client has gone takes no room in the batch
+                size += len(job.images)
         return jobs, False
 
     def _process(self, jobs: list[Job]) -> None:
         groups: dict[object, list[Job]] = {}
         for job in jobs:
-            if not job.future.done():  # a request that timed out or went away is not computed
+            if job.future.done():  # a request that timed out or whose client went away is not computed
+                self.metrics.abandoned.inc(len(job.images))
+            else:
                 groups.setdefault(job.group, []).append(job)
         for group in groups.values():
             images = [image for job in group for image in job.images]
             try:
+                started = time.perf_counter()
                 results = self.predictor.caption_batch(images, group[0].options)
+                if self.on_batch:
+                    self.on_batch(len(images), time.perf_counter() - started)
             except Exception as e:  # the model failing must fail these requests, not the worker
                 log.exception("captioning a batch of %d images failed", len(images))
                 for job in group:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from captioner.predictor import Predictor
 
+from .admission import Admission, Ticket
 from .batcher import Batcher
 from .errors import worker_dead
 from .form import CaptionForm, read_caption_form
@@ -36,23 +37,37 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def _admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
 async def _caption_form(request: Request) -> AsyncIterator[CaptionForm]:
-    """The files and options of a caption request, read within the limits; the files closed after."""
+    """The files and options of a caption request, read within the limits, each image admitted as
+    its part begins; the images let go and the files closed once the request is answered."""
     settings: Settings = request.app.state.settings
     predictor: Predictor = request.app.state.predictor
     batcher: Batcher = request.app.state.batcher
+    admission: Admission = request.app.state.admission
     if batcher.dead:  # refused before a byte of the body is read
         raise worker_dead()
-    form = await read_caption_form(request, settings.max_images, predictor.limits.max_bytes)
+    if admission.full:
+        raise admission.overloaded()
+    ticket = Ticket(admission)
     try:
-        yield form
+        form = await read_caption_form(request, settings.max_images, predictor.limits.max_bytes,
+                                       on_image=ticket.admit_image)
+        try:
+            yield form
+        finally:
+            form.close()
     finally:
-        form.close()
+        ticket.release()
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 PredictorDep = Annotated[Predictor, Depends(_predictor)]
 BatcherDep = Annotated[Batcher, Depends(_batcher)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
+AdmissionDep = Annotated[Admission, Depends(_admission)]
 ImageThreadsDep = Annotated[anyio.CapacityLimiter, Depends(_image_threads)]
 CaptionFormDep = Annotated[CaptionForm, Depends(_caption_form)]

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 
 from starlette._utils import get_route_path
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError
@@ -44,6 +45,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        body = _Body(receive, self.max_body_bytes, expected=_has_body(headers))
+        send = body.closing_if_unread(send)
         if self.key_digest and not is_public(get_route_path(scope), self.public_metrics):
             if not hmac.compare_digest(_digest(headers.get(b"x-api-key", b"")), self.key_digest):
                 error = APIError(401, "unauthorized", "send the API key in the X-API-Key header",
@@ -54,24 +57,44 @@ class RequestGuard:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await _too_large(self.max_body_bytes).response()(scope, receive, send)
             return
-        await self.app(scope, _limited(receive, self.max_body_bytes), send)
+        await self.app(scope, body.receive, send)
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
 
 
 def _too_large(limit: int) -> APIError:
     return APIError(413, "too_large", f"the request body is over {limit} bytes")
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """`receive` that counts body bytes as they arrive (chunked uploads declare no length)."""
-    seen = 0
+class _Body:
+    """The request's body as it arrives: counted against the limit (chunked uploads declare no
+    length), and remembered as complete or not.
 
-    async def counted() -> Message:
-        nonlocal seen
-        message = await receive()
+    An answer sent before the whole body has arrived (a refusal, mostly) closes the connection:
+    the rest of the body is never read, instead of being drained from a client that may send it
+    as slowly as it likes."""
+
+    def __init__(self, receive: Receive, limit: int, expected: bool):
+        self._receive, self.limit = receive, limit
+        self.complete = not expected
+        self.seen = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _too_large(limit)
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                raise _too_large(self.limit)
+            if not message.get("more_body", False):
+                self.complete = True
         return message
 
-    return counted
+    def closing_if_unread(self, send: Send) -> Send:
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not self.complete:
+                MutableHeaders(scope=message)["connection"] = "close"
+            await send(message)
+
+        return send_closing

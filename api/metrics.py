@@ -23,6 +23,10 @@ class Metrics:
         self.queue_depth = Gauge("captioner_queue_depth", "requests waiting for the model worker",
                                  registry=self.registry)
         self.images = Counter("captioner_images", "images captioned", registry=self.registry)
+        self.abandoned = Counter("captioner_abandoned_images", "images never captioned: their client had gone "
+                                 "(or stopped waiting) before the model got to them", registry=self.registry)
+        self.in_flight = Gauge("captioner_images_in_flight", "images admitted and not yet answered "
+                               "(being received, decoded, waiting for or in the model)", registry=self.registry)
 
 
 # Label values come from these sets only: a client makes up methods and paths at will, and every

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=512, description="images per model call")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000,
                                description="how long the model worker waits to fill a batch")
-    queue_size: int = Field(64, ge=1, description="requests waiting for the model; beyond it: 503")
+    queue_size: int = Field(64, ge=1, description="images admitted at once (being received, decoded, waiting for "
+                                                  "or in the model); beyond it: 503 with Retry-After")
     max_images: int = Field(16, ge=1, description="files per request")
     max_bytes: int = Field(10 * 1024 * 1024, ge=1, description="bytes per file")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height per image, read from its header")

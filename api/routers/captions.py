@@ -8,9 +8,10 @@ batched with other requests; render heatmap overlays, if asked, in a thread.
 import asyncio
 import base64
 import io
+from collections.abc import Awaitable
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from PIL import Image
 from starlette.datastructures import UploadFile
 
@@ -21,20 +22,22 @@ from captioner.predictor import Predictor, PreparedImage
 from captioner.vocab import SPECIALS
 
 from ..batcher import QueueFull, ShuttingDown, WorkerDead
-from ..deps import BatcherDep, CaptionFormDep, ImageThreadsDep, PredictorDep, SettingsDep
-from ..errors import APIError, invalid_option, worker_dead
+from ..deps import AdmissionDep, BatcherDep, CaptionFormDep, ImageThreadsDep, PredictorDep, SettingsDep
+from ..errors import APIError, ClientGone, invalid_option, worker_dead
 from ..schemas import ERROR_RESPONSES, CaptionOptions, CaptionResponse
 from .model import describe_model
 
 router = APIRouter(prefix="/v1", tags=["captions"])
 
-RETRY_AFTER = {"Retry-After": "1"}
+RETRY_AFTER = {"Retry-After": "1"}  # a stopping server: its replacement is moments away
 
 
 @router.post("/captions", response_model=CaptionResponse, response_model_exclude_none=True,
              summary="Caption one or more images", responses=ERROR_RESPONSES)
 async def create_captions(
+    request: Request,
     form: CaptionFormDep,
+    admission: AdmissionDep,
     predictor: PredictorDep,
     batcher: BatcherDep,
     settings: SettingsDep,
@@ -52,10 +55,9 @@ async def create_captions(
                                                         limiter=image_threads)
 
     try:
-        results = await asyncio.wait_for(batcher.submit(prepared, decode_options), settings.request_timeout_s)
+        results = await _unless_gone(request, batcher.submit(prepared, decode_options), settings.request_timeout_s)
     except QueueFull:
-        raise APIError(503, "overloaded", "too many requests are waiting for the model; retry shortly",
-                       RETRY_AFTER) from None
+        raise admission.overloaded() from None
     except ShuttingDown:
         raise APIError(503, "shutting_down", "the server is stopping", RETRY_AFTER) from None
     except WorkerDead:
@@ -70,6 +72,30 @@ async def create_captions(
         if not options.attention:
             drop_attention(result)
     return {"model": describe_model(predictor, settings), "results": results}
+
+
+async def _unless_gone(request: Request, answer: Awaitable[list[dict]], timeout: float) -> list[dict]:
+    """`answer`, unless the client disconnects first (ClientGone) or it takes over `timeout`
+    (asyncio.TimeoutError). Either way the job is cancelled, and the model worker skips it."""
+    job = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({job, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.done():
+            job.cancel()  # cancels the job's future: the worker sees it done and passes it by
+    if job in done:
+        return job.result()
+    if gone in done:
+        raise ClientGone()
+    raise asyncio.TimeoutError()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone. The body is read by now: the next message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _check_num_captions(options: CaptionOptions, predictor: Predictor) -> None:

@@ -100,3 +100,76 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+BOUNDARY = "captioner-test-boundary"
+
+
+def form_part(name: str, data: bytes = b"", filename: str | None = None) -> bytes:
+    """One part of a multipart/form-data body (a file when it has a filename)."""
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+    kind = "Content-Type: application/octet-stream\r\n" if filename is not None else ""
+    return f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n{kind}\r\n".encode() + data + b"\r\n"
+
+
+FORM_END = f"--{BOUNDARY}--\r\n".encode()
+
+
+class RawClient:
+    """HTTP/1.1 over a plain socket, for what httpx will not do: send part of a body and stop,
+    trickle bytes, hang up mid-request. Every wait is bounded by `timeout`."""
+
+    def __init__(self, server, timeout: float = 60):
+        self.socket = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+
+    def send_head(self, length: int | None, path: str = "/v1/captions", headers: dict[str, str] | None = None) -> None:
+        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Type: multipart/form-data; boundary={BOUNDARY}"]
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def send(self, data: bytes) -> None:
+        self.socket.sendall(data)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """The next response: status, headers (lower-case names), body."""
+        import http.client
+
+        answer = http.client.HTTPResponse(self.socket)
+        answer.begin()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+
+    def closed_by_server(self) -> bool:
+        """True once the server has closed the connection (b"" from recv, or a reset)."""
+        try:
+            while True:
+                data = self.socket.recv(65536)
+                if not data:
+                    return True
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def metric(server, name: str, labels: dict | None = None, headers: dict | None = None) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.base + "/metrics", headers=headers or {}, timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or sample.labels == labels):
+                return sample.value
+    return 0.0
+
+
+def wait_until(condition, what: str, timeout: float = 30) -> None:
+    """Poll `condition` (bounded); fails naming `what` if it never holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")

@@ -181,8 +181,8 @@ def gate_the_model(client) -> tuple[threading.Event, threading.Event]:
     return gate, entered
 
 
-def test_a_full_queue_is_503_with_retry_after_at_once(make_client):
-    client = make_client(queue_size=1, max_batch_size=1, max_wait_ms=0)
+def test_a_full_server_is_503_with_retry_after_at_once(make_client):
+    client = make_client(queue_size=2, max_batch_size=1, max_wait_ms=0)  # two images in flight at most
     gate, entered = gate_the_model(client)
     answers = {}
 
@@ -194,10 +194,10 @@ def test_a_full_queue_is_503_with_retry_after_at_once(make_client):
     assert entered.wait(30), "the first request never reached the model"
     second = threading.Thread(target=send, args=("second",))
     second.start()
-    deadline = time.monotonic() + 30  # until the second waits in the queue
-    while not client.app.state.batcher._queue.full() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30  # until the second is admitted (it waits in the queue)
+    while not client.app.state.admission.full and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert client.app.state.batcher._queue.full()
+    assert client.app.state.admission.full
     third = client.post("/v1/captions", files=upload(("third.png", png())), data={"method": "greedy"})
     assert not gate.is_set()  # answered while the model was still busy: the request never waited for it
     error_of(third, 503, "overloaded")
