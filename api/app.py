@@ -43,7 +43,9 @@ def missing_model_message(path: Path) -> str:
 def load_predictor(settings: Settings) -> Predictor:
     if not settings.checkpoint.is_file():
         raise ModelMissing(missing_model_message(settings.checkpoint))
-    limits = ImageLimits(max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+    # RLE-compressed BMP is decoded by Pillow in Python, holding the GIL: not worth a server's time
+    limits = ImageLimits(max_bytes=settings.max_bytes, max_pixels=settings.max_pixels,
+                         max_decode_bytes=settings.max_decode_bytes, rle_bmp=False)
     return Predictor.from_checkpoint(settings.checkpoint, settings.device, limits=limits,
                                      max_batch_size=settings.max_batch_size, amp=settings.amp)
 

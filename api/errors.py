@@ -20,6 +20,7 @@ log = logging.getLogger("captioner.api")
 IMAGE_ERROR_STATUS = {
     "too_large": 413,
     "too_many_pixels": 413,
+    "too_much_memory": 413,
     "unsupported_format": 415,
     "corrupt_image": 422,
     "unreadable": 400,

@@ -1,10 +1,8 @@
 """Request and response schemas, named by role; their examples show up in /docs."""
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from captioner.decoding import MAX_BEAM_SIZE, MAX_CAPTIONS, MAX_LENGTH, MAX_TOP_K, DecodeOptions
+from captioner.decoding import DecodeOptions
 
 
 class CaptionOptions(DecodeOptions):
@@ -75,6 +73,9 @@ class Limits(BaseModel):
     max_images: int = Field(description="files per request")
     max_bytes: int = Field(description="bytes per file")
     max_pixels: int = Field(description="width x height per image")
+    max_decode_bytes: int = Field(description="memory one image may take to decode (about 10 bytes a pixel, "
+                                              "17 with transparency)")
+    max_response_bytes: int = Field(description="the largest answer a request may ask for")
     formats: list[str]
 
 
@@ -89,6 +90,7 @@ class ModelCard(ModelSummary):
         "vocabulary": ["a", "red", "circle"],
         "limits": {"max_beam_size": 10, "max_captions": 10, "max_length": 50, "max_top_k": 1000,
                    "max_images": 16, "max_bytes": 10485760, "max_pixels": 40000000,
+                   "max_decode_bytes": 536870912, "max_response_bytes": 67108864,
                    "formats": ["JPEG", "PNG", "WEBP", "GIF", "BMP"]},
     }]})
 

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     max_images: int = Field(16, ge=1, description="files per request")
     max_bytes: int = Field(10 * 1024 * 1024, ge=1, description="bytes per file")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height per image, read from its header")
+    max_decode_bytes: int = Field(512 * 1024 * 1024, ge=1,
+                                  description="memory one image may take to decode, estimated from its header (size, "
+                                              "alpha); images are decoded `threads` at a time")
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024,
+                                    description="the largest answer a request may ask for (images x captions x words, "
+                                                "overlays weighing most), estimated before any work; beyond it: 422")
     overlay_size: int = Field(256, ge=16, le=1024, description="longest side of heatmap overlay PNGs")
     request_timeout_s: float = Field(60.0, gt=0, description="longest wait for the model; beyond it: 504")
     api_key: SecretStr | None = Field(None, description="when set, every path but the public ones needs the "

@@ -40,7 +40,26 @@ class ImageError(ValueError):
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000  # width * height, checked before decoding
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = FORMATS  # the only formats whose headers Pillow even tries to read
+    max_decode_bytes: int | None = None  # memory decoding one image may take (decode_bytes), checked before
+    rle_bmp: bool = True  # RLE-compressed BMP: Pillow decodes it in Python, slowly and holding the GIL
+
+
+# Memory open_image and ImagePreset take at their peak, per pixel of the decoded picture, measured
+# (ru_maxrss) on PNG, BMP and JPEG pictures of 25 to 40 megapixels: the RGB picture Pillow keeps
+# in 4 bytes a pixel, the array the preset makes of it and that array's copy (3 + 3); blending
+# alpha onto white holds an RGBA picture, a white one and their blend (4 each) with the RGB one.
+PEAK_BYTES_PER_PIXEL = 10
+PEAK_BYTES_PER_PIXEL_WITH_ALPHA = 17
+ROWS_BYTES = 4 * 1024 * 1024  # 16-bit and float pictures are scaled to 8 bits this many source bytes at a time
+
+
+def decode_bytes(image: Image.Image) -> int:
+    """About the most memory decoding and preprocessing `image` takes, from its header alone (and
+    a JPEG's reduced scale, once draft() has chosen it)."""
+    width, height = image.size
+    alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+    return width * height * (PEAK_BYTES_PER_PIXEL_WITH_ALPHA if alpha else PEAK_BYTES_PER_PIXEL)
 
 
 def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_size: int | None = None) -> Image.Image:
@@ -66,9 +85,11 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_siz
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            # reads the header only, and only with the plugins of the accepted formats (MPO: JPEG's)
+            image = Image.open(io.BytesIO(data), formats=limits.formats)
     except UnidentifiedImageError as e:
-        raise ImageError("unsupported_format", "not an image Pillow can identify") from e
+        raise ImageError("unsupported_format", f"not an image Pillow can identify among the accepted "
+                                               f"formats ({', '.join(limits.formats)})") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("too_many_pixels", str(e)) from e
     except Exception as e:  # truncated headers raise anything from OSError to struct.error
@@ -79,10 +100,20 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_siz
     width, height = image.size
     if width < 1 or height < 1 or width * height > limits.max_pixels:
         raise ImageError("too_many_pixels", f"{width}x{height} is over the limit of {limits.max_pixels} pixels")
+    if fmt == "BMP" and image.info.get("compression") in (1, 2) and not limits.rle_bmp:
+        raise ImageError("unsupported_format", "RLE-compressed BMP is not accepted (Pillow decodes it slowly, "
+                                               "in Python); send it uncompressed, or as PNG")
     try:
         image.seek(0)  # the first frame of an animation
         if min_size and fmt == "JPEG":
             image.draft(image.mode, (min_size, min_size))
+    except Exception as e:
+        raise ImageError("corrupt_image", f"cannot decode the image: {e}") from e
+    needed = decode_bytes(image)
+    if limits.max_decode_bytes is not None and needed > limits.max_decode_bytes:
+        raise ImageError("too_much_memory", f"{width}x{height} in mode {image.mode} takes about {needed >> 20} MiB "
+                                            f"to decode, over the limit of {limits.max_decode_bytes >> 20} MiB")
+    try:
         image.load()
         upright = (height, width) if image.getexif().get(ORIENTATION) in (5, 6, 7, 8) else (width, height)
         rgb = to_rgb(image)
@@ -97,9 +128,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright picture
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(a * scale, 0, 255).astype(np.uint8), mode="L")
+        image = _to_8_bit(image)
     # "transparency" marks one palette index, gray level or colour as transparent (GIF, PNG tRNS)
     if image.mode in ("P", "L", "RGB") and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
         image = image.convert("RGBA")
@@ -107,6 +136,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image)
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float picture as 8-bit "L": 16-bit scaled from 0..65535, the others
+    from 0..255 unless they go beyond it. Scaled a band of rows at a time, so the float64 copies
+    the arithmetic needs are a few megabytes, not 8 bytes for every pixel of the picture."""
+    width, height = image.size
+    peak = image.getextrema()[1] if width and height else 0
+    scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or peak > 255 else 1.0
+    out = np.empty((height, width), dtype=np.uint8)  # (H, W)
+    rows = max(1, ROWS_BYTES // (8 * max(width, 1)))
+    for top in range(0, height, rows):
+        band = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.float64)  # (rows, W)
+        out[top:top + rows] = np.clip(band * scale, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ import io
 from collections.abc import Awaitable
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from PIL import Image
+from pydantic import TypeAdapter
 from starlette.datastructures import UploadFile
 
 from captioner.decoding import distinct_captions
@@ -25,9 +26,11 @@ from ..batcher import QueueFull, ShuttingDown, WorkerDead
 from ..deps import AdmissionDep, BatcherDep, CaptionFormDep, ImageThreadsDep, PredictorDep, SettingsDep
 from ..errors import APIError, ClientGone, invalid_option, worker_dead
 from ..schemas import ERROR_RESPONSES, CaptionOptions, CaptionResponse
+from ..settings import Settings
 from .model import describe_model
 
 router = APIRouter(prefix="/v1", tags=["captions"])
+RESPONSE = TypeAdapter(CaptionResponse)
 
 RETRY_AFTER = {"Retry-After": "1"}  # a stopping server: its replacement is moments away
 
@@ -42,12 +45,13 @@ async def create_captions(
     batcher: BatcherDep,
     settings: SettingsDep,
     image_threads: ImageThreadsDep,
-) -> dict:
+) -> Response:
     """Send the images as files of the multipart field `images`, and the options as fields
     beside them. Results come in upload order, each named by its file. Any unusable file fails
     the whole request with the error naming that file; an unknown field is an error too."""
     options = form.options
     _check_num_captions(options, predictor)
+    _check_response_size(options, len(form.images), predictor, settings)
     decode_options = options.decode_options()
     names = form.names
     overlay_size = settings.overlay_size if options.overlays else None
@@ -71,7 +75,10 @@ async def create_captions(
         result["file"] = name
         if not options.attention:
             drop_attention(result)
-    return {"model": describe_model(predictor, settings), "results": results}
+    answer = {"model": describe_model(predictor, settings), "results": results}
+    # Validating and encoding megabytes of JSON takes a while: in a thread, never on the event loop
+    return Response(await anyio.to_thread.run_sync(_encode, answer, limiter=image_threads),
+                    media_type="application/json")
 
 
 async def _unless_gone(request: Request, answer: Awaitable[list[dict]], timeout: float) -> list[dict]:
@@ -96,6 +103,48 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has gone. The body is read by now: the next message is the disconnect."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+# The most JSON each part of an answer takes (upper bounds: the estimate must never be exceeded)
+IMAGE_BYTES = 512  # a result's file name, size, method and grid, and the model summary's share
+CAPTION_BYTES = 96  # a caption's keys and its log_prob
+WORD_BYTES = 48  # a word twice (text and tokens) with its quotes and separators
+GRID_CELL_BYTES = 10  # an attention weight, as 0.01303 or 1e-05, and its separator
+
+
+def response_bytes(options: CaptionOptions, images: int, grid_cells: int, overlay_size: int) -> int:
+    """The most bytes the answer to these options and images can take: every caption max_length words."""
+    captions = 1 if options.method == "greedy" else options.num_captions
+    word = WORD_BYTES + (grid_cells * GRID_CELL_BYTES if options.attention else 0)
+    word += overlay_uri_bytes(overlay_size) if options.overlays else 0
+    return images * (IMAGE_BYTES + captions * (CAPTION_BYTES + options.max_length * word))
+
+
+def overlay_uri_bytes(size: int) -> int:
+    """A size x size RGB PNG as a data URI, at worst: rows of raw pixels (zlib's stored blocks add
+    5 bytes each 64 KB), in base64."""
+    raw = size * (3 * size + 1)
+    png = raw + 5 * (raw // 65535 + 1) + 1024
+    return len("data:image/png;base64,") + 4 * -(-png // 3) + 4
+
+
+def _check_response_size(options: CaptionOptions, images: int, predictor: Predictor, settings: Settings) -> None:
+    """Refuse, before any work, a request whose answer could be over max_response_bytes, naming
+    the option that weighs most."""
+    h, w = predictor.model.grid
+    size = response_bytes(options, images, h * w, settings.overlay_size)
+    if size <= settings.max_response_bytes:
+        return
+    knob = "overlays" if options.overlays else "attention" if options.attention else \
+        "num_captions" if options.method != "greedy" and options.num_captions > 1 else "max_length"
+    raise APIError(422, "response_too_large",
+                   f"the answer could take {size / 2**20:.1f} MiB, over the limit of "
+                   f"{settings.max_response_bytes / 2**20:.1f} MiB: lower {knob} (or num_captions, max_length, "
+                   f"the number of images)", option=knob)
+
+
+def _encode(answer: dict) -> bytes:
+    return RESPONSE.dump_json(RESPONSE.validate_python(answer), exclude_none=True)
 
 
 def _check_num_captions(options: CaptionOptions, predictor: Predictor) -> None:

@@ -23,6 +23,7 @@ def test_model_card_describes_the_model_its_training_and_limits(make_client, tin
     assert card["vocabulary"] == [w for w in vocab.words if not w.startswith("<")]
     assert card["limits"] == {"max_beam_size": MAX_BEAM_SIZE, "max_captions": 10, "max_length": MAX_LENGTH,
                               "max_top_k": 1000, "max_images": 5, "max_bytes": 1234, "max_pixels": 5678,
+                              "max_decode_bytes": 512 * 1024 * 1024, "max_response_bytes": 64 * 1024 * 1024,
                               "formats": ["JPEG", "PNG", "WEBP", "GIF", "BMP"]}
 
 

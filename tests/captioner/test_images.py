@@ -7,7 +7,15 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from captioner.images import ImageError, ImageLimits, ImagePreset, open_image, stack_pixels
+from captioner.images import (
+    PEAK_BYTES_PER_PIXEL,
+    ImageError,
+    ImageLimits,
+    ImagePreset,
+    decode_bytes,
+    open_image,
+    stack_pixels,
+)
 from tests.captioner.conftest import IMAGE_CASES, IMAGE_MODES, RED, WHITE, image_bytes, png_header
 
 
@@ -158,11 +166,20 @@ def test_things_that_are_not_images_are_unsupported(data):
 
 
 @pytest.mark.parametrize("fmt", ["TIFF", "ICO", "PPM"])
-def test_formats_outside_the_list_are_refused_by_name(fmt):
+def test_formats_outside_the_list_are_refused_without_their_plugin_reading_them(fmt, monkeypatch):
+    """Image.open tries the accepted formats' plugins only: a TIFF header is never parsed."""
+    from PIL import IcoImagePlugin, PpmImagePlugin, TiffImagePlugin
+
+    parsed = []
+    for plugin in (TiffImagePlugin.TiffImageFile, IcoImagePlugin.IcoImageFile, PpmImagePlugin.PpmImageFile):
+        real = plugin._open
+        monkeypatch.setattr(plugin, "_open", lambda self, real=real: parsed.append(self) or real(self))
     with pytest.raises(ImageError) as caught:
         open_image(image_bytes(Image.new("RGB", (16, 16), RED), fmt))
     assert caught.value.code == "unsupported_format"
-    assert fmt in caught.value.message
+    assert "JPEG, PNG, WEBP, GIF, BMP" in caught.value.message
+    assert parsed == []
+    assert open_image(image_bytes(Image.new("RGB", (16, 16), RED), fmt), ImageLimits(formats=(fmt,))).size == (16, 16)
 
 
 def test_a_missing_file_is_unreadable(tmp_path):
@@ -213,8 +230,9 @@ def test_a_jpeg_read_for_a_small_model_is_decoded_small_but_keeps_its_full_uprig
     """libjpeg's scaled decoding: a 1600x1200 photo read for a 224-px model comes out at 400x300
     (1/4), the whole picture, and reports the size the user's picture really has."""
     import numpy as np
-    from captioner.images import open_image
     from PIL import Image
+
+    from captioner.images import open_image
 
     pixels = np.zeros((1200, 1600, 3), dtype=np.uint8)
     pixels[:, :800] = (255, 0, 0)  # left half red, right half blue
@@ -239,3 +257,96 @@ def test_image_errors_survive_pickling_with_code_and_message():
     error = pickle.loads(pickle.dumps(ImageError("not_an_image", "a text file")))
     assert isinstance(error, ImageError) and (error.code, error.message, str(error)) == (
         "not_an_image", "a text file", "a text file")
+
+
+def reference_8_bit(image: Image.Image) -> np.ndarray:
+    """The 16-bit, 32-bit and float scaling as it was, on one float64 copy of the whole picture."""
+    a = np.asarray(image, dtype=np.float64)
+    scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+    return np.clip(a * scale, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode, values", [
+    ("I;16", (0, 65536)), ("I", (-70000, 70000)), ("I", (-5, 250)), ("F", (-10.0, 300.0)), ("F", (0.0, 255.0)),
+])
+def test_deep_pictures_are_scaled_band_by_band_to_the_same_8_bit_pixels(mode, values):
+    """The same pixels as before (PIXELS_VERSION stays), over several bands of rows."""
+    generator = np.random.default_rng(0)
+    low, high = values
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    a = (generator.integers(low, high, (3000, 700)) if mode != "F" else generator.uniform(low, high, (3000, 700)))
+    image = Image.fromarray(a.astype(dtype))
+    assert image.mode == mode
+    rgb = np.asarray(open_image(image_bytes(image, "PNG") if mode == "I;16" else image))
+    assert (rgb == reference_8_bit(image)[..., None]).all()
+
+
+PEAK_RSS = """
+import resource, sys
+from captioner.images import ImagePreset, open_image
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+picture = open_image(data)
+ImagePreset(224, (0.5,) * 3, (0.5,) * 3)(picture)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / (picture.width * picture.height))
+"""
+
+
+@pytest.mark.slow
+def test_a_16_bit_picture_is_decoded_in_the_memory_budgeted_for_it(tmp_path):
+    """A 6300x6300 16-bit grayscale PNG of about 80 KB: float64 copies of it took 26 bytes a pixel
+    (a gigabyte); now what decode_bytes budgets, in a fresh process's peak resident size."""
+    import subprocess
+    import sys
+
+    a = np.zeros((6300, 6300), np.uint16)
+    a[1000:2000, 1000:3000] = 40000
+    path = tmp_path / "deep.png"
+    Image.fromarray(a).save(path)
+    assert path.stat().st_size < 200_000
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    per_pixel = float(r.stdout)
+    assert per_pixel <= PEAK_BYTES_PER_PIXEL * 1.1, f"{per_pixel:.1f} bytes a pixel"
+    assert decode_bytes(Image.open(path)) == 6300 * 6300 * PEAK_BYTES_PER_PIXEL
+
+
+def test_a_picture_over_the_decode_budget_is_refused_before_decoding(no_decoding):
+    data = image_bytes(Image.new("RGBA", (100, 100), RED), "PNG")
+    with pytest.raises(ImageError) as caught:
+        open_image(data, ImageLimits(max_decode_bytes=100 * 100 * 16))  # RGBA takes 17 bytes a pixel
+    assert caught.value.code == "too_much_memory" and "RGBA" in caught.value.message
+    assert no_decoding == []
+    assert open_image(data, ImageLimits(max_decode_bytes=100 * 100 * 17)).size == (100, 100)
+    assert open_image(image_bytes(Image.new("RGB", (100, 100), RED), "PNG"),
+                      ImageLimits(max_decode_bytes=100 * 100 * 10)).size == (100, 100)
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """An 8-bit BMP compressed with RLE8 (Pillow writes none): each row one run per 255 pixels."""
+    import struct
+
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    rows = b""
+    for y in range(height):
+        left = width
+        while left:
+            n = min(255, left)
+            rows += bytes((n, y % 256))
+            left -= n
+        rows += b"\x00\x00"  # end of the row
+    rows += b"\x00\x01"  # end of the picture
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return struct.pack("<2sIHHI", b"BM", offset + len(rows), 0, 0, offset) + info + palette + rows
+
+
+def test_rle_bmp_is_refused_before_decoding_where_the_limits_say_so(no_decoding):
+    data = rle8_bmp(300, 20)
+    assert open_image(data).size == (300, 20)  # by default it is decoded (the folder command)
+    no_decoding.clear()
+    with pytest.raises(ImageError) as caught:
+        open_image(data, ImageLimits(rle_bmp=False))
+    assert caught.value.code == "unsupported_format" and "RLE" in caught.value.message
+    assert no_decoding == []
+    assert open_image(image_bytes(Image.new("P", (30, 20)), "BMP"), ImageLimits(rle_bmp=False)).size == (30, 20)
