@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added innermost first: metrics see every answer, every answer gets the security headers, CORS
     # answers preflights before the key check.
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, api_key=api_key,
-                       public_metrics=settings.public_metrics)
+                       public_metrics=settings.public_metrics, body_timeout=settings.body_timeout_s)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Content-Type"])

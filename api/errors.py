@@ -30,6 +30,7 @@ IMAGE_ERROR_STATUS = {
 STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    408: "body_timeout",
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",

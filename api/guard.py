@@ -1,7 +1,8 @@
-"""The checks made before a request's body is read: the API key, and the body's size.
+"""The checks made before a request's body is read: the API key, the body's size and its deadline.
 
-Both run as ASGI middleware, so a client without the key, or with a body over the
-limit, is answered before a byte of its upload is parsed.
+They run as ASGI middleware, so a client without the key, or with a body over the
+limit, is answered before a byte of its upload is parsed, and a body that trickles
+in is cut off at its deadline (408), under `captioner serve` or any ASGI server.
 
 With a key set, every path needs it but the public ones: the probes, the page and
 its files (it asks for the key itself), the API's description, and /metrics when
@@ -12,7 +13,9 @@ route out of sight, and an unknown path is refused like a protected one.
 
 import hashlib
 import hmac
+import time
 
+import anyio
 from starlette._utils import get_route_path
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,9 +37,11 @@ def _digest(key: bytes) -> bytes:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None = None, public_metrics: bool = False):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None = None, public_metrics: bool = False,
+                 body_timeout: float = 60.0):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.key_digest = _digest(api_key.encode()) if api_key else None
         self.public_metrics = public_metrics
 
@@ -45,7 +50,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        body = _Body(receive, self.max_body_bytes, expected=_has_body(headers))
+        body = _Body(receive, self.max_body_bytes, expected=_has_body(headers),
+                     deadline=time.monotonic() + self.body_timeout, timeout=self.body_timeout)
         send = body.closing_if_unread(send)
         if self.key_digest and not is_public(get_route_path(scope), self.public_metrics):
             if not hmac.compare_digest(_digest(headers.get(b"x-api-key", b"")), self.key_digest):
@@ -70,19 +76,26 @@ def _too_large(limit: int) -> APIError:
 
 class _Body:
     """The request's body as it arrives: counted against the limit (chunked uploads declare no
-    length), and remembered as complete or not.
+    length), due whole by its deadline (408 beyond it), and remembered as complete or not.
 
     An answer sent before the whole body has arrived (a refusal, mostly) closes the connection:
     the rest of the body is never read, instead of being drained from a client that may send it
     as slowly as it likes."""
 
-    def __init__(self, receive: Receive, limit: int, expected: bool):
+    def __init__(self, receive: Receive, limit: int, expected: bool, deadline: float, timeout: float):
         self._receive, self.limit = receive, limit
         self.complete = not expected
         self.seen = 0
+        self.deadline, self.timeout = deadline, timeout
 
     async def receive(self) -> Message:
-        message = await self._receive()
+        if self.complete:  # the body is in; what comes next is the disconnect, whenever it comes
+            return await self._receive()
+        try:
+            with anyio.fail_after(max(0.0, self.deadline - time.monotonic())):
+                message = await self._receive()
+        except TimeoutError:
+            raise APIError(408, "body_timeout", f"the request body did not arrive within {self.timeout:g} s") from None
         if message["type"] == "http.request":
             self.seen += len(message.get("body", b""))
             if self.seen > self.limit:

@@ -8,6 +8,9 @@ Every flag is a field of `api.settings.Settings`: --max-batch-size is
 max_batch_size is CAPTIONER_MAX_BATCH_SIZE. Flags override the environment.
 On SIGTERM or Ctrl-C the server stops accepting, lets in-flight requests finish
 (up to --timeout-graceful-shutdown seconds), then stops the model worker.
+
+Slow clients are cut off: a request's head must come whole within
+--header-timeout-s (api.connections), its body within --body-timeout-s (api.guard).
 """
 
 import argparse
@@ -19,6 +22,8 @@ from pydantic import ValidationError
 from runtime.flags import add_model_flags, flag_errors, given_flags
 
 from .settings import Settings
+
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers longer than this: 400 (uvicorn's default, made explicit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +50,13 @@ def main(args: argparse.Namespace) -> int:
     if not settings.checkpoint.is_file():
         print(f"captioner serve: {missing_model_message(settings.checkpoint)}", file=sys.stderr)
         return 2
+    from .connections import head_deadline_protocol
+
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 log_config=log_config(settings.log_level), timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
-                root_path=settings.root_path)
+                root_path=settings.root_path, http=head_deadline_protocol(settings.header_timeout_s),
+                timeout_keep_alive=settings.timeout_keep_alive, limit_concurrency=settings.limit_concurrency,
+                h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     return 0
 
 

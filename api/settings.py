@@ -45,6 +45,14 @@ class Settings(BaseSettings):
                                                 "overlays weighing most), estimated before any work; beyond it: 422")
     overlay_size: int = Field(256, ge=16, le=1024, description="longest side of heatmap overlay PNGs")
     request_timeout_s: float = Field(60.0, gt=0, description="longest wait for the model; beyond it: 504")
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds a connection has to send a request's line and "
+                                                            "headers (from connecting, or from its last answer); "
+                                                            "beyond them it is closed")
+    body_timeout_s: float = Field(60.0, gt=0, description="seconds a request's body has to arrive, from its head; "
+                                                          "beyond them: 408 and the connection closed")
+    timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle connection is kept between requests")
+    limit_concurrency: int = Field(512, ge=1, description="connections and requests at once; beyond them uvicorn "
+                                                          "answers 503")
     api_key: SecretStr | None = Field(None, description="when set, every path but the public ones needs the "
                                                         "header X-API-Key (environment only: never on argv)")
     api_key_file: Path | None = Field(None, description="a file holding the API key (a Docker or Kubernetes "
