@@ -113,6 +113,7 @@ def _document_caption_form(app: FastAPI, max_images: int) -> None:
         if app.openapi_schema is None:
             schema = generate()  # cached by FastAPI in app.openapi_schema
             schema["paths"]["/v1/captions"]["post"]["requestBody"] = request_body_schema(max_images)
+            return schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -15,6 +15,7 @@ can slip into the queue behind the worker's stop mark and wait for nobody.
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -96,10 +97,8 @@ class Batcher:
         with self._lock:
             self._accepting = False  # from here on no job enters the queue: _STOP is the last
         if self._thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Full):  # a stuck worker: the join below says so
                 self._queue.put(_STOP, timeout=timeout)
-            except queue.Full:
-                pass
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("the model worker did not stop within %.0f s", timeout)

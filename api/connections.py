@@ -23,7 +23,7 @@ class HeadDeadlineProtocol(H11Protocol):
     head_timeout: float = 10.0
     _head_deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_head_deadline()
 

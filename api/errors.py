@@ -6,6 +6,7 @@ into that one shape.
 """
 
 import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -82,7 +83,7 @@ def invalid_option(option: str, message: str) -> APIError:
     return APIError(422, "invalid_option", message, option=option)
 
 
-def invalid_options(errors: list) -> APIError:
+def invalid_options(errors: Sequence) -> APIError:
     """Pydantic's errors about options as one 422 naming the first option at fault."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     details = "; ".join(f"{_field_name(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)

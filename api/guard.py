@@ -53,12 +53,12 @@ class RequestGuard:
         body = _Body(receive, self.max_body_bytes, expected=_has_body(headers),
                      deadline=time.monotonic() + self.body_timeout, timeout=self.body_timeout)
         send = body.closing_if_unread(send)
-        if self.key_digest and not is_public(get_route_path(scope), self.public_metrics):
-            if not hmac.compare_digest(_digest(headers.get(b"x-api-key", b"")), self.key_digest):
-                error = APIError(401, "unauthorized", "send the API key in the X-API-Key header",
-                                 {"WWW-Authenticate": "X-API-Key"})
-                await error.response()(scope, receive, send)
-                return
+        if self.key_digest and not is_public(get_route_path(scope), self.public_metrics) and \
+                not hmac.compare_digest(_digest(headers.get(b"x-api-key", b"")), self.key_digest):
+            error = APIError(401, "unauthorized", "send the API key in the X-API-Key header",
+                             {"WWW-Authenticate": "X-API-Key"})
+            await error.response()(scope, receive, send)
+            return
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await _too_large(self.max_body_bytes).response()(scope, receive, send)

@@ -10,6 +10,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     from 0..255 unless they go beyond it. Scaled a band of rows at a time, so the float64 copies
     the arithmetic needs are a few megabytes, not 8 bytes for every pixel of the picture."""
     width, height = image.size
-    peak = image.getextrema()[1] if width and height else 0
+    peak = cast(float, image.getextrema()[1]) if width and height else 0  # one band: (low, high)
     scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or peak > 255 else 1.0
     out = np.empty((height, width), dtype=np.uint8)  # (H, W)
     rows = max(1, ROWS_BYTES // (8 * max(width, 1)))

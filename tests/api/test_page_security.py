@@ -28,7 +28,8 @@ def server(tmp_path_factory):
     card = {
         "training_data": {"root": "/home/alice/data/coco", "train_split": "train2014", "train_images": 3,
                           "skipped_images": {"train": {"count": 1, "images": ["/home/alice/data/coco/bad.jpg"]}}},
-        "train_config": {"data": "/home/alice/data/coco", "out": "/srv/runs/coco", "karpathy": "C:\\Users\\alice\\k.json"},
+        "train_config": {"data": "/home/alice/data/coco", "out": "/srv/runs/coco",
+                         "karpathy": "C:\\Users\\alice\\k.json"},
         "init_from": "/mnt/models/base.safetensors",
         "description": "Trained on /home/alice/data/coco; see https://example.org/a/b.",
         "scores": {"CIDEr": 0.5},
@@ -94,7 +95,8 @@ function storage(name, initial) {
 }
 function element() {
   const handlers = {};
-  const fields = { classList: { add() {}, remove() {}, contains() { return false; } }, dataset: { for: "" }, value: "" };
+  const classList = { add() {}, remove() {}, contains() { return false; } };
+  const fields = { classList, dataset: { for: "" }, value: "" };
   return new Proxy(fields, {
     get(t, prop) {
       if (prop in t) return t[prop];
