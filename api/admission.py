@@ -63,9 +63,13 @@ class Admission:
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
 
     def overloaded(self) -> APIError:
-        return APIError(503, "overloaded", f"{self.in_flight} images are in flight, the most this server holds "
-                                           f"is {self.capacity}; retry after the seconds in Retry-After",
-                        {"Retry-After": str(self.retry_after())})
+        return APIError(
+            503,
+            "overloaded",
+            f"{self.in_flight} images are in flight, the most this server holds "
+            f"is {self.capacity}; retry after the seconds in Retry-After",
+            {"Retry-After": str(self.retry_after())},
+        )
 
 
 class Ticket:

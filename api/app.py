@@ -1,7 +1,7 @@
 """The FastAPI app: `create_app(settings)` builds it; its lifespan loads the model.
 
-    uvicorn --factory api.app:create_app      # settings from CAPTIONER_* variables
-    captioner serve --checkpoint model.safetensors
+uvicorn --factory api.app:create_app      # settings from CAPTIONER_* variables
+captioner serve --checkpoint model.safetensors
 """
 
 import logging
@@ -36,18 +36,25 @@ class ModelMissing(RuntimeError):
 
 
 def missing_model_message(path: Path) -> str:
-    return (f"no model at {path}. Train the default one with `captioner demo --no-serve`, "
-            "or pass --checkpoint PATH (or set CAPTIONER_CHECKPOINT).")
+    return (
+        f"no model at {path}. Train the default one with `captioner demo --no-serve`, "
+        "or pass --checkpoint PATH (or set CAPTIONER_CHECKPOINT)."
+    )
 
 
 def load_predictor(settings: Settings) -> Predictor:
     if not settings.checkpoint.is_file():
         raise ModelMissing(missing_model_message(settings.checkpoint))
     # RLE-compressed BMP is decoded by Pillow in Python, holding the GIL: not worth a server's time
-    limits = ImageLimits(max_bytes=settings.max_bytes, max_pixels=settings.max_pixels,
-                         max_decode_bytes=settings.max_decode_bytes, rle_bmp=False)
-    return Predictor.from_checkpoint(settings.checkpoint, settings.device, limits=limits,
-                                     max_batch_size=settings.max_batch_size, amp=settings.amp)
+    limits = ImageLimits(
+        max_bytes=settings.max_bytes,
+        max_pixels=settings.max_pixels,
+        max_decode_bytes=settings.max_decode_bytes,
+        rle_bmp=False,
+    )
+    return Predictor.from_checkpoint(
+        settings.checkpoint, settings.device, limits=limits, max_batch_size=settings.max_batch_size, amp=settings.amp
+    )
 
 
 @asynccontextmanager
@@ -55,8 +62,9 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     torch.set_num_threads(settings.threads)
     predictor = await anyio.to_thread.run_sync(load_predictor, settings)
-    batcher = Batcher(predictor, app.state.metrics, settings.max_wait_ms, settings.queue_size,
-                      on_batch=app.state.admission.record)
+    batcher = Batcher(
+        predictor, app.state.metrics, settings.max_wait_ms, settings.queue_size, on_batch=app.state.admission.record
+    )
     app.state.predictor, app.state.batcher = predictor, batcher
     # Decoding a large upload takes memory: as many at once as there are cores, not one per request.
     app.state.image_threads = anyio.CapacityLimiter(settings.threads)
@@ -95,11 +103,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added innermost first: metrics see every answer, every answer gets the security headers, CORS
     # answers preflights before the key check.
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, api_key=api_key,
-                       public_metrics=settings.public_metrics, body_timeout=settings.body_timeout_s)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        api_key=api_key,
+        public_metrics=settings.public_metrics,
+        body_timeout=settings.body_timeout_s,
+    )
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["X-API-Key", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
     app.add_middleware(SecurityHeaders)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -62,8 +62,14 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, predictor: Predictor, metrics: Metrics, max_wait_ms: float = 5.0, queue_size: int = 64,
-                 on_batch: Callable[[int, float], None] | None = None):
+    def __init__(
+        self,
+        predictor: Predictor,
+        metrics: Metrics,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 64,
+        on_batch: Callable[[int, float], None] | None = None,
+    ):
         self.predictor = predictor
         self.metrics = metrics
         self.on_batch = on_batch  # told (images, seconds) after each model call: the measured throughput
@@ -84,8 +90,9 @@ class Batcher:
     @property
     def dead(self) -> bool:
         """The worker ended without being asked to: nothing will be captioned any more."""
-        return self._death is not None or (self._accepting and self._thread.ident is not None
-                                           and not self._thread.is_alive())
+        return self._death is not None or (
+            self._accepting and self._thread.ident is not None and not self._thread.is_alive()
+        )
 
     def start(self) -> None:
         with self._lock:
@@ -196,7 +203,7 @@ class Batcher:
             self.metrics.images.inc(len(images))
             start = 0
             for job in group:
-                _resolve(job, result=results[start:start + len(job.images)])
+                _resolve(job, result=results[start : start + len(job.images)])
                 start += len(job.images)
 
 

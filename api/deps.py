@@ -54,8 +54,9 @@ async def _caption_form(request: Request) -> AsyncIterator[CaptionForm]:
         raise admission.overloaded()
     ticket = Ticket(admission)
     try:
-        form = await read_caption_form(request, settings.max_images, predictor.limits.max_bytes,
-                                       on_image=ticket.admit_image)
+        form = await read_caption_form(
+            request, settings.max_images, predictor.limits.max_bytes, on_image=ticket.admit_image
+        )
         try:
             yield form
         finally:

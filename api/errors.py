@@ -71,8 +71,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 def worker_dead() -> APIError:
-    return APIError(503, "model_worker_dead", "the model worker has died: this server cannot caption until "
-                                              "it is restarted (its /healthz fails)")
+    return APIError(
+        503,
+        "model_worker_dead",
+        "the model worker has died: this server cannot caption until it is restarted (its /healthz fails)",
+    )
 
 
 class ClientGone(Exception):

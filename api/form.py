@@ -49,8 +49,13 @@ class _BoundedParser(MultiPartParser):
 
     def __init__(self, request: Request, max_images: int, max_bytes: int, on_image: Callable[[], None]):
         # Starlette's own counts stay open: the rules below are stricter and say which rule broke.
-        super().__init__(request.headers, request.stream(), max_files=float("inf"), max_fields=float("inf"),
-                         max_part_size=OPTION_BYTES)
+        super().__init__(
+            request.headers,
+            request.stream(),
+            max_files=float("inf"),
+            max_fields=float("inf"),
+            max_part_size=OPTION_BYTES,
+        )
         self.max_images, self.max_bytes, self.on_image = max_images, max_bytes, on_image
         self.images = 0
         self.seen_options: set[str] = set()
@@ -65,8 +70,11 @@ class _BoundedParser(MultiPartParser):
                 raise invalid_option(name, f"{name}: unknown file field; send the images as '{IMAGES}'")
             self.images += 1
             if self.images > self.max_images:
-                raise APIError(413, "too_many_files", f"more than {self.max_images} files sent; "
-                                                      f"at most {self.max_images} per request")
+                raise APIError(
+                    413,
+                    "too_many_files",
+                    f"more than {self.max_images} files sent; at most {self.max_images} per request",
+                )
             self.file_bytes = 0
             self.on_image()
         elif name == IMAGES:
@@ -90,8 +98,9 @@ class _BoundedParser(MultiPartParser):
         super().on_part_data(data, start, end)
 
 
-async def read_caption_form(request: Request, max_images: int, max_bytes: int,
-                            on_image: Callable[[], None] = lambda: None) -> CaptionForm:
+async def read_caption_form(
+    request: Request, max_images: int, max_bytes: int, on_image: Callable[[], None] = lambda: None
+) -> CaptionForm:
     """The files and the options of a POST /v1/captions; APIError for anything outside the rules."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
@@ -128,21 +137,41 @@ def request_body_schema(max_images: int) -> dict:
     number, beam search at most beam_size (3 when not sent)."""
     options = CaptionOptions.model_json_schema()
     properties = {name: _not_null(p) for name, p in options["properties"].items()}
-    images = {"type": "array", "minItems": 1, "maxItems": max_images,
-              "items": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"},
-              "description": f"one to {max_images} images (JPEG, PNG, WebP, GIF, BMP)"}
+    images = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": max_images,
+        "items": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"},
+        "description": f"one to {max_images} images (JPEG, PNG, WebP, GIF, BMP)",
+    }
     beam = {"const": "beam"}
-    rules = [{"properties": {"method": {"const": "greedy"}, "num_captions": {"const": 1}}, "required": ["method"]},
-             {"properties": {"method": {"const": "sample"}}, "required": ["method"]},
-             {"properties": {"method": beam, "num_captions": {"maximum": properties["beam_size"]["default"]}},
-              "not": {"required": ["beam_size"]}}]
-    rules += [{"properties": {"method": beam, "beam_size": {"const": k}, "num_captions": {"maximum": k}},
-               "required": ["beam_size"]}
-              for k in range(1, properties["beam_size"]["maximum"] + 1)]
-    schema = {"title": "CaptionRequest", "type": "object", "required": [IMAGES], "additionalProperties": False,
-              "properties": {IMAGES: images, **properties}, "anyOf": rules}
-    return {"required": True, "content": {"multipart/form-data": {
-        "schema": schema, "encoding": {IMAGES: {"contentType": MEDIA_TYPES}}}}}
+    rules = [
+        {"properties": {"method": {"const": "greedy"}, "num_captions": {"const": 1}}, "required": ["method"]},
+        {"properties": {"method": {"const": "sample"}}, "required": ["method"]},
+        {
+            "properties": {"method": beam, "num_captions": {"maximum": properties["beam_size"]["default"]}},
+            "not": {"required": ["beam_size"]},
+        },
+    ]
+    rules += [
+        {
+            "properties": {"method": beam, "beam_size": {"const": k}, "num_captions": {"maximum": k}},
+            "required": ["beam_size"],
+        }
+        for k in range(1, properties["beam_size"]["maximum"] + 1)
+    ]
+    schema = {
+        "title": "CaptionRequest",
+        "type": "object",
+        "required": [IMAGES],
+        "additionalProperties": False,
+        "properties": {IMAGES: images, **properties},
+        "anyOf": rules,
+    }
+    return {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": schema, "encoding": {IMAGES: {"contentType": MEDIA_TYPES}}}},
+    }
 
 
 def _not_null(prop: dict) -> dict:

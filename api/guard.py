@@ -37,8 +37,14 @@ def _digest(key: bytes) -> bytes:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None = None, public_metrics: bool = False,
-                 body_timeout: float = 60.0):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        api_key: str | None = None,
+        public_metrics: bool = False,
+        body_timeout: float = 60.0,
+    ):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
@@ -50,13 +56,22 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        body = _Body(receive, self.max_body_bytes, expected=_has_body(headers),
-                     deadline=time.monotonic() + self.body_timeout, timeout=self.body_timeout)
+        body = _Body(
+            receive,
+            self.max_body_bytes,
+            expected=_has_body(headers),
+            deadline=time.monotonic() + self.body_timeout,
+            timeout=self.body_timeout,
+        )
         send = body.closing_if_unread(send)
-        if self.key_digest and not is_public(get_route_path(scope), self.public_metrics) and \
-                not hmac.compare_digest(_digest(headers.get(b"x-api-key", b"")), self.key_digest):
-            error = APIError(401, "unauthorized", "send the API key in the X-API-Key header",
-                             {"WWW-Authenticate": "X-API-Key"})
+        if (
+            self.key_digest
+            and not is_public(get_route_path(scope), self.public_metrics)
+            and not hmac.compare_digest(_digest(headers.get(b"x-api-key", b"")), self.key_digest)
+        ):
+            error = APIError(
+                401, "unauthorized", "send the API key in the X-API-Key header", {"WWW-Authenticate": "X-API-Key"}
+            )
             await error.response()(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")

@@ -12,21 +12,39 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("captioner_http_requests", "HTTP requests answered",
-                                ["route", "method", "status"], registry=self.registry)
-        self.errors = Counter("captioner_http_errors", "HTTP answers with a status of 400 or more",
-                              ["route", "status"], registry=self.registry)
-        self.latency = Histogram("captioner_http_request_duration_seconds", "time to answer a request",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("captioner_batch_size", "images per model call",
-                                    buckets=BATCH_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("captioner_queue_depth", "requests waiting for the model worker",
-                                 registry=self.registry)
+        self.requests = Counter(
+            "captioner_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=self.registry
+        )
+        self.errors = Counter(
+            "captioner_http_errors",
+            "HTTP answers with a status of 400 or more",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "captioner_http_request_duration_seconds",
+            "time to answer a request",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "captioner_batch_size", "images per model call", buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "captioner_queue_depth", "requests waiting for the model worker", registry=self.registry
+        )
         self.images = Counter("captioner_images", "images captioned", registry=self.registry)
-        self.abandoned = Counter("captioner_abandoned_images", "images never captioned: their client had gone "
-                                 "(or stopped waiting) before the model got to them", registry=self.registry)
-        self.in_flight = Gauge("captioner_images_in_flight", "images admitted and not yet answered "
-                               "(being received, decoded, waiting for or in the model)", registry=self.registry)
+        self.abandoned = Counter(
+            "captioner_abandoned_images",
+            "images never captioned: their client had gone (or stopped waiting) before the model got to them",
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "captioner_images_in_flight",
+            "images admitted and not yet answered (being received, decoded, waiting for or in the model)",
+            registry=self.registry,
+        )
 
 
 # Label values come from these sets only: a client makes up methods and paths at will, and every

@@ -24,7 +24,8 @@ class Caption(BaseModel):
     tokens: list[str]
     log_prob: float = Field(description="summed log-probability of the words and <end>")
     attention: list[list[list[float]]] | None = Field(
-        None, description="per word, the (h, w) attention grid over the picture")
+        None, description="per word, the (h, w) attention grid over the picture"
+    )
     overlays: list[str] | None = Field(None, description="per word, a PNG data URI of its heatmap over the picture")
 
 
@@ -52,17 +53,43 @@ class CaptionResponse(BaseModel):
     model: ModelSummary
     results: list[ImageResult]
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "model": {"checkpoint": "model.safetensors", "encoder": "efficientnet_lite0", "attention": True,
-                  "cell": "lstm", "vocab_size": 40, "attention_grid": [7, 7]},
-        "results": [{
-        "file": "shapes.png", "width": 224, "height": 224, "method": "beam", "attention_grid": [7, 7],
-        "captions": [
-            {"text": "a red circle above a blue square", "log_prob": -1.23,
-             "tokens": ["a", "red", "circle", "above", "a", "blue", "square"]},
-            {"text": "a red circle and a blue square", "log_prob": -2.71,
-             "tokens": ["a", "red", "circle", "and", "a", "blue", "square"]},
-        ]}]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {
+                        "checkpoint": "model.safetensors",
+                        "encoder": "efficientnet_lite0",
+                        "attention": True,
+                        "cell": "lstm",
+                        "vocab_size": 40,
+                        "attention_grid": [7, 7],
+                    },
+                    "results": [
+                        {
+                            "file": "shapes.png",
+                            "width": 224,
+                            "height": 224,
+                            "method": "beam",
+                            "attention_grid": [7, 7],
+                            "captions": [
+                                {
+                                    "text": "a red circle above a blue square",
+                                    "log_prob": -1.23,
+                                    "tokens": ["a", "red", "circle", "above", "a", "blue", "square"],
+                                },
+                                {
+                                    "text": "a red circle and a blue square",
+                                    "log_prob": -2.71,
+                                    "tokens": ["a", "red", "circle", "and", "a", "blue", "square"],
+                                },
+                            ],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
 
 
 class Limits(BaseModel):
@@ -73,8 +100,9 @@ class Limits(BaseModel):
     max_images: int = Field(description="files per request")
     max_bytes: int = Field(description="bytes per file")
     max_pixels: int = Field(description="width x height per image")
-    max_decode_bytes: int = Field(description="memory one image may take to decode (about 10 bytes a pixel, "
-                                              "17 with transparency)")
+    max_decode_bytes: int = Field(
+        description="memory one image may take to decode (about 10 bytes a pixel, 17 with transparency)"
+    )
     max_response_bytes: int = Field(description="the largest answer a request may ask for")
     formats: list[str]
 
@@ -82,17 +110,39 @@ class Limits(BaseModel):
 class ModelCard(ModelSummary):
     """What the loaded model is, what it was trained on and how it scored (the card saved with it)."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
-        "checkpoint": "model.safetensors", "encoder": "efficientnet_lite0", "attention": True, "cell": "lstm",
-        "num_layers": 1, "vocab_size": 40, "attention_grid": [7, 7], "image_size": 224,
-        "config": {"encoder": "efficientnet_lite0", "hidden_dim": 512},
-        "training_data": "the Shapes world (3000 images)", "scores": {"CIDEr": 2.1, "BLEU-4": 0.62},
-        "vocabulary": ["a", "red", "circle"],
-        "limits": {"max_beam_size": 10, "max_captions": 10, "max_length": 50, "max_top_k": 1000,
-                   "max_images": 16, "max_bytes": 10485760, "max_pixels": 40000000,
-                   "max_decode_bytes": 536870912, "max_response_bytes": 67108864,
-                   "formats": ["JPEG", "PNG", "WEBP", "GIF", "BMP"]},
-    }]})
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "checkpoint": "model.safetensors",
+                    "encoder": "efficientnet_lite0",
+                    "attention": True,
+                    "cell": "lstm",
+                    "num_layers": 1,
+                    "vocab_size": 40,
+                    "attention_grid": [7, 7],
+                    "image_size": 224,
+                    "config": {"encoder": "efficientnet_lite0", "hidden_dim": 512},
+                    "training_data": "the Shapes world (3000 images)",
+                    "scores": {"CIDEr": 2.1, "BLEU-4": 0.62},
+                    "vocabulary": ["a", "red", "circle"],
+                    "limits": {
+                        "max_beam_size": 10,
+                        "max_captions": 10,
+                        "max_length": 50,
+                        "max_top_k": 1000,
+                        "max_images": 16,
+                        "max_bytes": 10485760,
+                        "max_pixels": 40000000,
+                        "max_decode_bytes": 536870912,
+                        "max_response_bytes": 67108864,
+                        "formats": ["JPEG", "PNG", "WEBP", "GIF", "BMP"],
+                    },
+                }
+            ]
+        },
+    )
 
     num_layers: int
     image_size: int
@@ -117,17 +167,18 @@ class Status(BaseModel):
 
 
 def _error_example(code: str, message: str, **extra) -> dict:
-    return {"model": ErrorResponse, "description": message,
-            "content": {"application/json": {"example": {"error": {"code": code, "message": message, **extra}}}}}
+    return {
+        "model": ErrorResponse,
+        "description": message,
+        "content": {"application/json": {"example": {"error": {"code": code, "message": message, **extra}}}},
+    }
 
 
 ERROR_RESPONSES = {
     401: _error_example("unauthorized", "send the API key in the X-API-Key header"),
-    413: _error_example("too_many_pixels", "big.png: 20000x20000 is over the limit of 40000000 pixels",
-                        file="big.png"),
+    413: _error_example("too_many_pixels", "big.png: 20000x20000 is over the limit of 40000000 pixels", file="big.png"),
     415: _error_example("unsupported_format", "notes.txt: not an image Pillow can identify", file="notes.txt"),
-    422: _error_example("invalid_option", "beam_size: Input should be less than or equal to 10",
-                        option="beam_size"),
+    422: _error_example("invalid_option", "beam_size: Input should be less than or equal to 10", option="beam_size"),
     503: _error_example("overloaded", "too many requests are waiting for the model; retry shortly"),
     504: _error_example("timeout", "the model did not answer within 60 s"),
 }

@@ -52,11 +52,19 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from .connections import head_deadline_protocol
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=log_config(settings.log_level), timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
-                root_path=settings.root_path, http=head_deadline_protocol(settings.header_timeout_s),
-                timeout_keep_alive=settings.timeout_keep_alive, limit_concurrency=settings.limit_concurrency,
-                h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
+        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+        root_path=settings.root_path,
+        http=head_deadline_protocol(settings.header_timeout_s),
+        timeout_keep_alive=settings.timeout_keep_alive,
+        limit_concurrency=settings.limit_concurrency,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+    )
     return 0
 
 

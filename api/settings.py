@@ -19,52 +19,85 @@ from runtime.home import default_checkpoint
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore")
 
-    checkpoint: Path = Field(default_factory=default_checkpoint,
-                             description="the model to serve (default: the one `captioner demo` trains)")
+    checkpoint: Path = Field(
+        default_factory=default_checkpoint, description="the model to serve (default: the one `captioner demo` trains)"
+    )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps")
-    amp: bool = Field(False, description="mixed-precision encoder: bf16 on a CPU (fast where it has AMX), "
-                                        "fp16 on a GPU; captions may differ slightly")
+    amp: bool = Field(
+        False,
+        description="mixed-precision encoder: bf16 on a CPU (fast where it has AMX), "
+        "fp16 on a GPU; captions may differ slightly",
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    threads: int = Field(default_factory=available_cpus, ge=1,
-                         description="torch threads, and images decoded at once (default: the usable cores, "
-                                     "within a container's CPU quota)")
+    threads: int = Field(
+        default_factory=available_cpus,
+        ge=1,
+        description="torch threads, and images decoded at once (default: the usable cores, "
+        "within a container's CPU quota)",
+    )
     max_batch_size: int = Field(16, ge=1, le=512, description="images per model call")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000,
-                               description="how long the model worker waits to fill a batch")
-    queue_size: int = Field(64, ge=1, description="images admitted at once (being received, decoded, waiting for "
-                                                  "or in the model); beyond it: 503 with Retry-After")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the model worker waits to fill a batch")
+    queue_size: int = Field(
+        64,
+        ge=1,
+        description="images admitted at once (being received, decoded, waiting for "
+        "or in the model); beyond it: 503 with Retry-After",
+    )
     max_images: int = Field(16, ge=1, description="files per request")
     max_bytes: int = Field(10 * 1024 * 1024, ge=1, description="bytes per file")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height per image, read from its header")
-    max_decode_bytes: int = Field(512 * 1024 * 1024, ge=1,
-                                  description="memory one image may take to decode, estimated from its header (size, "
-                                              "alpha); images are decoded `threads` at a time")
-    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024,
-                                    description="the largest answer a request may ask for (images x captions x words, "
-                                                "overlays weighing most), estimated before any work; beyond it: 422")
+    max_decode_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="memory one image may take to decode, estimated from its header (size, "
+        "alpha); images are decoded `threads` at a time",
+    )
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="the largest answer a request may ask for (images x captions x words, "
+        "overlays weighing most), estimated before any work; beyond it: 422",
+    )
     overlay_size: int = Field(256, ge=16, le=1024, description="longest side of heatmap overlay PNGs")
     request_timeout_s: float = Field(60.0, gt=0, description="longest wait for the model; beyond it: 504")
-    header_timeout_s: float = Field(10.0, gt=0, description="seconds a connection has to send a request's line and "
-                                                            "headers (from connecting, or from its last answer); "
-                                                            "beyond them it is closed")
-    body_timeout_s: float = Field(60.0, gt=0, description="seconds a request's body has to arrive, from its head; "
-                                                          "beyond them: 408 and the connection closed")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a connection has to send a request's line and "
+        "headers (from connecting, or from its last answer); "
+        "beyond them it is closed",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a request's body has to arrive, from its head; beyond them: 408 and the connection closed",
+    )
     timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle connection is kept between requests")
-    limit_concurrency: int = Field(512, ge=1, description="connections and requests at once; beyond them uvicorn "
-                                                          "answers 503")
-    api_key: SecretStr | None = Field(None, description="when set, every path but the public ones needs the "
-                                                        "header X-API-Key (environment only: never on argv)")
-    api_key_file: Path | None = Field(None, description="a file holding the API key (a Docker or Kubernetes "
-                                                        "secret), instead of CAPTIONER_API_KEY")
-    public_metrics: bool = Field(False, description="serve /metrics without the API key, for a scraper that "
-                                                    "cannot send X-API-Key")
+    limit_concurrency: int = Field(
+        512, ge=1, description="connections and requests at once; beyond them uvicorn answers 503"
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="when set, every path but the public ones needs the "
+        "header X-API-Key (environment only: never on argv)",
+    )
+    api_key_file: Path | None = Field(
+        None, description="a file holding the API key (a Docker or Kubernetes secret), instead of CAPTIONER_API_KEY"
+    )
+    public_metrics: bool = Field(
+        False, description="serve /metrics without the API key, for a scraper that cannot send X-API-Key"
+    )
     root_path: str = Field("", description="the path prefix a proxy serves this under (uvicorn's --root-path)")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated origins allowed to call the API from a browser")
+        default_factory=list, description="comma-separated origins allowed to call the API from a browser"
+    )
     timeout_graceful_shutdown: float = Field(
-        15.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description="log level")
+        15.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="log level"
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

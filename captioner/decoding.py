@@ -34,15 +34,37 @@ class DecodeOptions(BaseModel):
 
     method: Method = Field("beam", description="beam search, greedy, or sampling", examples=["beam"])
     beam_size: int = Field(3, ge=1, le=MAX_BEAM_SIZE, description="beams per image (beam)", examples=[3])
-    num_captions: int = Field(1, ge=1, le=MAX_CAPTIONS, examples=[3],
-                              description="n-best for beam (at most beam_size), samples for sample, 1 for greedy")
-    temperature: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False, examples=[0.8],
-                               description="sampling only: softmax(logits / temperature)")
-    top_k: int = Field(0, ge=0, le=MAX_TOP_K, examples=[5],
-                       description="sampling only: from the k likeliest words; 0: the whole vocabulary")
+    num_captions: int = Field(
+        1,
+        ge=1,
+        le=MAX_CAPTIONS,
+        examples=[3],
+        description="n-best for beam (at most beam_size), samples for sample, 1 for greedy",
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        allow_inf_nan=False,
+        examples=[0.8],
+        description="sampling only: softmax(logits / temperature)",
+    )
+    top_k: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_K,
+        examples=[5],
+        description="sampling only: from the k likeliest words; 0: the whole vocabulary",
+    )
     max_length: int = Field(20, ge=1, le=MAX_LENGTH, examples=[20], description="words per caption, <end> not counted")
-    length_penalty: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False, examples=[0.7],
-                                  description="captions rank by log_prob / (words + 1) ** length_penalty")
+    length_penalty: float = Field(
+        0.7,
+        ge=0.0,
+        le=2.0,
+        allow_inf_nan=False,
+        examples=[0.7],
+        description="captions rank by log_prob / (words + 1) ** length_penalty",
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, examples=[7], description="sampling only: repeatable samples")
     attention: bool = Field(False, description="return each word's attention grid (h x w, sums to 1)")
 
@@ -86,12 +108,21 @@ def rank_score(log_prob: float, num_words: int, length_penalty: float) -> float:
 def decode(decoder: Decoder, memory: Memory, options: DecodeOptions) -> list[list[Hypothesis]]:
     """The captions of every image in `memory`, best first."""
     if options.method == "beam":
-        return beam_search(decoder, memory, options.beam_size, options.num_captions,
-                           options.max_length, options.length_penalty)
+        return beam_search(
+            decoder, memory, options.beam_size, options.num_captions, options.max_length, options.length_penalty
+        )
     if options.method == "greedy":
         return [[h] for h in greedy(decoder, memory, options.max_length, options.length_penalty)]
-    return sample(decoder, memory, options.num_captions, options.max_length, options.temperature,
-                  options.top_k, options.seed, options.length_penalty)
+    return sample(
+        decoder,
+        memory,
+        options.num_captions,
+        options.max_length,
+        options.temperature,
+        options.top_k,
+        options.seed,
+        options.length_penalty,
+    )
 
 
 def _next_word_log_probs(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
@@ -111,8 +142,7 @@ def _next_word_log_probs(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
     return log_probs
 
 
-def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float,
-                  choose) -> list[Hypothesis]:
+def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float, choose) -> list[Hypothesis]:
     """One caption per row of `memory`, each next word picked by `choose(log_probs) -> (N,)`."""
     N = memory.rows
     device = memory.regions.device
@@ -139,8 +169,11 @@ def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_pena
     for i in range(N):
         n = tokens[i].index(Vocabulary.end_id)
         lp = float(log_probs[i])
-        hypotheses.append(Hypothesis(tokens[i][:n], lp, rank_score(lp, n, length_penalty),
-                                     None if attention is None else attention[i, :n]))
+        hypotheses.append(
+            Hypothesis(
+                tokens[i][:n], lp, rank_score(lp, n, length_penalty), None if attention is None else attention[i, :n]
+            )
+        )
     return hypotheses
 
 
@@ -150,8 +183,16 @@ def greedy(decoder: Decoder, memory: Memory, max_length: int, length_penalty: fl
 
 
 @torch.no_grad()
-def sample(decoder: Decoder, memory: Memory, num_samples: int, max_length: int, temperature: float = 1.0,
-           top_k: int = 0, seed: int | None = None, length_penalty: float = 0.7) -> list[list[Hypothesis]]:
+def sample(
+    decoder: Decoder,
+    memory: Memory,
+    num_samples: int,
+    max_length: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    length_penalty: float = 0.7,
+) -> list[list[Hypothesis]]:
     """`num_samples` captions per image drawn from softmax(logits / temperature) over the top_k words.
 
     Log-probabilities are the model's own (temperature 1, whole vocabulary), so
@@ -176,7 +217,7 @@ def sample(decoder: Decoder, memory: Memory, num_samples: int, max_length: int, 
         return torch.multinomial(scaled.softmax(1), 1, generator=generator).squeeze(1)
 
     paths = _decode_paths(decoder, memory.repeat(num_samples), max_length, length_penalty, choose)
-    return [sorted(paths[b * num_samples:(b + 1) * num_samples], key=lambda h: -h.score) for b in range(B)]
+    return [sorted(paths[b * num_samples : (b + 1) * num_samples], key=lambda h: -h.score) for b in range(B)]
 
 
 @dataclass
@@ -190,8 +231,14 @@ class _Finished:
 
 
 @torch.no_grad()
-def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: int = 1, max_length: int = 20,
-                length_penalty: float = 0.7) -> list[list[Hypothesis]]:
+def beam_search(
+    decoder: Decoder,
+    memory: Memory,
+    beam_size: int,
+    num_captions: int = 1,
+    max_length: int = 20,
+    length_penalty: float = 0.7,
+) -> list[list[Hypothesis]]:
     """Beam search over all images at once, K beams each.
 
     Each step ranks the 2K best continuations of an image's beams: those ending
@@ -226,7 +273,7 @@ def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: 
         logits, state, alpha = decoder.step(words, state, memory.repeat(rows_per_image))
         log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (n*rows_per_image, V)
         V = log_probs.size(1)
-        candidates = (scores.view(n, -1, 1) + log_probs.view(n, rows_per_image, V))  # (n, K, V) at t=0 too
+        candidates = scores.view(n, -1, 1) + log_probs.view(n, rows_per_image, V)  # (n, K, V) at t=0 too
         top_scores, top_index = candidates.view(n, K * V).topk(min(2 * K, K * V), dim=1)  # (n, 2K)
         word = top_index % V  # (n, 2K)
         parent = top_index // V if t else torch.zeros_like(top_index)  # (n, 2K) beam each candidate extends
@@ -242,8 +289,10 @@ def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: 
         keep = (is_end.long() * top_scores.size(1) + rank).argsort(dim=1)[:, :K]  # first K that go on
         live_scores = top_scores.gather(1, keep)  # (n, K)
         best_possible = (live_scores.max(dim=1).values / best_possible_divisor).tolist()  # (n,)
-        going = torch.tensor([not _settled(finished[b], K, num_captions, bound)
-                              for b, bound in zip(active.tolist(), best_possible)], device=device)  # (n,)
+        going = torch.tensor(
+            [not _settled(finished[b], K, num_captions, bound) for b, bound in zip(active.tolist(), best_possible)],
+            device=device,
+        )  # (n,)
         if not bool(going.any()):
             break
 
@@ -255,8 +304,10 @@ def beam_search(decoder: Decoder, memory: Memory, beam_size: int, num_captions: 
         state = state.index_select(rows)
         came_from.append(rows.tolist())
         read.append(words.tolist())
-    return [[_read_back(f, came_from, read, alphas) for f in sorted(done, key=lambda f: -f.score)[:num_captions]]
-            for done in finished]
+    return [
+        [_read_back(f, came_from, read, alphas) for f in sorted(done, key=lambda f: -f.score)[:num_captions]]
+        for done in finished
+    ]
 
 
 def _settled(finished: list[_Finished], beam_size: int, num_captions: int, best_possible: float) -> bool:
@@ -267,8 +318,9 @@ def _settled(finished: list[_Finished], beam_size: int, num_captions: int, best_
     return sorted(f.score for f in finished)[-num_captions] > best_possible
 
 
-def _read_back(f: _Finished, came_from: list[list[int]], read: list[list[int]],
-               alphas: list[torch.Tensor]) -> Hypothesis:
+def _read_back(
+    f: _Finished, came_from: list[list[int]], read: list[list[int]], alphas: list[torch.Tensor]
+) -> Hypothesis:
     """A finished caption's words, and the attention that chose each, from the back-pointers."""
     token_ids, steps, row = [], [], f.row
     for t in range(f.step - 1, -1, -1):

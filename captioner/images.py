@@ -89,8 +89,10 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_siz
             # reads the header only, and only with the plugins of the accepted formats (MPO: JPEG's)
             image = Image.open(io.BytesIO(data), formats=limits.formats)
     except UnidentifiedImageError as e:
-        raise ImageError("unsupported_format", f"not an image Pillow can identify among the accepted "
-                                               f"formats ({', '.join(limits.formats)})") from e
+        raise ImageError(
+            "unsupported_format",
+            f"not an image Pillow can identify among the accepted formats ({', '.join(limits.formats)})",
+        ) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("too_many_pixels", str(e)) from e
     except Exception as e:  # truncated headers raise anything from OSError to struct.error
@@ -102,8 +104,10 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_siz
     if width < 1 or height < 1 or width * height > limits.max_pixels:
         raise ImageError("too_many_pixels", f"{width}x{height} is over the limit of {limits.max_pixels} pixels")
     if fmt == "BMP" and image.info.get("compression") in (1, 2) and not limits.rle_bmp:
-        raise ImageError("unsupported_format", "RLE-compressed BMP is not accepted (Pillow decodes it slowly, "
-                                               "in Python); send it uncompressed, or as PNG")
+        raise ImageError(
+            "unsupported_format",
+            "RLE-compressed BMP is not accepted (Pillow decodes it slowly, in Python); send it uncompressed, or as PNG",
+        )
     try:
         image.seek(0)  # the first frame of an animation
         if min_size and fmt == "JPEG":
@@ -112,8 +116,11 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits(), min_siz
         raise ImageError("corrupt_image", f"cannot decode the image: {e}") from e
     needed = decode_bytes(image)
     if limits.max_decode_bytes is not None and needed > limits.max_decode_bytes:
-        raise ImageError("too_much_memory", f"{width}x{height} in mode {image.mode} takes about {needed >> 20} MiB "
-                                            f"to decode, over the limit of {limits.max_decode_bytes >> 20} MiB")
+        raise ImageError(
+            "too_much_memory",
+            f"{width}x{height} in mode {image.mode} takes about {needed >> 20} MiB "
+            f"to decode, over the limit of {limits.max_decode_bytes >> 20} MiB",
+        )
     try:
         image.load()
         upright = (height, width) if image.getexif().get(ORIENTATION) in (5, 6, 7, 8) else (width, height)
@@ -131,7 +138,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _to_8_bit(image)
     # "transparency" marks one palette index, gray level or colour as transparent (GIF, PNG tRNS)
-    if image.mode in ("P", "L", "RGB") and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
+    if (image.mode in ("P", "L", "RGB") and "transparency" in image.info) or image.mode in ("PA", "LA", "La", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -150,7 +157,7 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     rows = max(1, ROWS_BYTES // (8 * max(width, 1)))
     for top in range(0, height, rows):
         band = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.float64)  # (rows, W)
-        out[top:top + rows] = np.clip(band * scale, 0, 255).astype(np.uint8)
+        out[top : top + rows] = np.clip(band * scale, 0, 255).astype(np.uint8)
     return Image.fromarray(out, mode="L")
 
 

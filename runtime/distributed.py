@@ -116,13 +116,15 @@ def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         store, rank, world_size = next(torch.distributed.rendezvous("env://"))  # torchrun's store
-        torch.distributed.init_process_group(process_group_backend(device), store=fresh_store(store, rank, world_size),
-                                             rank=rank, world_size=world_size)
+        torch.distributed.init_process_group(
+            process_group_backend(device), store=fresh_store(store, rank, world_size), rank=rank, world_size=world_size
+        )
     return dist, device
 
 
-def fresh_store(store: torch.distributed.Store, rank: int, world_size: int,
-                timeout_s: float = 600.0) -> torch.distributed.PrefixStore:
+def fresh_store(
+    store: torch.distributed.Store, rank: int, world_size: int, timeout_s: float = 600.0
+) -> torch.distributed.PrefixStore:
     """`store` under a prefix that is this group of processes' alone.
 
     torchrun's agent keeps one store for the whole job, so a group it restarts after a failure

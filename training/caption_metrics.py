@@ -30,6 +30,7 @@ def spice_available() -> bool:
     lib = Path(importlib.util.find_spec("pycocoevalcap.spice").origin).parent / "lib"
     return all((lib / name).is_file() for name in SPICE_MODELS)
 
+
 class CocoScorer:
     """The COCO caption metrics, with one METEOR process kept for all `score` calls.
 
@@ -39,8 +40,11 @@ class CocoScorer:
 
     def __init__(self, spice: bool = False):
         if spice and not spice_available():
-            warnings.warn("SPICE skipped: its Stanford CoreNLP models are not on disk "
-                          f"({', '.join(SPICE_MODELS)} in pycocoevalcap/spice/lib)", stacklevel=2)
+            warnings.warn(
+                "SPICE skipped: its Stanford CoreNLP models are not on disk "
+                f"({', '.join(SPICE_MODELS)} in pycocoevalcap/spice/lib)",
+                stacklevel=2,
+            )
             spice = False
         self.spice = spice
         self._meteor = None  # started by the first `score`
@@ -83,8 +87,7 @@ class CocoScorer:
         self.close()
 
 
-def coco_scores(references: dict[int, list[str]], predictions: dict[int, str],
-                spice: bool = False) -> dict[str, float]:
+def coco_scores(references: dict[int, list[str]], predictions: dict[int, str], spice: bool = False) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when asked and installed) of one caption per image."""
     with CocoScorer(spice) as scorer:
         return scorer.score(references, predictions)

@@ -26,7 +26,7 @@ NGram = tuple[str, ...]
 def ngram_counts(text: str, n: int = 4) -> Counter[NGram]:
     """Counts of the 1..n-grams of `text`'s words."""
     words = tokenize(text)
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
 class _Vector:
@@ -61,8 +61,13 @@ class CiderD:
     def _similarity(self, hyp: _Vector, ref: _Vector) -> np.ndarray:
         """Per n-gram order (n,): the cosine with the candidate's weights clipped to the
         reference's (repeating a word earns nothing), times the length penalty."""
-        dots = np.array([sum(min(w, r[g]) * r[g] for g, w in h.items() if g in r)
-                         for h, r in zip(hyp.weights, ref.weights, strict=True)], dtype=float)  # (n,)
+        dots = np.array(
+            [
+                sum(min(w, r[g]) * r[g] for g, w in h.items() if g in r)
+                for h, r in zip(hyp.weights, ref.weights, strict=True)
+            ],
+            dtype=float,
+        )  # (n,)
         norms = hyp.norms * ref.norms  # (n,)
         cosines = np.divide(dots, norms, out=np.zeros_like(dots), where=norms != 0)
         return cosines * math.exp(-((hyp.length - ref.length) ** 2) / (2 * self.sigma**2))

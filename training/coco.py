@@ -48,15 +48,26 @@ class CaptionSplit:
 
     def first(self, count: int) -> CaptionSplit:
         """The first `count` images (lowest ids): a quick look at a large split."""
-        return CaptionSplit(self.name, self.image_ids[:count], self.image_paths[:count], self.captions[:count],
-                            self.instances, self.skipped)
+        return CaptionSplit(
+            self.name,
+            self.image_ids[:count],
+            self.image_paths[:count],
+            self.captions[:count],
+            self.instances,
+            self.skipped,
+        )
 
     def without(self, bad: Mapping[Path, str]) -> CaptionSplit:
         """This split less the images at the paths of `bad` (path -> why), which `skipped` records."""
         keep = [i for i, path in enumerate(self.image_paths) if path not in bad]
-        return CaptionSplit(self.name, [self.image_ids[i] for i in keep], [self.image_paths[i] for i in keep],
-                            [self.captions[i] for i in keep], self.instances,
-                            {**self.skipped, **{str(path): why for path, why in bad.items()}})
+        return CaptionSplit(
+            self.name,
+            [self.image_ids[i] for i in keep],
+            [self.image_paths[i] for i in keep],
+            [self.captions[i] for i in keep],
+            self.instances,
+            {**self.skipped, **{str(path): why for path, why in bad.items()}},
+        )
 
 
 def load_split(root: Path, split: str, karpathy: Path | None = None) -> CaptionSplit:
@@ -74,12 +85,16 @@ def find_layout(root: Path, split: str) -> tuple[Path, Path]:
     """(captions file, image folder) of the first layout present; FileNotFoundError lists all tried."""
     captions = root / "annotations" / f"captions_{split}.json"
     named = [(captions, root / "images" / split), (captions, root / split)]
-    by_year = [(root / "annotations" / f"captions_{split}{year}.json", root / f"{split}{year}")
-               for year in COCO_YEARS if split in ("train", "val")]
+    by_year = [
+        (root / "annotations" / f"captions_{split}{year}.json", root / f"{split}{year}")
+        for year in COCO_YEARS
+        if split in ("train", "val")
+    ]
     found = [(a, i) for a, i in named + by_year if a.is_file() and i.is_dir()]
     if len(found) > 1 and found[0] in by_year:
-        raise ValueError(f"both COCO {' and '.join(COCO_YEARS)} are under {root}: "
-                         f"name the split {split}2014 or {split}2017")
+        raise ValueError(
+            f"both COCO {' and '.join(COCO_YEARS)} are under {root}: name the split {split}2014 or {split}2017"
+        )
     if found:
         return found[0]
     tried = "\n".join(f"  {a} with images in {i}/" for a, i in named + by_year)

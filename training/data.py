@@ -21,7 +21,7 @@ def encode_captions(captions: Sequence[Sequence[str]], vocab: Vocabulary, max_wo
     encoded = []
     for image_captions in captions:
         ids = [vocab.encode(c) for c in image_captions]
-        encoded.append([c[:max_words + 1] + [vocab.end_id] if len(c) > max_words + 2 else c for c in ids])
+        encoded.append([c[: max_words + 1] + [vocab.end_id] if len(c) > max_words + 2 else c for c in ids])
     return encoded
 
 
@@ -29,7 +29,7 @@ def pad(sequences: Sequence[Sequence[int]]) -> torch.Tensor:
     """(N, T) long tensor, right-padded with <pad> = 0 to the longest."""
     out = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long)
     for i, s in enumerate(sequences):
-        out[i, :len(s)] = torch.tensor(s)
+        out[i, : len(s)] = torch.tensor(s)
     return out
 
 
@@ -42,15 +42,23 @@ class Batch:
 class CaptionBatches:
     """Deterministic, shardable batches of image indices with their captions."""
 
-    def __init__(self, captions: list[list[list[int]]], batch_size: int, captions_per_image: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        captions: list[list[list[int]]],
+        batch_size: int,
+        captions_per_image: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.captions = captions
         self.batch_size = batch_size
         self.k = captions_per_image
         self.seed = seed
         # DistributedSampler also serves one process: it shuffles by (seed, epoch) and shards by rank.
-        self.sampler = DistributedSampler(range(len(captions)), num_replicas=world_size, rank=rank,
-                                          shuffle=True, seed=seed, drop_last=False)
+        self.sampler = DistributedSampler(
+            range(len(captions)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
 
     def __len__(self) -> int:
         return (len(self.sampler) + self.batch_size - 1) // self.batch_size

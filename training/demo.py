@@ -48,13 +48,19 @@ DEMO_TRAINING = TrainConfig(
 )
 DEMO_SPLITS = {"train": 4000, "val": 300, "test": 500}
 DEMO_SEED = 0
-DESCRIPTION = ("Trained on the Shapes world only: circles, squares, triangles and diamonds in five colours "
-               "on four plain backgrounds. It knows nothing of real photos; train on COCO for those.")
+DESCRIPTION = (
+    "Trained on the Shapes world only: circles, squares, triangles and diamonds in five colours "
+    "on four plain backgrounds. It knows nothing of real photos; train on COCO for those."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where everything goes (default: $CAPTIONER_HOME/demo, ~/.cache/captioner/demo)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where everything goes (default: $CAPTIONER_HOME/demo, ~/.cache/captioner/demo)",
+    )
     parser.add_argument("--no-serve", dest="serve", action="store_false", help="stop once the model is saved")
     parser.add_argument("--retrain", action="store_true", help="train again even if the model exists")
     parser.add_argument("--host", default="127.0.0.1")
@@ -65,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
-def build_default_model(workdir: Path, epochs: int = DEMO_TRAINING.epochs, splits: dict[str, int] = DEMO_SPLITS,
-                        progress: bool = True) -> Path:
+def build_default_model(
+    workdir: Path, epochs: int = DEMO_TRAINING.epochs, splits: dict[str, int] = DEMO_SPLITS, progress: bool = True
+) -> Path:
     """Data, features, training, evaluation on the test split: the saved default model's path."""
     from captioner.checkpoint import load_checkpoint
     from captioner.decoding import DecodeOptions
@@ -81,9 +88,18 @@ def build_default_model(workdir: Path, epochs: int = DEMO_TRAINING.epochs, split
     generate(data, splits, DEMO_SEED)
     run = workdir / "run"
     shutil.rmtree(run, ignore_errors=True)  # a fresh run: the demo's recipe, not a stale resume
-    config = TrainConfig(**{**DEMO_TRAINING.model_dump(), "data": str(data), "out": str(run), "epochs": epochs,
-                            "cache_dir": str(workdir / "features"), "progress": progress, "seed": DEMO_SEED,
-                            "val_limit": min(DEMO_TRAINING.val_limit, splits["val"])})
+    config = TrainConfig(
+        **{
+            **DEMO_TRAINING.model_dump(),
+            "data": str(data),
+            "out": str(run),
+            "epochs": epochs,
+            "cache_dir": str(workdir / "features"),
+            "progress": progress,
+            "seed": DEMO_SEED,
+            "val_limit": min(DEMO_TRAINING.val_limit, splits["val"]),
+        }
+    )
     best = train(config, DEMO_MODEL)
     trained = time.time() - started
 
@@ -96,8 +112,10 @@ def build_default_model(workdir: Path, epochs: int = DEMO_TRAINING.epochs, split
         "name": "Shapes demo",
         "description": DESCRIPTION,
         "training_data": {**card.get("training_data", {}), "name": "Shapes world v1 (procedurally drawn)"},
-        "scores": {**card.get("scores", {}), **{f"test_{k}": round(v, 4) for k, v in scores.items()
-                                                 if isinstance(v, float)}},
+        "scores": {
+            **card.get("scores", {}),
+            **{f"test_{k}": round(v, 4) for k, v in scores.items() if isinstance(v, float)},
+        },
         "evaluation": f"Shapes test split, {len(test)} images, beam size 3",
         "minutes_to_train": round(trained / 60, 1),
     }
@@ -120,8 +138,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"using the default model at {model} (--retrain to train it again)")
     if args.serve:
         # serving is the api package's job: hand over to its command, not its code
-        command = [sys.executable, "-m", "cli", "serve", "--checkpoint", str(model),
-                   "--host", args.host, "--port", str(args.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "cli",
+            "serve",
+            "--checkpoint",
+            str(model),
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+        ]
         print(f"serving on http://{args.host}:{args.port}")
         sys.stdout.flush()
         os.execv(sys.executable, command)

@@ -56,8 +56,9 @@ def truth_scores(split: CaptionSplit, captions: Mapping[int, dict]) -> dict[str,
     return {name: value for name, value in dataclasses.asdict(truth).items() if name != "images"}
 
 
-def score_predictions(split: CaptionSplit, captions: Mapping[int, dict],
-                      scorer: CocoScorer | None = None) -> dict[str, float]:
+def score_predictions(
+    split: CaptionSplit, captions: Mapping[int, dict], scorer: CocoScorer | None = None
+) -> dict[str, float]:
     """COCO metrics of the best caption per image (+ truth metrics on Shapes), over the predicted images.
 
     `captions`: image id -> {"tokens": [...], "attention": grids or None}. Without a
@@ -70,34 +71,53 @@ def score_predictions(split: CaptionSplit, captions: Mapping[int, dict],
     return {**scorer.score(split.references(), texts), **truth_scores(split, captions)}
 
 
-def prepared_batches(predictor: Predictor, paths: list[Path], batch_size: int,
-                     pool: ThreadPoolExecutor) -> Iterator[list[PreparedImage]]:
+def prepared_batches(
+    predictor: Predictor, paths: list[Path], batch_size: int, pool: ThreadPoolExecutor
+) -> Iterator[list[PreparedImage]]:
     """Batches of prepared images; the next batch is prepared in `pool` while the caller uses this one."""
-    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     upcoming = [pool.submit(predictor.prepare, p) for p in chunks[0]] if chunks else []
     for following in chunks[1:] + [[]]:
         current, upcoming = upcoming, [pool.submit(predictor.prepare, p) for p in following]
         yield [f.result() for f in current]
 
 
-def decode_split(predictor: Predictor, split: CaptionSplit, options: DecodeOptions, batch_size: int = 32,
-                 workers: int = 2, progress: bool = False) -> dict[int, dict]:
+def decode_split(
+    predictor: Predictor,
+    split: CaptionSplit,
+    options: DecodeOptions,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = False,
+) -> dict[int, dict]:
     """image id -> the best caption, as the predictor formats it ({"text", "tokens", "log_prob", "attention"?})."""
     captions = {}
     with ThreadPoolExecutor(max(1, workers)) as pool:
         batches = prepared_batches(predictor, split.image_paths, batch_size, pool)
         done = 0
-        for images in tqdm(batches, total=math.ceil(len(split) / batch_size), desc=f"decode {split.name}",
-                           unit="batch", disable=not progress):
+        for images in tqdm(
+            batches,
+            total=math.ceil(len(split) / batch_size),
+            desc=f"decode {split.name}",
+            unit="batch",
+            disable=not progress,
+        ):
             for image_id, result in zip(split.image_ids[done:], predictor.caption_batch(images, options)):
                 captions[image_id] = result["captions"][0]
             done += len(images)
     return captions
 
 
-def evaluate(predictor: Predictor, split: CaptionSplit, options: DecodeOptions, batch_size: int = 32,
-             out_dir: Path | None = None, scorer: CocoScorer | None = None, workers: int = 2,
-             progress: bool = False) -> tuple[list[dict], dict[str, float]]:
+def evaluate(
+    predictor: Predictor,
+    split: CaptionSplit,
+    options: DecodeOptions,
+    batch_size: int = 32,
+    out_dir: Path | None = None,
+    scorer: CocoScorer | None = None,
+    workers: int = 2,
+    progress: bool = False,
+) -> tuple[list[dict], dict[str, float]]:
     """Decode `split`, score it: (COCO results `[{"image_id", "caption"}]`, scores).
 
     With `out_dir`, writes results_<split>.json and scores_<split>.json there.
@@ -138,8 +158,9 @@ class EvaluationSize(BaseModel):
 
     limit: int | None = Field(None, ge=1, description="only the first LIMIT images (lowest ids)")
     batch_size: int = Field(32, ge=1, description="images decoded together")
-    workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1,
-                         description="threads preparing images")
+    workers: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, description="threads preparing images"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,13 +168,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="data set root (Shapes world or COCO)")
     parser.add_argument("--split", default="test", help="split name: test, val, val2014, ... (default test)")
     parser.add_argument("--karpathy", type=Path, help="Karpathy's dataset_coco.json: split is train, val or test")
-    parser.add_argument("--out", type=Path, help="where results_<split>.json and scores_<split>.json go "
-                                                 "(default: the checkpoint's folder)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where results_<split>.json and scores_<split>.json go (default: the checkpoint's folder)",
+    )
     add_model_flags(parser, EvaluationSize, title="evaluation")
     add_device_arguments(parser)
     parser.add_argument("--spice", action="store_true", help="also SPICE, if its Stanford models are on disk")
-    parser.add_argument("--skip-bad-images", action="store_true",
-                        help="score without the images found missing or unreadable (listed) instead of stopping")
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="score without the images found missing or unreadable (listed) instead of stopping",
+    )
     # only the best caption is scored
     add_model_flags(parser, DecodeOptions, title="decoding", skip=("attention", "num_captions"), defaults={"seed": 0})
 
@@ -163,8 +190,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         size = model_from_flags(EvaluationSize, args)
         options = model_from_flags(DecodeOptions, args)
-        predictor = Predictor.from_checkpoint(args.checkpoint, resolve_device(args.device),
-                                              max_batch_size=size.batch_size, amp=args.amp)
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, resolve_device(args.device), max_batch_size=size.batch_size, amp=args.amp
+        )
     except ValueError as e:
         print(f"captioner evaluate: error: {e}", file=sys.stderr)
         return 2

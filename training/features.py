@@ -62,28 +62,31 @@ class ImageFiles(Dataset):
         return self.preset(image)
 
 
-def _encode_into(out: np.ndarray, encoder: Encoder, paths: Sequence[Path], batch_size: int, workers: int,
-                 device, desc: str | None) -> None:
+def _encode_into(
+    out: np.ndarray, encoder: Encoder, paths: Sequence[Path], batch_size: int, workers: int, device, desc: str | None
+) -> None:
     """Fill `out` (N, P, D) with the encoder's features of `paths`, images decoded by `workers` processes."""
     preset = ImagePreset(encoder.image_size, encoder.mean, encoder.std)
     # its own generator: drawing the workers' seed from the global one would shift a training run's
     # dropout masks depending on whether its feature cache was built or found
-    loader = DataLoader(ImageFiles(paths, preset), batch_size=batch_size, num_workers=workers,
-                        generator=torch.Generator())
+    loader = DataLoader(
+        ImageFiles(paths, preset), batch_size=batch_size, num_workers=workers, generator=torch.Generator()
+    )
     was_training = encoder.training
     encoder.eval()
     start = 0
     with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img", disable=desc is None) as bar:
         for images in loader:
             feats = encoder(images.to(device))  # (B, P, D)
-            out[start:start + len(feats)] = feats.to(torch.float16).cpu().numpy()
+            out[start : start + len(feats)] = feats.to(torch.float16).cpu().numpy()
             start += len(feats)
             bar.update(len(feats))
     encoder.train(was_training)
 
 
-def encode_images(encoder: Encoder, paths: Sequence[Path], batch_size: int = 32, workers: int = 2,
-                  device: str | torch.device = "cpu") -> np.ndarray:
+def encode_images(
+    encoder: Encoder, paths: Sequence[Path], batch_size: int = 32, workers: int = 2, device: str | torch.device = "cpu"
+) -> np.ndarray:
     """Features (N, P, D) fp16 in memory, for an encoder whose weights are still changing."""
     h, w = encoder.grid
     out = np.empty((len(paths), h * w, encoder.dim), dtype=np.float16)
@@ -91,9 +94,16 @@ def encode_images(encoder: Encoder, paths: Sequence[Path], batch_size: int = 32,
     return out
 
 
-def cached_features(encoder: Encoder, paths: Sequence[Path], cache_dir: Path, name: str,
-                    batch_size: int = 32, workers: int = 2, device: str | torch.device = "cpu",
-                    progress: bool = True) -> np.ndarray:
+def cached_features(
+    encoder: Encoder,
+    paths: Sequence[Path],
+    cache_dir: Path,
+    name: str,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
     """Region features (N, P, D) fp16 for `paths`, from the cache or computed now."""
     key = f"{name}-{encoder_fingerprint(encoder)}-p{PIXELS_VERSION}-{images_fingerprint(paths)}"
     path = Path(cache_dir) / f"{key}.npy"

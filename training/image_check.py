@@ -64,16 +64,18 @@ def image_problem(path: Path, limits: ImageLimits = DATASET_IMAGE_LIMITS) -> str
     return None
 
 
-def find_bad_images(paths: Sequence[Path], limits: ImageLimits = DATASET_IMAGE_LIMITS,
-                    threads: int = CHECK_THREADS) -> dict[Path, str]:
+def find_bad_images(
+    paths: Sequence[Path], limits: ImageLimits = DATASET_IMAGE_LIMITS, threads: int = CHECK_THREADS
+) -> dict[Path, str]:
     """path -> why, for each of `paths` that cannot be used, in the order of `paths`."""
     with ThreadPoolExecutor(max(1, threads)) as pool:
         problems = pool.map(lambda p: image_problem(p, limits), paths)
         return {Path(path): why for path, why in zip(paths, problems, strict=True) if why is not None}
 
 
-def usable_split(split: CaptionSplit, bad: dict[Path, str], skip: bool,
-                 flag: str = "--skip-bad-images") -> CaptionSplit:
+def usable_split(
+    split: CaptionSplit, bad: dict[Path, str], skip: bool, flag: str = "--skip-bad-images"
+) -> CaptionSplit:
     """`split` without its `bad` images when `skip`; BadImagesError naming them otherwise."""
     if not bad:
         return split

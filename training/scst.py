@@ -31,8 +31,9 @@ from training.cider_d import CiderD
 from training.data import pad
 
 
-def caption_log_probs(decoder: torch.nn.Module, features: torch.Tensor, captions: list[list[int]],
-                      captions_per_image: int = 1) -> torch.Tensor:
+def caption_log_probs(
+    decoder: torch.nn.Module, features: torch.Tensor, captions: list[list[int]], captions_per_image: int = 1
+) -> torch.Tensor:
     """(N,) summed log-probabilities, with gradient, of each caption's words and its <end>.
 
     decoder: a `Decoder`, or a wrapper with its forward (DistributedDataParallel). features
@@ -45,9 +46,17 @@ def caption_log_probs(decoder: torch.nn.Module, features: torch.Tensor, captions
     return log_probs.masked_fill(targets == Vocabulary.pad_id, 0.0).sum(1)  # (N,)
 
 
-def scst_loss(decoder: Decoder, features: torch.Tensor, references: list[list[str]], cider: CiderD,
-              vocab: Vocabulary, num_samples: int = 5, max_length: int = 16, seed: int | None = None,
-              learner: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def scst_loss(
+    decoder: Decoder,
+    features: torch.Tensor,
+    references: list[list[str]],
+    cider: CiderD,
+    vocab: Vocabulary,
+    num_samples: int = 5,
+    max_length: int = 16,
+    seed: int | None = None,
+    learner: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The SCST loss of a batch of images, and its mean rewards.
 
     features (B, P, D); references: each image's reference captions (raw text is fine:
@@ -69,6 +78,9 @@ def scst_loss(decoder: Decoder, features: torch.Tensor, references: list[list[st
     log_probs = caption_log_probs(rescorer, features, [h.token_ids for h in samples], K)  # (B*K,)
     advantage_t = torch.from_numpy(advantage.reshape(-1)).to(log_probs)  # (B*K,), a constant
     loss = -(advantage_t * log_probs).mean()
-    stats = {"sample_reward": float(np.mean(sample_rewards)), "greedy_reward": float(np.mean(baseline_rewards)),
-             "sample_words": float(np.mean([len(h.token_ids) for h in samples]))}
+    stats = {
+        "sample_reward": float(np.mean(sample_rewards)),
+        "greedy_reward": float(np.mean(baseline_rewards)),
+        "sample_words": float(np.mean([len(h.token_ids) for h in samples])),
+    }
     return loss, stats

@@ -71,22 +71,35 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
 
     data: str = Field("", description="the data set's root, in the COCO layout (required)")
-    out: str = Field("runs/captioner", description="the run's folder: best.safetensors, last.pt, history.json, "
-                     "tensorboard/")
+    out: str = Field(
+        "runs/captioner", description="the run's folder: best.safetensors, last.pt, history.json, tensorboard/"
+    )
     karpathy: str = Field("", description="Karpathy's dataset_coco.json, for the usual COCO splits")
     train_split: str = Field("train", description="the split trained on")
     val_split: str = Field("val", description="the split each epoch is validated on")
-    skip_bad_images: bool = Field(False, description="train without the images found missing or unreadable "
-                                  "(the model card lists them) instead of stopping before any work")
+    skip_bad_images: bool = Field(
+        False,
+        description="train without the images found missing or unreadable "
+        "(the model card lists them) instead of stopping before any work",
+    )
     epochs: int = Field(10, ge=1, description="passes over the training split")
     batch_size: int = Field(32, ge=1, description="images per step; each brings captions_per_image captions")
     captions_per_image: int = Field(5, ge=1, description="captions drawn per image and step")
-    lr: float = Field(1e-3, ge=0.0, allow_inf_nan=False, description="Adam's peak learning rate, reached after "
-                      "the warm-up, then decayed by a cosine to a tenth")
+    lr: float = Field(
+        1e-3,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Adam's peak learning rate, reached after the warm-up, then decayed by a cosine to a tenth",
+    )
     warmup_steps: int = Field(100, ge=0, description="steps of linear warm-up")
     grad_clip: float = Field(5.0, gt=0.0, description="the global gradient norm is clipped to this")
-    alpha_c: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="weight of the doubly stochastic "
-                           "attention regulariser (every region looked at about once per caption)")
+    alpha_c: float = Field(
+        1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="weight of the doubly stochastic "
+        "attention regulariser (every region looked at about once per caption)",
+    )
     min_word_count: int = Field(1, ge=1, description="rarer training words become <unk>")
     max_words: int = Field(20, ge=1, description="longer training captions are cut")
     val_limit: int = Field(0, ge=0, description="validate on the first N images only (0: all)")
@@ -96,23 +109,37 @@ class TrainConfig(BaseModel):
     device: str = Field("cpu", description=f"{DEVICES}; under torchrun, cuda is each process's own GPU")
     amp: bool = Field(False, description="mixed precision: fp16 on CUDA, bf16 on CPU")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
-    fine_tune_blocks: int = Field(0, ge=0, description="train the encoder's last N blocks too, from the pixels "
-                                  "(no feature cache)")
+    fine_tune_blocks: int = Field(
+        0, ge=0, description="train the encoder's last N blocks too, from the pixels (no feature cache)"
+    )
     encoder_weights: str = Field("", description="ResNets: the ImageNet weights file")
     cache_dir: str = Field("", description="the feature cache (none: $CAPTIONER_HOME/features)")
     workers: int = Field(2, ge=0, description="image decoding processes")
-    checkpoint_every: int = Field(1000, ge=0, description="also save the resume state every N steps (0: at "
-                                  "epoch ends only): the most a crash loses, or a worker lost under torchrun")
-    resume: bool = Field(False, description="continue the run in OUT where it stopped (under torchrun, its "
-                         "restarts after a failure resume by themselves)")
-    init_from: str = Field("", description="start from this checkpoint (an earlier run's best.safetensors): its "
-                           "weights, model settings and vocabulary; the model flags are ignored")
-    scst: bool = Field(False, description="self-critical sequence training (Rennie et al. 2017) from --init-from "
-                       "instead of cross-entropy: each image's scst_samples sampled captions (at most max_words "
-                       "words) are rewarded by their CIDEr-D, with document frequencies from the training "
-                       "references, minus that of its greedy caption. The decoder runs in eval mode (dropout off), "
-                       "so the log-probabilities trained are those the captions were sampled with. Cached features "
-                       "only (no --fine-tune-blocks)")
+    checkpoint_every: int = Field(
+        1000,
+        ge=0,
+        description="also save the resume state every N steps (0: at "
+        "epoch ends only): the most a crash loses, or a worker lost under torchrun",
+    )
+    resume: bool = Field(
+        False,
+        description="continue the run in OUT where it stopped (under torchrun, its "
+        "restarts after a failure resume by themselves)",
+    )
+    init_from: str = Field(
+        "",
+        description="start from this checkpoint (an earlier run's best.safetensors): its "
+        "weights, model settings and vocabulary; the model flags are ignored",
+    )
+    scst: bool = Field(
+        False,
+        description="self-critical sequence training (Rennie et al. 2017) from --init-from "
+        "instead of cross-entropy: each image's scst_samples sampled captions (at most max_words "
+        "words) are rewarded by their CIDEr-D, with document frequencies from the training "
+        "references, minus that of its greedy caption. The decoder runs in eval mode (dropout off), "
+        "so the log-probabilities trained are those the captions were sampled with. Cached features "
+        "only (no --fine-tune-blocks)",
+    )
     scst_samples: int = Field(5, ge=1, description="with --scst: captions sampled per image and step")
     progress: bool = Field(True, description="progress bars")
 
@@ -126,6 +153,7 @@ class TrainConfig(BaseModel):
 
 
 # ---------------------------------------------------------------- the command line
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser, TrainConfig, title="training")
@@ -166,6 +194,7 @@ def check_checkpoint(path: str) -> None:
 
 # ---------------------------------------------------------------- the loss and the learning rate
 
+
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < config.warmup_steps:
@@ -174,8 +203,9 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def caption_loss(logits: torch.Tensor, alphas: torch.Tensor | None, captions: torch.Tensor,
-                 alpha_c: float) -> tuple[torch.Tensor, torch.Tensor]:
+def caption_loss(
+    logits: torch.Tensor, alphas: torch.Tensor | None, captions: torch.Tensor, alpha_c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the words after <start>, plus the doubly stochastic regulariser
     lambda * mean_i (1 - sum_t alpha_ti)^2, which asks every region to be looked at
     about once over the caption. Returns (loss, cross-entropy)."""
@@ -189,6 +219,7 @@ def caption_loss(logits: torch.Tensor, alphas: torch.Tensor | None, captions: to
 
 
 # ---------------------------------------------------------------- setup
+
 
 class FeatureRows(torch.utils.data.Dataset):
     """Cached region features, one image's (P, D) at a time, as float32."""
@@ -289,8 +320,14 @@ def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
     fine_tune = config.fine_tune_blocks > 0
     features = {} if fine_tune else cache_features(model, (train_split, val_split), config, dist, device)
     trainable_encoder = freeze_encoder(model, config.fine_tune_blocks)
-    batches = CaptionBatches(encode_captions(train_split.captions, vocab, config.max_words), config.batch_size,
-                             config.captions_per_image, config.seed, dist.rank, dist.world_size)
+    batches = CaptionBatches(
+        encode_captions(train_split.captions, vocab, config.max_words),
+        config.batch_size,
+        config.captions_per_image,
+        config.seed,
+        dist.rank,
+        dist.world_size,
+    )
     # what a batch's images are: cached region features, or pixels when the encoder learns too
     images = ImageFiles(train_split.image_paths, model.preset) if fine_tune else FeatureRows(features[train_split.name])
     learner = learner_of(model, fine_tune, dist, device)
@@ -298,9 +335,26 @@ def setup(config: TrainConfig, model_config: ModelConfig) -> Run:
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
     cider_d = CiderD(train_split.captions) if config.scst else None
-    run = Run(config, model_config, dist, device, train_split, val_split, vocab, model, features,
-              trainable_encoder, batches, images, learner, params, optimizer, scaler, cider=cider_d,
-              init_from=init_from)
+    run = Run(
+        config,
+        model_config,
+        dist,
+        device,
+        train_split,
+        val_split,
+        vocab,
+        model,
+        features,
+        trainable_encoder,
+        batches,
+        images,
+        learner,
+        params,
+        optimizer,
+        scaler,
+        cider=cider_d,
+        init_from=init_from,
+    )
     if resumed is not None:
         restore(run, resumed)
     return run
@@ -311,12 +365,17 @@ def load_initial_model(config: TrainConfig) -> tuple[CaptionModel | None, dict |
     if not config.init_from:
         return None, None
     model, card = load_checkpoint(config.init_from)
-    return model, {"checkpoint": str(Path(config.init_from).resolve()), "objective": card.get("objective"),
-                   "epoch": card.get("epoch"), "scores": card.get("scores", {})}
+    return model, {
+        "checkpoint": str(Path(config.init_from).resolve()),
+        "objective": card.get("objective"),
+        "epoch": card.get("epoch"),
+        "scores": card.get("scores", {}),
+    }
 
 
-def load_data(config: TrainConfig, resumed: dict | None,
-              dist: Distributed | None = None) -> tuple[CaptionSplit, CaptionSplit, Vocabulary]:
+def load_data(
+    config: TrainConfig, resumed: dict | None, dist: Distributed | None = None
+) -> tuple[CaptionSplit, CaptionSplit, Vocabulary]:
     """The training and validation splits, and the vocabulary: a resumed run's own, else the
     training captions' words. Every image is checked first (by rank 0, which tells the others):
     bad ones are a BadImagesError naming them, or left out with --skip-bad-images."""
@@ -334,8 +393,9 @@ def load_data(config: TrainConfig, resumed: dict | None,
     return train_split, val_split, vocab
 
 
-def cache_features(model: CaptionModel, splits: tuple[CaptionSplit, ...], config: TrainConfig,
-                   dist: Distributed, device: torch.device) -> dict[str, np.ndarray]:
+def cache_features(
+    model: CaptionModel, splits: tuple[CaptionSplit, ...], config: TrainConfig, dist: Distributed, device: torch.device
+) -> dict[str, np.ndarray]:
     """The frozen encoder's features of each split, split name -> (N, P, D): rank 0 computes what
     the cache lacks while the others wait, then they read what it wrote."""
     cache_dir = Path(config.cache_dir) if config.cache_dir else captioner_home() / "features"
@@ -343,9 +403,15 @@ def cache_features(model: CaptionModel, splits: tuple[CaptionSplit, ...], config
     for turn in (0, 1):
         if (turn == 0) == dist.main:
             for split in splits:
-                features[split.name] = cached_features(model.encoder, split.image_paths, cache_dir,
-                                                       f"{model.config.encoder}-{split.name}", device=device,
-                                                       workers=config.workers, progress=config.progress and dist.main)
+                features[split.name] = cached_features(
+                    model.encoder,
+                    split.image_paths,
+                    cache_dir,
+                    f"{model.config.encoder}-{split.name}",
+                    device=device,
+                    workers=config.workers,
+                    progress=config.progress and dist.main,
+                )
         dist.barrier()
     return features
 
@@ -372,6 +438,7 @@ def learner_of(model: CaptionModel, fine_tune: bool, dist: Distributed, device: 
 
 
 # ---------------------------------------------------------------- the loop
+
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[list[int]]:
@@ -426,8 +493,17 @@ def scst_step(run: Run, inputs: torch.Tensor, indices: list[int], writer) -> tup
     seed = int(np.random.SeedSequence([config.seed, run.dist.rank, progress.step]).generate_state(1)[0])
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=config.amp):
         # re-scored through the learner: under torchrun, the DDP wrapper that averages the gradients
-        loss, stats = scst_loss(run.model.decoder, features, references, run.cider, run.vocab, config.scst_samples,
-                                config.max_words, seed, learner=run.learner)
+        loss, stats = scst_loss(
+            run.model.decoder,
+            features,
+            references,
+            run.cider,
+            run.vocab,
+            config.scst_samples,
+            config.max_words,
+            seed,
+            learner=run.learner,
+        )
     grad_norm = apply_gradients(run, loss)
     if writer and progress.step % 10 == 0:
         for name, value in stats.items():
@@ -458,11 +534,17 @@ def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
     for module in run.trainable_encoder:  # only the fine-tuned tail trains
         module.train()
     loader = torch.utils.data.DataLoader(
-        run.images, batch_sampler=[b.indices for b in run.batches.epoch(epoch, skip)],
+        run.images,
+        batch_sampler=[b.indices for b in run.batches.epoch(epoch, skip)],
         num_workers=config.workers if run.fine_tune else 0,
-        generator=torch.Generator().manual_seed(config.seed))  # not the global RNG: see resume_state's "rng"
-    bar = tqdm(zip(loader, run.batches.epoch(epoch, skip), strict=True), total=len(run.batches) - skip,
-               desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (config.progress and run.dist.main))
+        generator=torch.Generator().manual_seed(config.seed),
+    )  # not the global RNG: see resume_state's "rng"
+    bar = tqdm(
+        zip(loader, run.batches.epoch(epoch, skip), strict=True),
+        total=len(run.batches) - skip,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not (config.progress and run.dist.main),
+    )
     for batch_index, (inputs, batch) in enumerate(bar, start=skip):
         if run.cider is None:
             loss, ce, grad_norm = train_step(run, inputs, batch.captions)
@@ -487,8 +569,9 @@ def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
     return True
 
 
-def decode_features(model: CaptionModel, features: np.ndarray, image_ids: list[int], beam_size: int,
-                    batch_size: int = 64) -> dict[int, dict]:
+def decode_features(
+    model: CaptionModel, features: np.ndarray, image_ids: list[int], beam_size: int, batch_size: int = 64
+) -> dict[int, dict]:
     """image id -> the best caption's {"tokens", "attention": (T, h, w)} from its features, row i of
     `features` being image_ids[i]'s."""
     options = DecodeOptions(method="beam" if beam_size > 1 else "greedy", beam_size=beam_size, attention=True)
@@ -506,14 +589,21 @@ def decode_features(model: CaptionModel, features: np.ndarray, image_ids: list[i
     return captions
 
 
-def evaluate(model: CaptionModel, features: "np.ndarray | EncodedImages", split: CaptionSplit, limit: int,
-             beam_size: int, batch_size: int = 64, dist: Distributed | None = None) -> dict[str, float]:
+def evaluate(
+    model: CaptionModel,
+    features: "np.ndarray | EncodedImages",
+    split: CaptionSplit,
+    limit: int,
+    beam_size: int,
+    batch_size: int = 64,
+    dist: Distributed | None = None,
+) -> dict[str, float]:
     """Validation by real decoding (not teacher forcing) of the first `limit` images' features (0:
     all): CIDEr, plus the truth metrics on the Shapes world. Each rank decodes every world_size-th
     batch of `batch_size` images, the very batches one process decodes, so the captions are the
     same; rank 0 gathers and scores them and returns the scores, the other ranks {}."""
     dist = dist or Distributed()  # alone
-    image_ids = split.image_ids[:limit or None]
+    image_ids = split.image_ids[: limit or None]
     mine = {}
     for start in range(dist.rank * batch_size, len(image_ids), dist.world_size * batch_size):
         end = min(start + batch_size, len(image_ids))
@@ -552,8 +642,9 @@ def validation_features(run: Run) -> np.ndarray | EncodedImages:
     encoder that learns."""
     if not run.fine_tune:
         return run.features[run.val_split.name]
-    return EncodedImages(run.model.encoder, run.val_split.image_paths[:run.config.val_limit or None],
-                         run.device, run.config.workers)
+    return EncodedImages(
+        run.model.encoder, run.val_split.image_paths[: run.config.val_limit or None], run.device, run.config.workers
+    )
 
 
 def end_epoch(run: Run, writer) -> None:
@@ -561,14 +652,20 @@ def end_epoch(run: Run, writer) -> None:
     rank 0 scores and tells the others, so every rank's progress is the same), log, keep the best
     model and save the resume state (rank 0 writes)."""
     config, progress, dist = run.config, run.progress, run.dist
-    scores = dist.share(evaluate(run.model, validation_features(run), run.val_split, config.val_limit,
-                                 config.val_beam_size, dist=dist))
+    scores = dist.share(
+        evaluate(run.model, validation_features(run), run.val_split, config.val_limit, config.val_beam_size, dist=dist)
+    )
     if writer:  # rank 0's
         for name, value in scores.items():
             writer.add_scalar(f"val/{name}", value, progress.epoch)
-    progress.history.append({"epoch": progress.epoch, "loss": round(progress.last_loss, 4),
-                             "seconds": round(time.time() - run.started, 1),
-                             **{f"val_{k}": round(v, 4) for k, v in scores.items()}})
+    progress.history.append(
+        {
+            "epoch": progress.epoch,
+            "loss": round(progress.last_loss, 4),
+            "seconds": round(time.time() - run.started, 1),
+            **{f"val_{k}": round(v, 4) for k, v in scores.items()},
+        }
+    )
     if dist.main:
         print(f"epoch {progress.epoch}: " + ", ".join(f"val {k} {v:.3f}" for k, v in scores.items()))
     if scores["CIDEr"] > progress.best:
@@ -599,6 +696,7 @@ def train_epochs(run: Run, writer, stop: list[int]) -> bool:
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def save_model(model: CaptionModel, path: Path, card: dict) -> None:
     """The model as a checkpoint, replaced whole (a server may be reading the old one) and
     readable by other users (a server in a container runs as one)."""
@@ -610,12 +708,19 @@ def model_card(run: Run, scores: dict[str, float]) -> dict:
     """What best.safetensors says of itself: its data, its settings, its epoch and scores."""
     config = run.config
     return {
-        "training_data": {"root": str(Path(config.data).resolve()), "train_split": config.train_split,
-                          "train_images": len(run.train_split.image_ids), "val_split": config.val_split,
-                          "karpathy": config.karpathy or None,
-                          # --skip-bad-images: what was left out, split by split
-                          "skipped_images": {split.name: {"count": len(split.skipped), "images": split.skipped}
-                                             for split in (run.train_split, run.val_split) if split.skipped}},
+        "training_data": {
+            "root": str(Path(config.data).resolve()),
+            "train_split": config.train_split,
+            "train_images": len(run.train_split.image_ids),
+            "val_split": config.val_split,
+            "karpathy": config.karpathy or None,
+            # --skip-bad-images: what was left out, split by split
+            "skipped_images": {
+                split.name: {"count": len(split.skipped), "images": split.skipped}
+                for split in (run.train_split, run.val_split)
+                if split.skipped
+            },
+        },
         "train_config": config.model_dump(),
         "objective": "SCST" if config.scst else "cross-entropy",
         "init_from": run.init_from,
@@ -631,10 +736,18 @@ def resume_state(run: Run) -> dict | None:
     rng_ranks = run.dist.gather(torch.get_rng_state())  # each rank drew its own dropout masks
     if rng_ranks is None:
         return None
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), **asdict(run.progress), "rng": torch.get_rng_state(),
-            "rng_ranks": rng_ranks, "vocab": run.vocab.to_json(), "model_config": run.model_config.to_dict(),
-            "train_config": run.config.model_dump(), "torchrun_run_id": torchrun_run_id()}
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        **asdict(run.progress),
+        "rng": torch.get_rng_state(),
+        "rng_ranks": rng_ranks,
+        "vocab": run.vocab.to_json(),
+        "model_config": run.model_config.to_dict(),
+        "train_config": run.config.model_dump(),
+        "torchrun_run_id": torchrun_run_id(),
+    }
 
 
 def save_resume_state(run: Run) -> None:
@@ -686,6 +799,7 @@ def restore(run: Run, state: dict) -> None:
 
 
 # ---------------------------------------------------------------- all together
+
 
 def train(config: TrainConfig, model_config: ModelConfig) -> Path:
     """Train; returns the path of the best checkpoint."""

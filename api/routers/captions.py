@@ -35,8 +35,13 @@ RESPONSE = TypeAdapter(CaptionResponse)
 RETRY_AFTER = {"Retry-After": "1"}  # a stopping server: its replacement is moments away
 
 
-@router.post("/captions", response_model=CaptionResponse, response_model_exclude_none=True,
-             summary="Caption one or more images", responses=ERROR_RESPONSES)
+@router.post(
+    "/captions",
+    response_model=CaptionResponse,
+    response_model_exclude_none=True,
+    summary="Caption one or more images",
+    responses=ERROR_RESPONSES,
+)
 async def create_captions(
     request: Request,
     form: CaptionFormDep,
@@ -55,8 +60,9 @@ async def create_captions(
     decode_options = options.decode_options()
     names = form.names
     overlay_size = settings.overlay_size if options.overlays else None
-    prepared, pictures = await anyio.to_thread.run_sync(_prepare, predictor, names, form.images, overlay_size,
-                                                        limiter=image_threads)
+    prepared, pictures = await anyio.to_thread.run_sync(
+        _prepare, predictor, names, form.images, overlay_size, limiter=image_threads
+    )
 
     try:
         results = await _unless_gone(request, batcher.submit(prepared, decode_options), settings.request_timeout_s)
@@ -77,8 +83,9 @@ async def create_captions(
             drop_attention(result)
     answer = {"model": describe_model(predictor, settings), "results": results}
     # Validating and encoding megabytes of JSON takes a while: in a thread, never on the event loop
-    return Response(await anyio.to_thread.run_sync(_encode, answer, limiter=image_threads),
-                    media_type="application/json")
+    return Response(
+        await anyio.to_thread.run_sync(_encode, answer, limiter=image_threads), media_type="application/json"
+    )
 
 
 async def _unless_gone(request: Request, answer: Awaitable[list[dict]], timeout: float) -> list[dict]:
@@ -135,12 +142,23 @@ def _check_response_size(options: CaptionOptions, images: int, predictor: Predic
     size = response_bytes(options, images, h * w, settings.overlay_size)
     if size <= settings.max_response_bytes:
         return
-    knob = "overlays" if options.overlays else "attention" if options.attention else \
-        "num_captions" if options.method != "greedy" and options.num_captions > 1 else "max_length"
-    raise APIError(422, "response_too_large",
-                   f"the answer could take {size / 2**20:.1f} MiB, over the limit of "
-                   f"{settings.max_response_bytes / 2**20:.1f} MiB: lower {knob} (or num_captions, max_length, "
-                   f"the number of images)", option=knob)
+    knob = (
+        "overlays"
+        if options.overlays
+        else "attention"
+        if options.attention
+        else "num_captions"
+        if options.method != "greedy" and options.num_captions > 1
+        else "max_length"
+    )
+    raise APIError(
+        422,
+        "response_too_large",
+        f"the answer could take {size / 2**20:.1f} MiB, over the limit of "
+        f"{settings.max_response_bytes / 2**20:.1f} MiB: lower {knob} (or num_captions, max_length, "
+        f"the number of images)",
+        option=knob,
+    )
 
 
 def _encode(answer: dict) -> bytes:
@@ -153,12 +171,15 @@ def _check_num_captions(options: CaptionOptions, predictor: Predictor) -> None:
         return
     most = distinct_captions(len(predictor.model.vocab) - len(SPECIALS), options.max_length)
     if options.num_captions > most:
-        raise invalid_option("num_captions", f"num_captions: this model has only {most} different captions "
-                                             f"of at most {options.max_length} words")
+        raise invalid_option(
+            "num_captions",
+            f"num_captions: this model has only {most} different captions of at most {options.max_length} words",
+        )
 
 
-def _prepare(predictor: Predictor, names: list[str], uploads: list[UploadFile],
-             overlay_size: int | None) -> tuple[list[PreparedImage], list[Image.Image | None]]:
+def _prepare(
+    predictor: Predictor, names: list[str], uploads: list[UploadFile], overlay_size: int | None
+) -> tuple[list[PreparedImage], list[Image.Image | None]]:
     """Read, decode and preprocess every upload, one at a time; keep a small copy of the picture for overlays."""
     images, pictures = [], []
     for name, upload in zip(names, uploads):
@@ -176,7 +197,9 @@ def _prepare(predictor: Predictor, names: list[str], uploads: list[UploadFile],
 def _add_overlays(results: list[dict], pictures: list[Image.Image]) -> None:
     for result, picture in zip(results, pictures):
         for caption in result["captions"]:
-            caption["overlays"] = [_png_data_uri(heatmap_overlay(picture, grid)) for grid in caption.get("attention", [])]
+            caption["overlays"] = [
+                _png_data_uri(heatmap_overlay(picture, grid)) for grid in caption.get("attention", [])
+            ]
 
 
 def _png_data_uri(image: Image.Image) -> str:

@@ -11,8 +11,12 @@ from ..schemas import ErrorResponse, Status
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Status, summary="Liveness: the process answers and its model worker lives",
-            responses={503: {"model": ErrorResponse, "description": "the model worker has died: restart me"}})
+@router.get(
+    "/healthz",
+    response_model=Status,
+    summary="Liveness: the process answers and its model worker lives",
+    responses={503: {"model": ErrorResponse, "description": "the model worker has died: restart me"}},
+)
 async def healthz(request: Request):
     batcher = getattr(request.app.state, "batcher", None)
     if batcher is not None and batcher.dead:
@@ -20,8 +24,12 @@ async def healthz(request: Request):
     return Status(status="ok")
 
 
-@router.get("/readyz", response_model=Status, summary="Readiness: the model is loaded and its worker runs",
-            responses={503: {"model": ErrorResponse, "description": "not ready"}})
+@router.get(
+    "/readyz",
+    response_model=Status,
+    summary="Readiness: the model is loaded and its worker runs",
+    responses={503: {"model": ErrorResponse, "description": "not ready"}},
+)
 async def readyz(request: Request):
     batcher = getattr(request.app.state, "batcher", None)
     if batcher is None or not batcher.alive:
@@ -29,7 +37,11 @@ async def readyz(request: Request):
     return Status(status="ready")
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition format"}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition format"}},
+)
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -15,13 +15,22 @@ from ..settings import Settings
 router = APIRouter(prefix="/v1", tags=["model"])
 
 
-@router.get("/model", response_model=ModelCard, summary="The loaded model's card",
-            responses={401: ERROR_RESPONSES[401]})
+@router.get(
+    "/model", response_model=ModelCard, summary="The loaded model's card", responses={401: ERROR_RESPONSES[401]}
+)
 async def model_card(predictor: PredictorDep, settings: SettingsDep) -> ModelCard:
-    limits = Limits(max_beam_size=MAX_BEAM_SIZE, max_captions=MAX_CAPTIONS, max_length=MAX_LENGTH,
-                    max_top_k=MAX_TOP_K, max_images=settings.max_images, max_bytes=predictor.limits.max_bytes,
-                    max_pixels=predictor.limits.max_pixels, max_decode_bytes=settings.max_decode_bytes,
-                    max_response_bytes=settings.max_response_bytes, formats=list(predictor.limits.formats))
+    limits = Limits(
+        max_beam_size=MAX_BEAM_SIZE,
+        max_captions=MAX_CAPTIONS,
+        max_length=MAX_LENGTH,
+        max_top_k=MAX_TOP_K,
+        max_images=settings.max_images,
+        max_bytes=predictor.limits.max_bytes,
+        max_pixels=predictor.limits.max_pixels,
+        max_decode_bytes=settings.max_decode_bytes,
+        max_response_bytes=settings.max_response_bytes,
+        formats=list(predictor.limits.formats),
+    )
     words = [w for w in predictor.model.vocab.words if w not in SPECIALS]
     return ModelCard(**{**describe_model(predictor, settings), "vocabulary": words, "limits": limits})
 

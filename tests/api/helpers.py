@@ -45,8 +45,21 @@ def free_port() -> int:
 
 def serve_command(checkpoint: Path, *flags: str) -> list[str]:
     """`captioner serve` on the loopback address, its port left as PORT."""
-    return [sys.executable, "-m", "cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-            "--port", "PORT", "--threads", "1", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "cli",
+        "serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "PORT",
+        "--threads",
+        "1",
+        *flags,
+    ]
 
 
 class ServerProcess:
@@ -64,8 +77,9 @@ class ServerProcess:
 
     def start(self, timeout: float = 90) -> "ServerProcess":
         self._log = open(self.log_path, "w+")
-        self.process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=Path(__file__).resolve().parents[2])
+        self.process = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=Path(__file__).resolve().parents[2]
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

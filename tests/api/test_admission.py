@@ -128,8 +128,9 @@ def test_a_client_that_hangs_up_has_its_queued_work_dropped(start_server):
     gone.close()
     wait_until(lambda: in_flight(server) == 0, "the gone client's image let go")
 
-    r = httpx.post(server.base + "/v1/captions", files=[("images", ("next.png", IMAGE))], data={"method": "greedy"},
-                   timeout=60)
+    r = httpx.post(
+        server.base + "/v1/captions", files=[("images", ("next.png", IMAGE))], data={"method": "greedy"}, timeout=60
+    )
     assert r.status_code == 200 and r.json()["results"][0]["file"] == "next.png"
     wait_until(lambda: metric(server, "captioner_abandoned_images_total") == 1, "the gone image passed by")
     assert metric(server, "captioner_images_total") == 1  # only the next client's image met the model

@@ -14,8 +14,21 @@ pytestmark = pytest.mark.slow
 KEY = "correct horse battery staple"
 PUBLIC = ["/healthz", "/readyz", "/", "/static/app.js", "/static/style.css", "/docs", "/openapi.json"]
 # Protected routes, their neighbours, and paths that try to reach them sideways
-PROTECTED = ["/v1/model", "/metrics", "/v1/captions", "/v1/", "/v1", "/nothing", "//v1/model", "/V1/model",
-             "/v1/model/", "/healthz/../v1/model", "/static/../v1/model", "/x/v1/model", "/healthz/x"]
+PROTECTED = [
+    "/v1/model",
+    "/metrics",
+    "/v1/captions",
+    "/v1/",
+    "/v1",
+    "/nothing",
+    "//v1/model",
+    "/V1/model",
+    "/v1/model/",
+    "/healthz/../v1/model",
+    "/static/../v1/model",
+    "/x/v1/model",
+    "/healthz/x",
+]
 
 
 @pytest.fixture
@@ -27,8 +40,13 @@ def key_file(tmp_path):
 
 def caption(base: str, path: str = "/v1/captions", key: str | None = None) -> httpx.Response:
     headers = {"X-API-Key": key} if key is not None else {}
-    return httpx.post(base + path, files=[("images", ("a.png", png(), "image/png"))], data={"method": "greedy"},
-                      headers=headers, timeout=60)
+    return httpx.post(
+        base + path,
+        files=[("images", ("a.png", png(), "image/png"))],
+        data={"method": "greedy"},
+        headers=headers,
+        timeout=60,
+    )
 
 
 def assert_guarded(base: str) -> None:
@@ -61,10 +79,27 @@ def test_the_key_from_the_environment_and_metrics_made_public(start_server):
 def test_the_key_holds_under_uvicorns_root_path(start_server, key_file, tiny_checkpoint):
     """`uvicorn --root-path /x` used to leave POST /v1/captions open: the guard compared the raw
     path (/x/v1/captions) with /v1/. Requests come as the proxy forwards them, prefix stripped."""
-    command = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
-               "--port", "PORT", "--root-path", "/x"]
-    server = start_server(command=command, env={"CAPTIONER_CHECKPOINT": str(tiny_checkpoint),
-                                                "CAPTIONER_API_KEY_FILE": str(key_file), "CAPTIONER_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.app:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "PORT",
+        "--root-path",
+        "/x",
+    ]
+    server = start_server(
+        command=command,
+        env={
+            "CAPTIONER_CHECKPOINT": str(tiny_checkpoint),
+            "CAPTIONER_API_KEY_FILE": str(key_file),
+            "CAPTIONER_THREADS": "1",
+        },
+    )
     assert_guarded(server.base)
 
 
@@ -84,13 +119,22 @@ def test_the_key_holds_behind_a_path_prefix(start_server, key_file):
 def test_an_empty_key_file_stops_the_server_before_it_starts(tmp_path, tiny_checkpoint, content):
     path = tmp_path / "key"
     path.write_text(content)
-    r = subprocess.run([sys.executable, "-m", "cli", "serve", "--checkpoint", str(tiny_checkpoint),
-                        "--api-key-file", str(path)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "serve", "--checkpoint", str(tiny_checkpoint), "--api-key-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "is empty" in r.stderr
 
 
 def test_a_key_and_a_key_file_together_are_refused(tmp_path, tiny_checkpoint, key_file):
     env = {"CAPTIONER_API_KEY": "other", "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "cli", "serve", "--checkpoint", str(tiny_checkpoint),
-                        "--api-key-file", str(key_file)], capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "serve", "--checkpoint", str(tiny_checkpoint), "--api-key-file", str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 2 and "not both" in r.stderr

@@ -69,8 +69,11 @@ def test_requests_arriving_together_share_one_model_call_per_options(make_predic
 
     async def main():
         return await asyncio.gather(
-            batcher.submit(prepared(predictor, 11, 12), BEAM), batcher.submit(prepared(predictor, 13), GREEDY),
-            batcher.submit(prepared(predictor, 14), BEAM), batcher.submit(prepared(predictor, 15, 16, 17), GREEDY))
+            batcher.submit(prepared(predictor, 11, 12), BEAM),
+            batcher.submit(prepared(predictor, 13), GREEDY),
+            batcher.submit(prepared(predictor, 14), BEAM),
+            batcher.submit(prepared(predictor, 15, 16, 17), GREEDY),
+        )
 
     try:
         results = asyncio.run(main())
@@ -80,7 +83,9 @@ def test_requests_arriving_together_share_one_model_call_per_options(make_predic
     assert [r["method"] for r in results[0] + results[2]] == ["beam"] * 3
     assert [r["method"] for r in results[1] + results[3]] == ["greedy"] * 4
     assert sorted((options.method, w) for w, options, _ in recorder.calls) == [
-        ("beam", [11, 12, 14]), ("greedy", [13, 15, 16, 17])]
+        ("beam", [11, 12, 14]),
+        ("greedy", [13, 15, 16, 17]),
+    ]
     assert {thread for _, _, thread in recorder.calls} == {"captioner-model"}
     assert metrics.registry.get_sample_value("captioner_batch_size_count") == 2
     assert metrics.registry.get_sample_value("captioner_batch_size_sum") == 7
@@ -108,8 +113,9 @@ def test_seeded_sampling_is_never_batched_with_other_requests(make_predictor):
     seeded = DecodeOptions(method="sample", num_captions=2, seed=3, max_length=4)
 
     async def main():
-        return await asyncio.gather(batcher.submit(prepared(predictor, 31), seeded),
-                                    batcher.submit(prepared(predictor, 32), seeded))
+        return await asyncio.gather(
+            batcher.submit(prepared(predictor, 31), seeded), batcher.submit(prepared(predictor, 32), seeded)
+        )
 
     try:
         asyncio.run(main())
@@ -132,8 +138,9 @@ def test_a_model_call_holds_at_most_max_batch_size_images(make_predictor):
         batcher.stop()
     assert [widths(r) for r in results] == [[40], [41], [42], [43], [44]]
     assert sorted(w for call in recorder.calls for w in call[0]) == [40, 41, 42, 43, 44]
-    assert metrics.registry.get_sample_value("captioner_batch_size_bucket", {"le": "2.0"}) == \
-        metrics.registry.get_sample_value("captioner_batch_size_count")
+    assert metrics.registry.get_sample_value(
+        "captioner_batch_size_bucket", {"le": "2.0"}
+    ) == metrics.registry.get_sample_value("captioner_batch_size_count")
 
 
 def test_a_full_queue_refuses_at_once_and_a_stopped_batcher_refuses_too(make_predictor):

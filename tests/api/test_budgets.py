@@ -27,7 +27,7 @@ MiB = 1024 * 1024
 def deep_png(side: int = 6300) -> bytes:
     """A 16-bit grayscale PNG of side x side pixels in about 80 KB (the issue's picture)."""
     a = np.zeros((side, side), np.uint16)
-    a[side // 6:side // 3, side // 6:side // 2] = 40000
+    a[side // 6 : side // 3, side // 6 : side // 2] = 40000
     buffer = io.BytesIO()
     Image.fromarray(a).save(buffer, "PNG")
     return buffer.getvalue()
@@ -50,8 +50,12 @@ def test_concurrent_16_bit_pictures_stay_within_the_decode_budget(start_server):
     before = peak_rss(server.pid)
 
     def send(i):
-        return httpx.post(server.base + "/v1/captions", files=upload((f"{i}a.png", data), (f"{i}b.png", data)),
-                          data={"method": "greedy", "max_length": "3"}, timeout=300)
+        return httpx.post(
+            server.base + "/v1/captions",
+            files=upload((f"{i}a.png", data), (f"{i}b.png", data)),
+            data={"method": "greedy", "max_length": "3"},
+            timeout=300,
+        )
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(send, range(4)))
@@ -76,23 +80,30 @@ def test_rle_bmp_is_415_and_a_plain_bmp_is_captioned(start_server):
     assert r.status_code == 415 and "RLE" in r.json()["error"]["message"], r.text
     plain = io.BytesIO()
     Image.new("P", (300, 40)).save(plain, "BMP")
-    assert httpx.post(server.base + "/v1/captions", files=upload(("plain.bmp", plain.getvalue())),
-                      timeout=60).status_code == 200
+    assert (
+        httpx.post(server.base + "/v1/captions", files=upload(("plain.bmp", plain.getvalue())), timeout=60).status_code
+        == 200
+    )
 
 
 @pytest.fixture(scope="module")
 def budget_server(tiny_checkpoint, tmp_path_factory):
     from .helpers import ServerProcess, serve_command
 
-    with ServerProcess(serve_command(tiny_checkpoint, "--max-response-bytes", str(2 * MiB), "--overlay-size", "64"),
-                       tmp_path_factory.mktemp("log") / "server.log") as server:
+    with ServerProcess(
+        serve_command(tiny_checkpoint, "--max-response-bytes", str(2 * MiB), "--overlay-size", "64"),
+        tmp_path_factory.mktemp("log") / "server.log",
+    ) as server:
         yield server
 
 
-@pytest.mark.parametrize("fields, images, knob", [
-    ({"overlays": "true", "beam_size": "10", "num_captions": "10", "max_length": "50"}, 2, "overlays"),
-    ({"attention": "true", "beam_size": "10", "num_captions": "10", "max_length": "50"}, 8, "attention"),
-])
+@pytest.mark.parametrize(
+    "fields, images, knob",
+    [
+        ({"overlays": "true", "beam_size": "10", "num_captions": "10", "max_length": "50"}, 2, "overlays"),
+        ({"attention": "true", "beam_size": "10", "num_captions": "10", "max_length": "50"}, 8, "attention"),
+    ],
+)
 def test_an_answer_over_the_response_budget_is_422_naming_the_knob(budget_server, fields, images, knob):
     files = upload(*[(f"{i}.png", png((8, 8))) for i in range(images)])
     r = httpx.post(budget_server.base + "/v1/captions", files=files, data=fields, timeout=120)
@@ -113,15 +124,19 @@ def test_plain_captions_name_num_captions_or_max_length(make_client):
     assert r.status_code == 422 and r.json()["error"]["option"] == "max_length", r.text
 
 
-@pytest.mark.parametrize("fields", [
-    {"overlays": "true", "num_captions": "3", "max_length": "20"},
-    {"overlays": "true", "attention": "true", "method": "greedy", "max_length": "50"},
-    {"attention": "true", "beam_size": "10", "num_captions": "10", "max_length": "30"},
-    {"method": "sample", "num_captions": "10", "max_length": "50", "temperature": "10"},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"overlays": "true", "num_captions": "3", "max_length": "20"},
+        {"overlays": "true", "attention": "true", "method": "greedy", "max_length": "50"},
+        {"attention": "true", "beam_size": "10", "num_captions": "10", "max_length": "30"},
+        {"method": "sample", "num_captions": "10", "max_length": "50", "temperature": "10"},
+    ],
+)
 def test_real_answers_never_exceed_their_estimate(budget_server, fields):
-    r = httpx.post(budget_server.base + "/v1/captions", files=upload(("a.png", png((300, 300)))), data=fields,
-                   timeout=120)
+    r = httpx.post(
+        budget_server.base + "/v1/captions", files=upload(("a.png", png((300, 300)))), data=fields, timeout=120
+    )
     assert r.status_code == 200, r.text
     options = CaptionOptions.model_validate(fields)
     assert len(r.content) <= captions.response_bytes(options, 1, 8 * 8, 64)

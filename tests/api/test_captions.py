@@ -37,7 +37,9 @@ def test_one_image_gives_ranked_beam_captions(client):
 
 
 def test_results_come_in_upload_order_with_their_file_names(client):
-    files = [(f"{name}.png", png(size)) for name, size in (("wide", (120, 60)), ("tall", (50, 110)), ("square", (70, 70)))]
+    files = [
+        (f"{name}.png", png(size)) for name, size in (("wide", (120, 60)), ("tall", (50, 110)), ("square", (70, 70)))
+    ]
     r = caption(client, *files, method="greedy")
     assert r.status_code == 200, r.text
     results = r.json()["results"]
@@ -52,9 +54,15 @@ def test_results_come_in_upload_order_with_their_file_names(client):
 
 def test_every_accepted_format_is_captioned(client):
     image = picture()
-    files = [("a.jpg", encode(image, "JPEG")), ("b.png", encode(image, "PNG")), ("c.webp", encode(image, "WEBP")),
-             ("d.gif", encode(image, "GIF")), ("e.bmp", encode(image, "BMP")),
-             ("f.png", encode(image.convert("RGBA"), "PNG")), ("g.png", encode(image.convert("L"), "PNG"))]
+    files = [
+        ("a.jpg", encode(image, "JPEG")),
+        ("b.png", encode(image, "PNG")),
+        ("c.webp", encode(image, "WEBP")),
+        ("d.gif", encode(image, "GIF")),
+        ("e.bmp", encode(image, "BMP")),
+        ("f.png", encode(image.convert("RGBA"), "PNG")),
+        ("g.png", encode(image.convert("L"), "PNG")),
+    ]
     r = caption(client, *files, method="greedy")
     assert r.status_code == 200, r.text
     assert [x["file"] for x in r.json()["results"]] == [name for name, _ in files]
@@ -92,7 +100,7 @@ def test_overlays_are_png_data_uris_one_per_word_over_a_bounded_picture(make_cli
     for uri in c["overlays"]:
         prefix = "data:image/png;base64,"
         assert uri.startswith(prefix)
-        image = Image.open(io.BytesIO(base64.b64decode(uri[len(prefix):])))
+        image = Image.open(io.BytesIO(base64.b64decode(uri[len(prefix) :])))
         assert image.format == "PNG"
         assert image.size == (64, 43)  # the picture's aspect ratio, longest side overlay_size
 

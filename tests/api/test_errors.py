@@ -28,8 +28,11 @@ def bomb_png(side: int = 20000) -> bytes:
 
 def test_a_file_over_max_bytes_is_413_too_large(make_client):
     client = make_client(max_bytes=2000, max_images=4)
-    error = error_of(client.post("/v1/captions", files=upload(("ok.png", png((8, 8))), ("big.bmp", encode(picture(), "BMP")))),
-                     413, "too_large")
+    error = error_of(
+        client.post("/v1/captions", files=upload(("ok.png", png((8, 8))), ("big.bmp", encode(picture(), "BMP")))),
+        413,
+        "too_large",
+    )
     assert error["file"] == "big.bmp"
 
 
@@ -43,7 +46,7 @@ def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(make_client):
     client = make_client(max_bytes=1000, max_images=1)
 
     def chunks():
-        yield b"--b\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
         for _ in range(100):
             yield b"x" * 10_000
 
@@ -66,15 +69,19 @@ def test_the_pixel_limit_is_a_setting(make_client):
 
 def test_too_many_files_is_413(make_client):
     client = make_client(max_images=2)
-    error_of(client.post("/v1/captions", files=upload(*[(f"{i}.png", png((8, 8))) for i in range(3)])),
-             413, "too_many_files")
+    error_of(
+        client.post("/v1/captions", files=upload(*[(f"{i}.png", png((8, 8))) for i in range(3)])), 413, "too_many_files"
+    )
 
 
-@pytest.mark.parametrize("name, data", [
-    ("notes.txt", b"just some text, not a picture\n" * 10),
-    ("picture.tiff", encode(picture(), "TIFF")),
-    ("empty.png", b""),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("notes.txt", b"just some text, not a picture\n" * 10),
+        ("picture.tiff", encode(picture(), "TIFF")),
+        ("empty.png", b""),
+    ],
+)
 def test_a_file_that_is_not_an_accepted_image_is_415(client, name, data):
     error = error_of(client.post("/v1/captions", files=upload((name, data))), 415, "unsupported_format")
     assert error["file"] == name and name in error["message"]
@@ -86,20 +93,23 @@ def test_a_corrupt_image_is_422_corrupt_image(client):
     assert error["file"] == "cut.png"
 
 
-@pytest.mark.parametrize("options, option", [
-    ({"beam_size": "11"}, "beam_size"),
-    ({"beam_size": "0"}, "beam_size"),
-    ({"num_captions": "4", "beam_size": "3"}, "num_captions"),
-    ({"method": "greedy", "num_captions": "2"}, "num_captions"),
-    ({"method": "nucleus"}, "method"),
-    ({"method": "sample", "temperature": "0"}, "temperature"),
-    ({"method": "sample", "top_k": "-1"}, "top_k"),
-    ({"max_length": "51"}, "max_length"),
-    ({"max_length": "many"}, "max_length"),
-    ({"length_penalty": "3"}, "length_penalty"),
-    ({"seed": "-5"}, "seed"),
-    ({"overlays": "perhaps"}, "overlays"),
-])
+@pytest.mark.parametrize(
+    "options, option",
+    [
+        ({"beam_size": "11"}, "beam_size"),
+        ({"beam_size": "0"}, "beam_size"),
+        ({"num_captions": "4", "beam_size": "3"}, "num_captions"),
+        ({"method": "greedy", "num_captions": "2"}, "num_captions"),
+        ({"method": "nucleus"}, "method"),
+        ({"method": "sample", "temperature": "0"}, "temperature"),
+        ({"method": "sample", "top_k": "-1"}, "top_k"),
+        ({"max_length": "51"}, "max_length"),
+        ({"max_length": "many"}, "max_length"),
+        ({"length_penalty": "3"}, "length_penalty"),
+        ({"seed": "-5"}, "seed"),
+        ({"overlays": "perhaps"}, "overlays"),
+    ],
+)
 def test_an_option_out_of_range_is_422_naming_it(client, options, option):
     error = error_of(client.post("/v1/captions", files=upload(("a.png", png())), data=options), 422, "invalid_option")
     assert error["option"] == option
@@ -157,8 +167,11 @@ def test_keys_are_compared_as_digests_of_one_length(make_client, monkeypatch):
 
 def test_cors_origins_setting_allows_preflight_from_those_origins(make_client):
     client = make_client(cors_origins="http://good.example", api_key="k")
-    headers = {"Origin": "http://good.example", "Access-Control-Request-Method": "POST",
-               "Access-Control-Request-Headers": "x-api-key"}
+    headers = {
+        "Origin": "http://good.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "x-api-key",
+    }
     r = client.options("/v1/captions", headers=headers)
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == "http://good.example"

@@ -9,8 +9,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
-ROUTES = {"/v1/captions", "/v1/model", "/healthz", "/readyz", "/metrics", "/", "/static", "/docs", "/openapi.json",
-          "/docs/oauth2-redirect", "/redoc", "unmatched"}
+ROUTES = {
+    "/v1/captions",
+    "/v1/model",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/",
+    "/static",
+    "/docs",
+    "/openapi.json",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "unmatched",
+}
 METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"}
 
 

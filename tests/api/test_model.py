@@ -21,10 +21,18 @@ def test_model_card_describes_the_model_its_training_and_limits(make_client, tin
     assert card["training_data"] == saved_card["training_data"] == "tests"
     assert card["scores"] == {"CIDEr": 0.0}
     assert card["vocabulary"] == [w for w in vocab.words if not w.startswith("<")]
-    assert card["limits"] == {"max_beam_size": MAX_BEAM_SIZE, "max_captions": 10, "max_length": MAX_LENGTH,
-                              "max_top_k": 1000, "max_images": 5, "max_bytes": 1234, "max_pixels": 5678,
-                              "max_decode_bytes": 512 * 1024 * 1024, "max_response_bytes": 64 * 1024 * 1024,
-                              "formats": ["JPEG", "PNG", "WEBP", "GIF", "BMP"]}
+    assert card["limits"] == {
+        "max_beam_size": MAX_BEAM_SIZE,
+        "max_captions": 10,
+        "max_length": MAX_LENGTH,
+        "max_top_k": 1000,
+        "max_images": 5,
+        "max_bytes": 1234,
+        "max_pixels": 5678,
+        "max_decode_bytes": 512 * 1024 * 1024,
+        "max_response_bytes": 64 * 1024 * 1024,
+        "formats": ["JPEG", "PNG", "WEBP", "GIF", "BMP"],
+    }
 
 
 def test_health_and_readiness(client):
@@ -52,9 +60,8 @@ def test_the_page_and_its_files_are_served(client):
 
 def test_a_missing_checkpoint_fails_start_up_saying_what_to_run(make_settings, tmp_path):
     app = create_app(make_settings(checkpoint=tmp_path / "none.safetensors"))
-    with pytest.raises(ModelMissing, match=r"captioner demo --no-serve"):
-        with TestClient(app):
-            pass
+    with pytest.raises(ModelMissing, match=r"captioner demo --no-serve"), TestClient(app):
+        pass
 
 
 def test_start_up_sets_the_torch_threads_once(make_settings, monkeypatch):

@@ -20,8 +20,9 @@ IMAGE = png((40, 30))
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_checkpoint, tmp_path_factory):
-    with ServerProcess(serve_command(tiny_checkpoint, "--max-images", "3"),
-                       tmp_path_factory.mktemp("log") / "server.log") as server:
+    with ServerProcess(
+        serve_command(tiny_checkpoint, "--max-images", "3"), tmp_path_factory.mktemp("log") / "server.log"
+    ) as server:
         yield server
 
 
@@ -37,22 +38,29 @@ def post(server, fields: dict | None = None, images: int = 1, files: list | None
         files = [("images", (f"{i}.png", IMAGE, "image/png")) for i in range(images)]
     parts = [(k, (None, str(v))) for k, v in (fields or {}).items()] + files
     if not parts:  # an empty multipart form
-        return httpx.post(server.base + "/v1/captions", content=b"--x--\r\n", timeout=60,
-                          headers={"content-type": "multipart/form-data; boundary=x"})
+        return httpx.post(
+            server.base + "/v1/captions",
+            content=b"--x--\r\n",
+            timeout=60,
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
     return httpx.post(server.base + "/v1/captions", files=parts, timeout=60)
 
 
-@pytest.mark.parametrize("fields, captions", [
-    ({"method": "sample", "temperature": "1e-300"}, 1),
-    ({"method": "sample", "temperature": "5e-324", "num_captions": 3, "seed": 1}, 3),  # the smallest double
-    ({"method": "sample", "temperature": "10", "top_k": 1}, 1),
-    ({"method": "sample", "top_k": 1000}, 1),  # beyond the 26 words of the vocabulary
-    ({"method": "sample", "top_k": 1000, "temperature": "1e-300", "num_captions": 10}, 10),
-    ({"beam_size": 10, "num_captions": 10, "max_length": 1}, 10),
-    ({"beam_size": 10, "num_captions": 10, "max_length": 50, "length_penalty": 2}, 10),
-    ({"method": "greedy", "max_length": 50, "length_penalty": 0}, 1),
-    ({"method": "sample", "seed": 2**63 - 1, "max_length": 1}, 1),
-])
+@pytest.mark.parametrize(
+    "fields, captions",
+    [
+        ({"method": "sample", "temperature": "1e-300"}, 1),
+        ({"method": "sample", "temperature": "5e-324", "num_captions": 3, "seed": 1}, 3),  # the smallest double
+        ({"method": "sample", "temperature": "10", "top_k": 1}, 1),
+        ({"method": "sample", "top_k": 1000}, 1),  # beyond the 26 words of the vocabulary
+        ({"method": "sample", "top_k": 1000, "temperature": "1e-300", "num_captions": 10}, 10),
+        ({"beam_size": 10, "num_captions": 10, "max_length": 1}, 10),
+        ({"beam_size": 10, "num_captions": 10, "max_length": 50, "length_penalty": 2}, 10),
+        ({"method": "greedy", "max_length": 50, "length_penalty": 0}, 1),
+        ({"method": "sample", "seed": 2**63 - 1, "max_length": 1}, 1),
+    ],
+)
 def test_legal_extremes_are_answered_never_with_a_500(tiny_server, fields, captions):
     r = post(tiny_server, fields)
     assert r.status_code == 200, r.text
@@ -71,15 +79,21 @@ def test_num_captions_beam_search_cannot_fill_is_422_naming_it(two_word_server):
     assert r.status_code == 200 and len(r.json()["results"][0]["captions"]) == 7
 
 
-@pytest.mark.parametrize("files, fields, field", [
-    (None, {"beam_sise": 4}, "beam_sise"),  # misspelt: silently beam_size=3 before
-    (None, {"overlay": "true"}, "overlay"),
-    (None, {"images": "a.png"}, "images"),  # text where a file belongs
-    ([("image", ("a.png", IMAGE, "image/png"))], {}, "image"),  # a file under another name
-    ([("images", ("a.png", IMAGE, "image/png")), ("method", (None, "beam")), ("method", (None, "greedy"))], {},
-     "method"),  # given twice: which one?
-    ([("images", ("a.png", IMAGE, "image/png")), ("seed", (None, "7" * 2000))], {}, "seed"),  # an option over 1 KB
-])
+@pytest.mark.parametrize(
+    "files, fields, field",
+    [
+        (None, {"beam_sise": 4}, "beam_sise"),  # misspelt: silently beam_size=3 before
+        (None, {"overlay": "true"}, "overlay"),
+        (None, {"images": "a.png"}, "images"),  # text where a file belongs
+        ([("image", ("a.png", IMAGE, "image/png"))], {}, "image"),  # a file under another name
+        (
+            [("images", ("a.png", IMAGE, "image/png")), ("method", (None, "beam")), ("method", (None, "greedy"))],
+            {},
+            "method",
+        ),  # given twice: which one?
+        ([("images", ("a.png", IMAGE, "image/png")), ("seed", (None, "7" * 2000))], {}, "seed"),  # an option over 1 KB
+    ],
+)
 def test_an_unknown_repeated_or_oversized_field_is_422_naming_it(tiny_server, files, fields, field):
     r = post(tiny_server, fields, files=files)
     assert r.status_code == 422, r.text
@@ -99,20 +113,23 @@ def test_the_schema_requires_images_and_allows_only_the_options(tiny_server):
     assert "anyOf" not in schema["properties"]["seed"]  # a form has no null: leave it out instead
 
 
-@pytest.mark.parametrize("fields, images, status", [
-    ({}, 0, 422),  # the bug: no images was valid by the schema, refused by the server
-    ({"method": "greedy"}, 0, 422),
-    ({}, 1, 200),
-    ({}, 4, 413),  # over maxItems (3)
-    ({"beam_sise": 4}, 1, 422),
-    ({"num_captions": 4}, 1, 422),  # beam_size 3 when not sent
-    ({"beam_size": 5, "num_captions": 5}, 1, 200),
-    ({"method": "greedy", "num_captions": 2}, 1, 422),
-    ({"method": "sample", "num_captions": 5, "seed": 7}, 1, 200),
-    ({"method": "sample", "temperature": 1e-300}, 1, 200),
-    ({"method": "sample", "temperature": 0}, 1, 422),
-    ({"top_k": 1001}, 1, 422),
-])
+@pytest.mark.parametrize(
+    "fields, images, status",
+    [
+        ({}, 0, 422),  # the bug: no images was valid by the schema, refused by the server
+        ({"method": "greedy"}, 0, 422),
+        ({}, 1, 200),
+        ({}, 4, 413),  # over maxItems (3)
+        ({"beam_sise": 4}, 1, 422),
+        ({"num_captions": 4}, 1, 422),  # beam_size 3 when not sent
+        ({"beam_size": 5, "num_captions": 5}, 1, 200),
+        ({"method": "greedy", "num_captions": 2}, 1, 422),
+        ({"method": "sample", "num_captions": 5, "seed": 7}, 1, 200),
+        ({"method": "sample", "temperature": 1e-300}, 1, 200),
+        ({"method": "sample", "temperature": 0}, 1, 422),
+        ({"top_k": 1001}, 1, 422),
+    ],
+)
 def test_the_schema_and_the_server_agree_on_what_is_valid(tiny_server, fields, images, status):
     schema = request_schema(tiny_server)
     document = {**fields, **({"images": ["file"] * images} if images else {})}
@@ -129,8 +146,31 @@ def test_schemathesis_finds_no_valid_request_refused_and_no_server_error(tiny_se
     mutate one alternative and call the result invalid), so refusals are pinned down above instead."""
     config = tmp_path / "schemathesis.toml"
     config.write_text("[checks.positive_data_acceptance]\nexpected-statuses = [200, 415]\n")
-    r = subprocess.run([str(SCHEMATHESIS), "--config-file", str(config), "run", tiny_server.base + "/openapi.json",
-                        "--include-path", "/v1/captions", "--mode", "positive", "--phases", "examples,fuzzing",
-                        "--checks", "all", "-n", "100", "--seed", "1", "--request-timeout", "30"],
-                       capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            str(SCHEMATHESIS),
+            "--config-file",
+            str(config),
+            "run",
+            tiny_server.base + "/openapi.json",
+            "--include-path",
+            "/v1/captions",
+            "--mode",
+            "positive",
+            "--phases",
+            "examples,fuzzing",
+            "--checks",
+            "all",
+            "-n",
+            "100",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

@@ -26,10 +26,17 @@ def server(tmp_path_factory):
     """A model whose card says where it was trained, as `captioner train` writes it."""
     folder = tmp_path_factory.mktemp("model")
     card = {
-        "training_data": {"root": "/home/alice/data/coco", "train_split": "train2014", "train_images": 3,
-                          "skipped_images": {"train": {"count": 1, "images": ["/home/alice/data/coco/bad.jpg"]}}},
-        "train_config": {"data": "/home/alice/data/coco", "out": "/srv/runs/coco",
-                         "karpathy": "C:\\Users\\alice\\k.json"},
+        "training_data": {
+            "root": "/home/alice/data/coco",
+            "train_split": "train2014",
+            "train_images": 3,
+            "skipped_images": {"train": {"count": 1, "images": ["/home/alice/data/coco/bad.jpg"]}},
+        },
+        "train_config": {
+            "data": "/home/alice/data/coco",
+            "out": "/srv/runs/coco",
+            "karpathy": "C:\\Users\\alice\\k.json",
+        },
         "init_from": "/mnt/models/base.safetensors",
         "description": "Trained on /home/alice/data/coco; see https://example.org/a/b.",
         "scores": {"CIDEr": 0.5},

@@ -29,10 +29,30 @@ def server(tiny_checkpoint, tmp_path):
     log = open(tmp_path / "server.log", "w+")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", "--checkpoint", str(tiny_checkpoint),
-         "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "16", "--max-wait-ms", "400",
-         "--threads", "2", "--timeout-graceful-shutdown", "20"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "serve",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "16",
+            "--max-wait-ms",
+            "400",
+            "--threads",
+            "2",
+            "--timeout-graceful-shutdown",
+            "20",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -75,9 +95,13 @@ def test_concurrent_requests_are_answered_right_and_batched(server, tiny_checkpo
     expected = predictor.caption(pictures, DecodeOptions(method="greedy", max_length=12))
 
     with httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=32)) as client:
+
         def send(i):
-            r = client.post("/v1/captions", files=[("images", (f"p{i}.png", pictures[i], "image/png"))],
-                            data={"method": "greedy", "max_length": "12"})
+            r = client.post(
+                "/v1/captions",
+                files=[("images", (f"p{i}.png", pictures[i], "image/png"))],
+                data={"method": "greedy", "max_length": "12"},
+            )
             return i, r
 
         with ThreadPoolExecutor(16) as pool:
@@ -96,8 +120,9 @@ def test_concurrent_requests_are_answered_right_and_batched(server, tiny_checkpo
 def test_sigterm_lets_the_request_in_flight_finish(server):
     """SIGTERM arrives while a request is still uploading; it must still be answered in full."""
     base, process, log = server
-    head = (b'--B\r\nContent-Disposition: form-data; name="images"; filename="late.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n")
+    head = (
+        b'--B\r\nContent-Disposition: form-data; name="images"; filename="late.png"\r\nContent-Type: image/png\r\n\r\n'
+    )
     tail = b'\r\n--B\r\nContent-Disposition: form-data; name="method"\r\n\r\ngreedy\r\n--B--\r\n'
     picture = png()
     uploading, signalled = threading.Event(), threading.Event()
@@ -112,8 +137,12 @@ def test_sigterm_lets_the_request_in_flight_finish(server):
 
     def send():
         try:
-            answer["r"] = httpx.post(base + "/v1/captions", content=body(), timeout=60,
-                                     headers={"content-type": "multipart/form-data; boundary=B"})
+            answer["r"] = httpx.post(
+                base + "/v1/captions",
+                content=body(),
+                timeout=60,
+                headers={"content-type": "multipart/form-data; boundary=B"},
+            )
         except httpx.HTTPError as e:
             answer["error"] = e
 

@@ -74,14 +74,20 @@ def test_a_missing_model_exits_2_saying_what_to_run(capsys, tmp_path):
 
 
 def test_the_console_command_reaches_serve(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cli", "serve", "--checkpoint", str(tmp_path / "x")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "serve", "--checkpoint", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "captioner demo --no-serve" in r.stderr
 
 
 @pytest.mark.parametrize("module", ["api.app", "api.serve"])
 def test_the_api_imports_neither_training_code_nor_pycocotools(module):
-    code = (f"import sys, {module}; bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'pycocotools')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        f"import sys, {module}; bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'pycocotools')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

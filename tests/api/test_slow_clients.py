@@ -76,8 +76,12 @@ def test_slow_clients_do_not_hold_up_the_others(server):
         client = RawClient(server, timeout=30)
         client.send(b"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and nothing more
         slow.append(client)
-    r = httpx.post(server.base + "/v1/captions", files=[("images", ("a.png", IMAGE, "image/png"))],
-                   data={"method": "greedy"}, timeout=30)
+    r = httpx.post(
+        server.base + "/v1/captions",
+        files=[("images", ("a.png", IMAGE, "image/png"))],
+        data={"method": "greedy"},
+        timeout=30,
+    )
     assert r.status_code == 200
     for client in slow:
         assert client.closed_by_server()

@@ -34,14 +34,23 @@ uvicorn.run(create_app(Settings()), host="127.0.0.1", port=int(sys.argv[1]), log
 
 def caption(base: str, width: int) -> httpx.Response:
     # The client waits at most 60 s; the server's own limit is 10 minutes: a 504 would never come in time.
-    return httpx.post(base + "/v1/captions", files=[("images", ("a.png", png((width, 20)), "image/png"))],
-                      data={"method": "greedy"}, timeout=60)
+    return httpx.post(
+        base + "/v1/captions",
+        files=[("images", ("a.png", png((width, 20)), "image/png"))],
+        data={"method": "greedy"},
+        timeout=60,
+    )
 
 
 def test_a_dead_worker_fails_liveness_and_every_request_at_once(start_server, tiny_checkpoint):
-    server = start_server(command=[sys.executable, "-c", LAUNCHER, "PORT"],
-                          env={"CAPTIONER_CHECKPOINT": str(tiny_checkpoint), "CAPTIONER_THREADS": "1",
-                               "CAPTIONER_REQUEST_TIMEOUT_S": "600"})
+    server = start_server(
+        command=[sys.executable, "-c", LAUNCHER, "PORT"],
+        env={
+            "CAPTIONER_CHECKPOINT": str(tiny_checkpoint),
+            "CAPTIONER_THREADS": "1",
+            "CAPTIONER_REQUEST_TIMEOUT_S": "600",
+        },
+    )
     assert caption(server.base, 12).status_code == 200
     assert httpx.get(server.base + "/healthz", timeout=10).status_code == 200
 

@@ -61,36 +61,61 @@ def varied(model, features, max_length: int = 8):
 # --- options -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [
-    dict(method="nucleus"),
-    dict(beam_size=0), dict(beam_size=11),
-    dict(num_captions=0), dict(num_captions=11), dict(beam_size=2, num_captions=3),
-    dict(method="greedy", num_captions=2),
-    dict(temperature=0.0), dict(temperature=-1.0), dict(temperature=10.5), dict(temperature=float("nan")),
-    dict(top_k=-1), dict(top_k=1001),
-    dict(max_length=0), dict(max_length=51),
-    dict(length_penalty=-0.1), dict(length_penalty=2.5),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="nucleus"),
+        dict(beam_size=0),
+        dict(beam_size=11),
+        dict(num_captions=0),
+        dict(num_captions=11),
+        dict(beam_size=2, num_captions=3),
+        dict(method="greedy", num_captions=2),
+        dict(temperature=0.0),
+        dict(temperature=-1.0),
+        dict(temperature=10.5),
+        dict(temperature=float("nan")),
+        dict(top_k=-1),
+        dict(top_k=1001),
+        dict(max_length=0),
+        dict(max_length=51),
+        dict(length_penalty=-0.1),
+        dict(length_penalty=2.5),
+    ],
+)
 def test_options_out_of_bounds_are_refused(options):
     with pytest.raises(ValueError):
         DecodeOptions(**options)
 
 
-@pytest.mark.parametrize("options", [
-    dict(beam_size=2.5), dict(num_captions=1.5, method="sample"), dict(max_length=3.5), dict(top_k=2.5),
-    dict(beam_size="3"), dict(max_length=True),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(beam_size=2.5),
+        dict(num_captions=1.5, method="sample"),
+        dict(max_length=3.5),
+        dict(top_k=2.5),
+        dict(beam_size="3"),
+        dict(max_length=True),
+    ],
+)
 def test_options_of_the_wrong_type_are_refused(options):
     """A float beam size would otherwise pass the bounds and crash deep inside decoding."""
     with pytest.raises(ValueError):
         DecodeOptions(**options)
 
 
-@pytest.mark.parametrize("options", [
-    dict(), dict(method="greedy"), dict(method="sample", num_captions=10, temperature=10.0, top_k=1000),
-    dict(beam_size=10, num_captions=10, max_length=50, length_penalty=2.0), dict(method="sample", seed=0),
-    dict(temperature=0.01, length_penalty=0.0, max_length=1),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(method="greedy"),
+        dict(method="sample", num_captions=10, temperature=10.0, top_k=1000),
+        dict(beam_size=10, num_captions=10, max_length=50, length_penalty=2.0),
+        dict(method="sample", seed=0),
+        dict(temperature=0.01, length_penalty=0.0, max_length=1),
+    ],
+)
 def test_options_within_bounds_are_accepted(options):
     DecodeOptions(**options)
 
@@ -149,8 +174,9 @@ def test_max_length_is_respected_and_end_is_forced_and_scored(make_model, strate
         for h in hypotheses:
             assert len(h.token_ids) == 4
             # the forced <end> costs what the model says it costs, about -30
-            assert h.log_prob == pytest.approx(teacher_forced_log_prob(model.decoder, features[image], h.token_ids),
-                                               abs=1e-3)
+            assert h.log_prob == pytest.approx(
+                teacher_forced_log_prob(model.decoder, features[image], h.token_ids), abs=1e-3
+            )
             assert h.log_prob < -25
 
 
@@ -191,7 +217,7 @@ def test_greedy_picks_the_most_likely_word_at_every_step(make_model):
     for image, h in enumerate(greedy(model.decoder, model.decoder.prepare(features), max_length=6)):
         ids = torch.tensor([[Vocabulary.start_id, *h.token_ids, Vocabulary.end_id]])
         with torch.no_grad():
-            logits, _ = model.decoder(features[image:image + 1], ids)  # (1, T-1, V)
+            logits, _ = model.decoder(features[image : image + 1], ids)  # (1, T-1, V)
         logits[..., [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
         chosen = logits.argmax(-1)[0].tolist()
         assert chosen[:-1] == ids[0, 1:-1].tolist()
@@ -210,14 +236,15 @@ def test_batched_decoding_equals_decoding_each_image_alone(make_model, strategy)
     lengths = {len(h.token_ids) for hyps in together for h in hyps}
     assert len(lengths) > 2  # the property needs captions that end at different steps
     for image in range(6):
-        alone = decode_features(model, features[image:image + 1], **options, max_length=8)[0]
+        alone = decode_features(model, features[image : image + 1], **options, max_length=8)[0]
         assert [h.token_ids for h in alone] == [h.token_ids for h in together[image]]
         assert [h.log_prob for h in alone] == pytest.approx([h.log_prob for h in together[image]], abs=1e-5)
 
 
 @torch.no_grad()
-def textbook_beam_search(decoder, features: torch.Tensor, beam_size: int, max_length: int,
-                         length_penalty: float) -> list[Hypothesis]:
+def textbook_beam_search(
+    decoder, features: torch.Tensor, beam_size: int, max_length: int, length_penalty: float
+) -> list[Hypothesis]:
     """One image, one beam at a time, no shortcuts: every step ranks all continuations of the
     live beams; ends among the first K finish, the first K others live on; until K have finished."""
     memory = decoder.prepare(features.unsqueeze(0))
@@ -228,16 +255,16 @@ def textbook_beam_search(decoder, features: torch.Tensor, beam_size: int, max_le
         for log_prob, tokens, state in beams:
             logits, next_state, _ = decoder.step(torch.tensor(tokens[-1:]), state, memory)
             step_log_probs = _next_word_log_probs(logits, last_step=t == max_length)[0]
-            candidates += [(log_prob + float(lp), tokens + [w], next_state)
-                           for w, lp in enumerate(step_log_probs) if lp.isfinite()]
+            candidates += [
+                (log_prob + float(lp), tokens + [w], next_state) for w, lp in enumerate(step_log_probs) if lp.isfinite()
+            ]
         candidates.sort(key=lambda c: -c[0])
         beams = []
-        for rank, (log_prob, tokens, state) in enumerate(candidates[:2 * beam_size]):
+        for rank, (log_prob, tokens, state) in enumerate(candidates[: 2 * beam_size]):
             if tokens[-1] == Vocabulary.end_id:
                 if rank < beam_size:
                     words = tokens[1:-1]
-                    finished.append(Hypothesis(words, log_prob, rank_score(log_prob, len(words), length_penalty),
-                                               None))
+                    finished.append(Hypothesis(words, log_prob, rank_score(log_prob, len(words), length_penalty), None))
             elif len(beams) < beam_size:
                 beams.append((log_prob, tokens, state))
         if len(finished) >= beam_size:
@@ -253,11 +280,11 @@ def test_beam_search_returns_what_the_textbook_search_returns(make_model, length
     features = region_features(model, 6)
     varied(model, features, 8)
     for beam_size, num_captions in [(2, 1), (3, 1), (4, 2), (5, 5)]:
-        batched = decode_features(model, features, beam_size=beam_size, num_captions=num_captions, max_length=8,
-                                  length_penalty=length_penalty)
+        batched = decode_features(
+            model, features, beam_size=beam_size, num_captions=num_captions, max_length=8, length_penalty=length_penalty
+        )
         for image in range(6):
-            textbook = textbook_beam_search(model.decoder, features[image], beam_size, 8,
-                                            length_penalty)[:num_captions]
+            textbook = textbook_beam_search(model.decoder, features[image], beam_size, 8, length_penalty)[:num_captions]
             assert [h.token_ids for h in batched[image]] == [h.token_ids for h in textbook]
             assert [h.log_prob for h in batched[image]] == pytest.approx([h.log_prob for h in textbook], abs=1e-5)
 
@@ -281,8 +308,7 @@ def test_length_penalty_zero_ranks_by_log_prob(make_model):
     model = make_model()
     features = region_features(model, 3)
     varied(model, features, 6)
-    for hypotheses in decode_features(model, features, beam_size=5, num_captions=5, max_length=6,
-                                      length_penalty=0.0):
+    for hypotheses in decode_features(model, features, beam_size=5, num_captions=5, max_length=6, length_penalty=0.0):
         assert [h.score for h in hypotheses] == [h.log_prob for h in hypotheses]
 
 
@@ -300,8 +326,9 @@ def test_wide_beam_finds_every_caption_exhaustive_search_finds(make_model, confi
     beams = beam_search(model.decoder, memory, beam_size=7, num_captions=7, max_length=2, length_penalty=0.0)
     greedy_captions = greedy(model.decoder, memory, max_length=2)
     for image in range(3):
-        truth = sorted(((teacher_forced_log_prob(model.decoder, features[image], c), c) for c in everything),
-                       reverse=True)
+        truth = sorted(
+            ((teacher_forced_log_prob(model.decoder, features[image], c), c) for c in everything), reverse=True
+        )
         found = beams[image]
         assert [h.token_ids for h in found] == [c for _, c in truth]
         assert [h.log_prob for h in found] == pytest.approx([lp for lp, _ in truth], abs=1e-4)
@@ -316,8 +343,9 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(make_model):
     features = region_features(model, 3)
 
     def tokens(seed):
-        results = decode_features(model, features, method="sample", num_captions=5, temperature=2.0,
-                                  max_length=8, seed=seed)
+        results = decode_features(
+            model, features, method="sample", num_captions=5, temperature=2.0, max_length=8, seed=seed
+        )
         return [[h.token_ids for h in hyps] for hyps in results]
 
     assert tokens(7) == tokens(7)
@@ -348,14 +376,15 @@ def test_sampled_words_come_from_the_top_k(make_model):
     model = make_model()
     features = region_features(model, 3)
     varied(model, features, 6)
-    results = decode_features(model, features, method="sample", num_captions=8, temperature=5.0, top_k=3,
-                              max_length=6, seed=1)
+    results = decode_features(
+        model, features, method="sample", num_captions=8, temperature=5.0, top_k=3, max_length=6, seed=1
+    )
     ranks = []  # of every drawn word among the top 3
     for image, hypotheses in enumerate(results):
         for h in hypotheses:
             ids = torch.tensor([[Vocabulary.start_id, *h.token_ids, Vocabulary.end_id]])
             with torch.no_grad():
-                logits, _ = model.decoder(features[image:image + 1], ids)  # (1, T-1, V)
+                logits, _ = model.decoder(features[image : image + 1], ids)  # (1, T-1, V)
             logits[..., [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
             top3 = logits[0].topk(3, dim=-1).indices.tolist()  # (T-1, 3)
             steps = len(h.token_ids) if len(h.token_ids) == 6 else len(h.token_ids) + 1  # a forced <end> is no draw

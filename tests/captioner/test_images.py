@@ -152,7 +152,7 @@ def test_truncated_files_are_corrupt_images(fmt):
 def test_a_corrupt_body_behind_a_good_header_is_a_corrupt_image():
     data = bytearray(image_bytes(Image.new("RGB", (64, 64), RED), "PNG"))
     start = data.index(b"IDAT") + 4
-    data[start:start + 20] = b"\xff" * 20  # the compressed pixels become garbage
+    data[start : start + 20] = b"\xff" * 20  # the compressed pixels become garbage
     with pytest.raises(ImageError) as caught:
         open_image(bytes(data))
     assert caught.value.code == "corrupt_image"
@@ -208,8 +208,11 @@ def test_preset_resizes_the_whole_picture_without_cropping():
     assert pixels[1, 32, 32] > 200  # green in the middle
 
 
-@pytest.mark.parametrize("mean, std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)],
-                         ids=["per-channel", "uniform"])
+@pytest.mark.parametrize(
+    "mean, std",
+    [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)],
+    ids=["per-channel", "uniform"],
+)
 def test_preset_normalises_with_its_mean_and_std(mean, std):
     preset = ImagePreset(8, mean, std)
     x = preset(Image.new("RGB", (20, 10), (255, 0, 128)))
@@ -256,7 +259,10 @@ def test_image_errors_survive_pickling_with_code_and_message():
 
     error = pickle.loads(pickle.dumps(ImageError("not_an_image", "a text file")))
     assert isinstance(error, ImageError) and (error.code, error.message, str(error)) == (
-        "not_an_image", "a text file", "a text file")
+        "not_an_image",
+        "a text file",
+        "a text file",
+    )
 
 
 def reference_8_bit(image: Image.Image) -> np.ndarray:
@@ -266,15 +272,22 @@ def reference_8_bit(image: Image.Image) -> np.ndarray:
     return np.clip(a * scale, 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("mode, values", [
-    ("I;16", (0, 65536)), ("I", (-70000, 70000)), ("I", (-5, 250)), ("F", (-10.0, 300.0)), ("F", (0.0, 255.0)),
-])
+@pytest.mark.parametrize(
+    "mode, values",
+    [
+        ("I;16", (0, 65536)),
+        ("I", (-70000, 70000)),
+        ("I", (-5, 250)),
+        ("F", (-10.0, 300.0)),
+        ("F", (0.0, 255.0)),
+    ],
+)
 def test_deep_pictures_are_scaled_band_by_band_to_the_same_8_bit_pixels(mode, values):
     """The same pixels as before (PIXELS_VERSION stays), over several bands of rows."""
     generator = np.random.default_rng(0)
     low, high = values
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
-    a = (generator.integers(low, high, (3000, 700)) if mode != "F" else generator.uniform(low, high, (3000, 700)))
+    a = generator.integers(low, high, (3000, 700)) if mode != "F" else generator.uniform(low, high, (3000, 700))
     image = Image.fromarray(a.astype(dtype))
     assert image.mode == mode
     rgb = np.asarray(open_image(image_bytes(image, "PNG") if mode == "I;16" else image))
@@ -318,8 +331,9 @@ def test_a_picture_over_the_decode_budget_is_refused_before_decoding(no_decoding
     assert caught.value.code == "too_much_memory" and "RGBA" in caught.value.message
     assert no_decoding == []
     assert open_image(data, ImageLimits(max_decode_bytes=100 * 100 * 17)).size == (100, 100)
-    assert open_image(image_bytes(Image.new("RGB", (100, 100), RED), "PNG"),
-                      ImageLimits(max_decode_bytes=100 * 100 * 10)).size == (100, 100)
+    assert open_image(
+        image_bytes(Image.new("RGB", (100, 100), RED), "PNG"), ImageLimits(max_decode_bytes=100 * 100 * 10)
+    ).size == (100, 100)
 
 
 def rle8_bmp(width: int, height: int) -> bytes:

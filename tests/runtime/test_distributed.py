@@ -94,11 +94,24 @@ def free_port() -> int:
 
 def run_ranks(script: str, env: dict[str, str] | None = None) -> list[str]:
     """`script` run by two real processes, started as torchrun would (env:// rendezvous): their stdouts."""
-    common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-              "OMP_NUM_THREADS": "1", **(env or {})}
-    ranks = [subprocess.Popen([sys.executable, "-c", script], text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in (0, 1)]
+    common = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in (0, 1)
+    ]
     outputs = [p.communicate(timeout=120) for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs
     return [out for out, _ in outputs]
@@ -107,8 +120,10 @@ def run_ranks(script: str, env: dict[str, str] | None = None) -> list[str]:
 @pytest.mark.slow
 def test_two_ranks_agree_on_rank_0s_flag():
     """On gloo, with the CPU tensors the end-of-epoch agreement uses."""
-    assert [out.split() for out in run_ranks(RANK_SCRIPT)] == [["0", "2", "0", "True", "False"],
-                                                               ["1", "2", "1", "True", "False"]]
+    assert [out.split() for out in run_ranks(RANK_SCRIPT)] == [
+        ["0", "2", "0", "True", "False"],
+        ["1", "2", "1", "True", "False"],
+    ]
 
 
 COLLECTIVES_SCRIPT = """
@@ -124,7 +139,8 @@ dist.close()
 def test_what_one_rank_raises_reaches_all_and_rank_0_gathers_and_shares():
     assert run_ranks(COLLECTIVES_SCRIPT) == [
         repr((15, [{"rank": 0}, {"rank": 1}], "found by rank 0")) + "\n",
-        repr((15, None, "found by rank 0")) + "\n"]
+        repr((15, None, "found by rank 0")) + "\n",
+    ]
 
 
 @pytest.mark.slow
@@ -135,6 +151,8 @@ def test_a_group_formed_again_on_the_same_store_does_not_meet_the_dead_one():
     agent_store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True)  # torchrun's
     for restart in ("0", "1", "2"):
         env = {"MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": restart}
-        assert [out.split() for out in run_ranks(RANK_SCRIPT, env)] == [["0", "2", "0", "True", "False"],
-                                                                        ["1", "2", "1", "True", "False"]]
+        assert [out.split() for out in run_ranks(RANK_SCRIPT, env)] == [
+            ["0", "2", "0", "True", "False"],
+            ["1", "2", "1", "True", "False"],
+        ]
     del agent_store

@@ -54,7 +54,8 @@ def add_one_caption_split(root: Path, source: str, name: str, count: int) -> Non
         if a["image_id"] in kept:
             first.setdefault(a["image_id"], a)
     (root / "annotations" / f"captions_{name}.json").write_text(
-        json.dumps({**data, "images": images, "annotations": list(first.values())}))
+        json.dumps({**data, "images": images, "annotations": list(first.values())})
+    )
     folder = root / "images" / name
     folder.mkdir(parents=True, exist_ok=True)
     for image in images:
@@ -71,8 +72,9 @@ def coco_layout(shapes_root: Path, root: Path) -> Path:
         folder.mkdir()
         for image in data["images"]:
             name = Path(image["file_name"]).with_suffix(".jpg").name
-            Image.open(shapes_root / "images" / split / image["file_name"]).convert("RGB").save(folder / name,
-                                                                                                quality=90)
+            Image.open(shapes_root / "images" / split / image["file_name"]).convert("RGB").save(
+                folder / name, quality=90
+            )
             image["file_name"] = name
         (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(data))
     return root
@@ -99,9 +101,20 @@ def dirty_coco(shapes_root, tmp_path_factory) -> DirtyData:
 
 def train_config(data: Path, out: Path, **overrides) -> TrainConfig:
     """Quick, quiet, single-threaded settings; the feature cache goes beside the run."""
-    fields = dict(data=str(data), out=str(out), epochs=2, batch_size=8, captions_per_image=5, lr=0.01,
-                  warmup_steps=0, threads=1, workers=0, progress=False, patience=100,
-                  cache_dir=str(Path(out).parent / "features"))
+    fields = dict(
+        data=str(data),
+        out=str(out),
+        epochs=2,
+        batch_size=8,
+        captions_per_image=5,
+        lr=0.01,
+        warmup_steps=0,
+        threads=1,
+        workers=0,
+        progress=False,
+        patience=100,
+        cache_dir=str(Path(out).parent / "features"),
+    )
     return TrainConfig(**{**fields, **overrides})
 
 

@@ -35,15 +35,21 @@ def write_coco_split(root: Path, folder: str, images: list, uncaptioned: int | N
     annotations = [{"id": 1000 - n, "image_id": i, "caption": c} for n, (i, c) in enumerate(texts)]
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / f"captions_{folder}.json").write_text(
-        json.dumps({"info": {}, "licenses": [], "images": entries, "annotations": annotations}))
+        json.dumps({"info": {}, "licenses": [], "images": entries, "annotations": annotations})
+    )
     for _, name, _ in images:
         write_image(root / folder / name)
 
 
 def karpathy_entry(cocoid: int, folder: str, split: str, sentences: list[str]) -> dict:
     return {
-        "filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg", "cocoid": cocoid, "split": split,
-        "imgid": cocoid, "sentids": [], "sentences": [{"raw": s, "tokens": s.lower().split()} for s in sentences],
+        "filepath": folder,
+        "filename": f"COCO_{folder}_{cocoid:012d}.jpg",
+        "cocoid": cocoid,
+        "split": split,
+        "imgid": cocoid,
+        "sentids": [],
+        "sentences": [{"raw": s, "tokens": s.lower().split()} for s in sentences],
     }
 
 

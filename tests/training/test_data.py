@@ -27,6 +27,7 @@ def epoch_batches(batches: CaptionBatches, epoch: int, skip: int = 0) -> list[tu
 
 # ---------------------------------------------------------------- encode_captions and pad
 
+
 def test_encode_captions_wraps_each_caption_in_start_and_end():
     [[ids]] = encode_captions([["A red circle."]], VOCAB, max_words=20)
     assert ids == [VOCAB.start_id, *(VOCAB.words.index(w) for w in ("a", "red", "circle")), VOCAB.end_id]
@@ -37,7 +38,7 @@ def test_encode_captions_cuts_long_captions_and_keeps_start_and_end(max_words):
     text = "a red circle above a blue square"  # 7 words
     [[ids]] = encode_captions([[text]], VOCAB, max_words)
     full = VOCAB.encode(text)
-    assert ids == full[:1 + max_words] + [VOCAB.end_id]
+    assert ids == full[: 1 + max_words] + [VOCAB.end_id]
     assert len(ids) == max_words + 2
 
 
@@ -60,6 +61,7 @@ def test_pad_right_pads_with_zeros_to_the_longest():
 
 # ---------------------------------------------------------------- CaptionBatches
 
+
 @pytest.mark.parametrize("images,batch_size", [(10, 3), (12, 4), (5, 8)])
 def test_an_epoch_shows_every_image_exactly_once(images, batch_size):
     batches = CaptionBatches(numbered_captions(images), batch_size, captions_per_image=2, seed=0)
@@ -75,7 +77,7 @@ def test_rows_i_k_to_i_k_plus_k_are_captions_of_image_i(k):
     for batch in batches.epoch(1):
         assert batch.captions.shape[0] == len(batch.indices) * k
         for n, image in enumerate(batch.indices):
-            rows = [source(r) for r in batch.captions[n * k:(n + 1) * k]]
+            rows = [source(r) for r in batch.captions[n * k : (n + 1) * k]]
             assert [i for i, _ in rows] == [image] * k
             assert len({j for _, j in rows}) == k  # k different captions of the 5
 
@@ -85,7 +87,7 @@ def test_an_image_with_fewer_captions_than_k_repeats_them():
     batches = CaptionBatches(captions, batch_size=2, captions_per_image=3, seed=0)
     [batch] = list(batches.epoch(0))
     for n, image in enumerate(batch.indices):
-        rows = batch.captions[n * 3:(n + 1) * 3, 1].tolist()
+        rows = batch.captions[n * 3 : (n + 1) * 3, 1].tolist()
         assert set(rows) <= {c[1] for c in captions[image]}
         assert len(rows) == 3
 

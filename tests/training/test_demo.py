@@ -47,8 +47,7 @@ def test_an_existing_model_is_used_without_training(tiny_checkpoint, tmp_path, n
     assert no_exec == []
 
 
-def test_the_default_workdir_is_under_captioner_home(tiny_checkpoint, tmp_path, monkeypatch, no_build, no_exec,
-                                                      capsys):
+def test_the_default_workdir_is_under_captioner_home(tiny_checkpoint, tmp_path, monkeypatch, no_build, no_exec, capsys):
     monkeypatch.setenv("CAPTIONER_HOME", str(tmp_path / "home"))
     (tmp_path / "home" / "demo").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, tmp_path / "home" / "demo" / "model.safetensors")
@@ -63,8 +62,18 @@ def test_serving_hands_over_to_the_serve_command(tiny_checkpoint, tmp_path, no_b
     demo.main(cli_args(["--workdir", str(workdir), "--host", "0.0.0.0", "--port", "8123"]))
     [(path, argv)] = no_exec
     assert path == sys.executable
-    assert argv == [sys.executable, "-m", "cli", "serve", "--checkpoint", str(workdir / "model.safetensors"),
-                    "--host", "0.0.0.0", "--port", "8123"]
+    assert argv == [
+        sys.executable,
+        "-m",
+        "cli",
+        "serve",
+        "--checkpoint",
+        str(workdir / "model.safetensors"),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8123",
+    ]
 
 
 def cli_args(argv):
@@ -77,18 +86,35 @@ def cli_args(argv):
 def small_recipe(monkeypatch):
     """The demo's recipe with the tiny encoder and a handful of images."""
     monkeypatch.setattr(demo, "DEMO_MODEL", small_model())
-    monkeypatch.setattr(demo, "DEMO_TRAINING", TrainConfig(**{
-        **demo.DEMO_TRAINING.model_dump(), "batch_size": 8, "lr": 0.01, "warmup_steps": 0, "threads": 1,
-        "workers": 0, "val_limit": 0}))
+    monkeypatch.setattr(
+        demo,
+        "DEMO_TRAINING",
+        TrainConfig(
+            **{
+                **demo.DEMO_TRAINING.model_dump(),
+                "batch_size": 8,
+                "lr": 0.01,
+                "warmup_steps": 0,
+                "threads": 1,
+                "workers": 0,
+                "val_limit": 0,
+            }
+        ),
+    )
     monkeypatch.setattr(demo, "DEMO_SPLITS", {"train": 24, "val": 8, "test": 8})
 
 
 @pytest.mark.slow
-def test_demo_builds_evaluates_and_saves_the_default_model_then_reuses_it(small_recipe, tmp_path, no_exec,
-                                                                          monkeypatch, capsys):
+def test_demo_builds_evaluates_and_saves_the_default_model_then_reuses_it(
+    small_recipe, tmp_path, no_exec, monkeypatch, capsys
+):
     workdir = tmp_path / "work"
-    assert cli.main(["demo", "--no-serve", "--no-progress", "--workdir", str(workdir), "--epochs", "3",
-                     "--train-images", "16"]) == 0
+    assert (
+        cli.main(
+            ["demo", "--no-serve", "--no-progress", "--workdir", str(workdir), "--epochs", "3", "--train-images", "16"]
+        )
+        == 0
+    )
     assert "saved the default model" in capsys.readouterr().out
     model, card = load_checkpoint(workdir / "model.safetensors")
     assert model.config == small_model()

@@ -32,16 +32,58 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 EPOCHS = 12  # of 3 steps: each rank trains on half of the 24 images, 4 per step
-TRAINING = ["--epochs", str(EPOCHS), "--batch-size", "4", "--lr", "0.01", "--warmup-steps", "0", "--patience", "100",
-            "--threads", "1", "--workers", "0", "--no-progress", "--encoder", "tiny", "--embed-dim", "16",
-            "--region-dim", "16", "--hidden-dim", "32", "--attention-dim", "16", "--dropout", "0.2"]
+TRAINING = [
+    "--epochs",
+    str(EPOCHS),
+    "--batch-size",
+    "4",
+    "--lr",
+    "0.01",
+    "--warmup-steps",
+    "0",
+    "--patience",
+    "100",
+    "--threads",
+    "1",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--encoder",
+    "tiny",
+    "--embed-dim",
+    "16",
+    "--region-dim",
+    "16",
+    "--hidden-dim",
+    "32",
+    "--attention-dim",
+    "16",
+    "--dropout",
+    "0.2",
+]
 
 
 def torchrun(data: Path, out: Path, *flags: str, max_restarts: int = 0) -> list[str]:
     # standalone: a free port of its own
-    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--max-restarts", str(max_restarts),
-            "-m", "cli", "train", "--data", str(data), "--out", str(out), "--cache-dir", str(out.parent / "features"),
-            *TRAINING, *flags]
+    return [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        "cli",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(out.parent / "features"),
+        *TRAINING,
+        *flags,
+    ]
 
 
 def environment(tmp: Path) -> dict[str, str]:
@@ -80,8 +122,9 @@ def module_tmp(tmp_path_factory):
 def together(shapes_root, module_tmp) -> tuple[Path, subprocess.CompletedProcess]:
     """An uninterrupted run of two ranks: what the interrupted ones must equal."""
     out = module_tmp / "together"
-    done = subprocess.run(torchrun(shapes_root, out), env=environment(module_tmp), capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        torchrun(shapes_root, out), env=environment(module_tmp), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return out, done
 
@@ -104,8 +147,11 @@ def test_validation_split_across_ranks_equals_one_process(together, shapes_root)
     split = load_split(shapes_root, "val")
     alone = evaluate(model, encode_images(model.encoder, split.image_paths, workers=0), split, 0, 1)
     assert alone["CIDEr"] > 0
-    assert history(out)[-1] == {"epoch": EPOCHS, "loss": history(out)[-1]["loss"],
-                                **{f"val_{k}": round(v, 4) for k, v in alone.items()}}
+    assert history(out)[-1] == {
+        "epoch": EPOCHS,
+        "loss": history(out)[-1]["loss"],
+        **{f"val_{k}": round(v, 4) for k, v in alone.items()},
+    }
 
 
 SHARED_VALIDATION = """
@@ -142,8 +188,10 @@ def test_validation_decodes_a_share_per_rank_and_scores_as_one_process(together,
     """8 images in batches of 3: rank 0 decodes batches 1 and 3, rank 1 batch 2; rank 0's scores are
     one process's, to the last bit, greedy and beam."""
     out, _ = together
-    ranks = [json.loads(o) for o in run_ranks(SHARED_VALIDATION.format(checkpoint=str(out / "best.safetensors"),
-                                                                       data=str(shapes_root)))]
+    ranks = [
+        json.loads(o)
+        for o in run_ranks(SHARED_VALIDATION.format(checkpoint=str(out / "best.safetensors"), data=str(shapes_root)))
+    ]
     ids = load_split(shapes_root, "val").image_ids
     assert ranks[0]["decoded"][:5] == ids[:3] + ids[6:] and ranks[1]["decoded"] == ids[3:6] * 2
     for beam in ("1", "2"):
@@ -178,8 +226,13 @@ def test_a_worker_killed_is_restarted_and_the_run_ends_as_if_never_interrupted(t
     """torchrun --max-restarts 1: rank 1 SIGKILLed after the resume state of step 4 is on disk; torchrun
     restarts both workers, which resume from OUT/last.pt without --resume."""
     out = tmp_path / "run"
-    process = subprocess.Popen(torchrun(shapes_root, out, "--checkpoint-every", "2", max_restarts=1),
-                               env=environment(tmp_path), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        torchrun(shapes_root, out, "--checkpoint-every", "2", max_restarts=1),
+        env=environment(tmp_path),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_step(process, out, 4)
         os.kill(worker_pid(process.pid, rank=1), signal.SIGKILL)
@@ -187,8 +240,9 @@ def test_a_worker_killed_is_restarted_and_the_run_ends_as_if_never_interrupted(t
     finally:
         process.kill()
     assert process.returncode == 0, stdout + stderr
-    resumed = re.findall(r"torchrun restarted the workers \(restart 1\): resuming from .*last\.pt at step (\d+)",
-                         stdout)
+    resumed = re.findall(
+        r"torchrun restarted the workers \(restart 1\): resuming from .*last\.pt at step (\d+)", stdout
+    )
     assert len(resumed) == 1 and 4 <= int(resumed[0]) < EPOCHS * 3, stdout + stderr
     assert_same_run(together[0], out)
 
@@ -196,8 +250,13 @@ def test_a_worker_killed_is_restarted_and_the_run_ends_as_if_never_interrupted(t
 def test_early_stopping_stops_both_ranks(shapes_root, tmp_path):
     """With lr 0 no epoch beats the first: after patience 1, both ranks stop (or rank 1 would wait forever)."""
     out = tmp_path / "run"
-    done = subprocess.run(torchrun(shapes_root, out, "--lr", "0", "--patience", "1"), env=environment(tmp_path),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        torchrun(shapes_root, out, "--lr", "0", "--patience", "1"),
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("early stop") == 1
     assert [h["epoch"] for h in history(out)] == [1, 2]
@@ -206,8 +265,9 @@ def test_early_stopping_stops_both_ranks(shapes_root, tmp_path):
 
 def test_bad_images_stop_every_rank_before_any_work(dirty_coco, tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run(torchrun(dirty_coco.root, out), env=environment(tmp_path), capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        torchrun(dirty_coco.root, out), env=environment(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode != 0
     assert done.stderr.count("captioner train: error: 2 of 24 images of split 'train' cannot be used:") == 1
     assert re.search(r"exitcode\s*: 2", done.stderr)  # torchrun's report of its workers

@@ -23,8 +23,15 @@ from training.coco import load_split
 from training.evaluate import evaluate, format_scores, score_predictions
 
 COCO_NAMES = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
-TRUTH_NAMES = ["exact_object_set", "object_precision", "object_recall", "relation_accuracy", "relation_count",
-               "pointing_accuracy", "pointing_count"]
+TRUTH_NAMES = [
+    "exact_object_set",
+    "object_precision",
+    "object_recall",
+    "relation_accuracy",
+    "relation_count",
+    "pointing_accuracy",
+    "pointing_count",
+]
 # Raw references: case and punctuation that both tokenizers drop.
 REFERENCES = {
     1: ["A red circle above a blue square.", "a red circle and a blue square"],
@@ -80,8 +87,9 @@ def test_the_official_cider_of_the_hand_case(scorer):
 
 
 def test_the_fast_cider_tokenizes_like_the_vocabulary():
-    assert cider({1: ["A RED, circle."], 2: ["a blue square"]}, {1: "a red circle", 2: "a blue square"}) == \
-        pytest.approx(cider({1: ["a red circle"], 2: ["a blue square"]}, {1: "a red circle", 2: "a blue square"}))
+    assert cider(
+        {1: ["A RED, circle."], 2: ["a blue square"]}, {1: "a red circle", 2: "a blue square"}
+    ) == pytest.approx(cider({1: ["a red circle"], 2: ["a blue square"]}, {1: "a red circle", 2: "a blue square"}))
 
 
 def test_scoring_needs_references_for_every_prediction():
@@ -123,11 +131,11 @@ def test_evaluate_a_shapes_split_end_to_end(tiny_checkpoint, shapes_root, scorer
     assert sorted(coco.loadRes(str(written)).getImgIds()) == split.image_ids
 
     assert list(scores) == COCO_NAMES + TRUTH_NAMES
-    assert all(0.0 <= scores[name] for name in COCO_NAMES)
+    assert all(scores[name] >= 0.0 for name in COCO_NAMES)
     assert isinstance(scores["pointing_count"], int) and isinstance(scores["relation_count"], int)
     saved = json.loads((tmp_path / "scores_val.json").read_text(), parse_constant=pytest.fail)  # no NaN in JSON
     assert list(saved) == list(scores)
-    assert all(saved[n] == scores[n] or saved[n] is None and math.isnan(scores[n]) for n in scores)
+    assert all(saved[n] == scores[n] or (saved[n] is None and math.isnan(scores[n])) for n in scores)
 
 
 @pytest.mark.slow
@@ -143,16 +151,34 @@ def test_score_predictions_takes_decoded_tokens_and_adds_the_truth(shapes_root, 
 
 def test_format_scores_aligns_names_and_keeps_counts_whole():
     table = format_scores({"CIDEr": 0.51234, "relation_count": 3, "pointing_accuracy": math.nan})
-    assert table.splitlines() == ["CIDEr              0.5123", "relation_count     3",
-                                  "pointing_accuracy  nan"]
+    assert table.splitlines() == ["CIDEr              0.5123", "relation_count     3", "pointing_accuracy  nan"]
 
 
 @pytest.mark.slow
 def test_evaluate_command_writes_results_and_scores(tiny_checkpoint, shapes_root, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = cli_main(["evaluate", str(tiny_checkpoint), "--data", str(shapes_root), "--split", "val",
-                     "--limit", "3", "--method", "beam", "--beam-size", "2", "--max-length", "5",
-                     "--batch-size", "2", "--out", str(out)])
+    code = cli_main(
+        [
+            "evaluate",
+            str(tiny_checkpoint),
+            "--data",
+            str(shapes_root),
+            "--split",
+            "val",
+            "--limit",
+            "3",
+            "--method",
+            "beam",
+            "--beam-size",
+            "2",
+            "--max-length",
+            "5",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results_val.json").read_text())
     assert [r["image_id"] for r in results] == [1, 2, 3]
@@ -164,26 +190,28 @@ def test_evaluate_command_writes_results_and_scores(tiny_checkpoint, shapes_root
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_evaluate_on_a_device_this_machine_lacks_exits_2(tiny_checkpoint, shapes_root, tmp_path, capsys):
-    code = cli_main(["evaluate", str(tiny_checkpoint), "--data", str(shapes_root), "--device", "cuda:1",
-                     "--out", str(tmp_path)])
+    code = cli_main(
+        ["evaluate", str(tiny_checkpoint), "--data", str(shapes_root), "--device", "cuda:1", "--out", str(tmp_path)]
+    )
     assert code == 2
     assert "device cuda:1: no CUDA GPU is available here" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--workers", "0"), ("--limit", "0"),
-                                        ("--limit", "2.5")])
-def test_a_refused_number_is_a_usage_error_naming_its_flag(tiny_checkpoint, shapes_root, tmp_path, capsys, flag,
-                                                            value):
-    code = cli_main(["evaluate", str(tiny_checkpoint), "--data", str(shapes_root), "--out", str(tmp_path),
-                     flag, value])
+@pytest.mark.parametrize(
+    "flag,value", [("--batch-size", "0"), ("--workers", "0"), ("--limit", "0"), ("--limit", "2.5")]
+)
+def test_a_refused_number_is_a_usage_error_naming_its_flag(tiny_checkpoint, shapes_root, tmp_path, capsys, flag, value):
+    code = cli_main(["evaluate", str(tiny_checkpoint), "--data", str(shapes_root), "--out", str(tmp_path), flag, value])
     assert code == 2
     assert capsys.readouterr().err.startswith(f"captioner evaluate: error: {flag}: ")
     assert not list(tmp_path.iterdir())
 
 
 def test_importing_evaluation_loads_no_coco_tools():
-    code = ("import sys, training.evaluate, training.coco, training.caption_metrics; "
-            "print(sorted(m for m in sys.modules if m.startswith(('pycocotools', 'pycocoevalcap', 'training.shapes'))))")
+    code = (
+        "import sys, training.evaluate, training.coco, training.caption_metrics; "
+        "print(sorted(m for m in sys.modules if m.startswith(('pycocotools', 'pycocoevalcap', 'training.shapes'))))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

@@ -116,8 +116,9 @@ def test_new_encoder_weights_make_a_new_cache(encoder, images, tmp_path):
     assert spy.images == len(images)
     assert len(npy_files(cache)) == 2
     assert not np.array_equal(np.asarray(after), before)
-    np.testing.assert_allclose(np.asarray(after, dtype=np.float32), direct_features(encoder, images).numpy(),
-                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        np.asarray(after, dtype=np.float32), direct_features(encoder, images).numpy(), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_another_encoder_of_the_same_kind_makes_a_new_cache(images, tmp_path):
@@ -162,8 +163,9 @@ def test_a_rewritten_image_gets_its_new_features(encoder, images, tmp_path):
     after = np.asarray(cached_features(encoder, images, cache, "x", workers=0, progress=False))
     assert not np.array_equal(after[3], before[3])
     np.testing.assert_array_equal(np.delete(after, 3, axis=0), np.delete(before, 3, axis=0))
-    np.testing.assert_allclose(after[3].astype(np.float32), direct_features(encoder, images[3:4])[0].numpy(),
-                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        after[3].astype(np.float32), direct_features(encoder, images[3:4])[0].numpy(), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_another_image_set_or_name_makes_a_new_cache(encoder, images, tmp_path):
@@ -187,8 +189,9 @@ def test_an_interrupted_build_leaves_no_cache_behind(encoder, images, tmp_path):
 
     Image.new("RGB", (224, 224), (10, 200, 10)).save(images[4])  # mended: the next call builds it whole
     features = cached_features(encoder, images, cache, "x", batch_size=2, workers=0, progress=False)
-    np.testing.assert_allclose(np.asarray(features, dtype=np.float32), direct_features(encoder, images).numpy(),
-                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        np.asarray(features, dtype=np.float32), direct_features(encoder, images).numpy(), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_the_build_shows_a_progress_bar_named_after_the_set(encoder, images, tmp_path, capsys):

@@ -40,6 +40,7 @@ def one_thread():
 
 # ---------------------------------------------------------------- CIDEr-D
 
+
 def random_corpus(images: int, seed: int) -> tuple[list[list[str]], list[str]]:
     """References (1-5 per image) and one candidate per image, from a small vocabulary so n-grams repeat."""
     rng = random.Random(seed)
@@ -79,13 +80,15 @@ def test_empty_and_unrelated_candidates_score_zero():
 
 def test_the_length_penalty_lowers_a_longer_copy_by_a_gaussian_of_sigma_6():
     reference, longer = "a red circle above a blue square", "a red circle above a blue square above a blue square"
-    penalised, unpenalised = (CiderD(CORPUS, sigma=s).scores([reference, longer], [[reference]] * 2)
-                              for s in (6.0, 1e9))
+    penalised, unpenalised = (
+        CiderD(CORPUS, sigma=s).scores([reference, longer], [[reference]] * 2) for s in (6.0, 1e9)
+    )
     assert penalised[1] < penalised[0] == pytest.approx(10.0)
     assert penalised[1] / unpenalised[1] == pytest.approx(math.exp(-(4**2) / (2 * 6**2)))  # 4 words longer
 
 
 # ---------------------------------------------------------------- the loss
+
 
 def step_log_prob(decoder, features: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     """log p(words, <end> | image) of one image's caption, one `step()` at a time."""
@@ -128,8 +131,9 @@ def test_gradient_is_minus_advantage_times_the_sampled_log_probs_only():
     with torch.no_grad():  # the same decodings, by hand
         memory = decoder.prepare(features)
         samples = sample(decoder, memory, K, 8, seed=7)
-        baseline = cider.scores([" ".join(model.vocab.decode(h.token_ids)) for h in greedy(decoder, memory, 8)],
-                                references)
+        baseline = cider.scores(
+            [" ".join(model.vocab.decode(h.token_ids)) for h in greedy(decoder, memory, 8)], references
+        )
     expected = torch.zeros(())
     for i, hyps in enumerate(samples):
         rewards = cider.scores([" ".join(model.vocab.decode(h.token_ids)) for h in hyps], [references[i]] * K)
@@ -146,8 +150,16 @@ def test_gradient_is_minus_advantage_times_the_sampled_log_probs_only():
 def test_zero_advantage_gives_zero_gradient():
     model = talkative_tiny_model()
     nothing_in_common = [["zebra crossing"]] * 2  # every caption, sampled or greedy, scores 0
-    loss, stats = scst_loss(model.decoder, region_features(model, 2), nothing_in_common,
-                            CiderD(CORPUS), model.vocab, 3, max_length=8, seed=0)
+    loss, stats = scst_loss(
+        model.decoder,
+        region_features(model, 2),
+        nothing_in_common,
+        CiderD(CORPUS),
+        model.vocab,
+        3,
+        max_length=8,
+        seed=0,
+    )
     assert stats["sample_reward"] == stats["greedy_reward"] == 0.0
     assert all(bool((g == 0).all()) for g in grads(loss, model.decoder))
 
@@ -171,6 +183,7 @@ def test_a_few_scst_steps_raise_the_reward():
 
 # ---------------------------------------------------------------- under DistributedDataParallel
 
+
 def scst_gradients_on_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
     """One rank of a gloo group: its own images, re-scored through the DDP-wrapped decoder; saves
     the decoder's gradients after backward."""
@@ -180,8 +193,9 @@ def scst_gradients_on_rank(rank: int, world_size: int, init_file: str, out: str)
         model, features, references, cider = ddp_case()
         mine = slice(2 * rank, 2 * rank + 2)
         wrapped = torch.nn.parallel.DistributedDataParallel(model.decoder)
-        loss, _ = scst_loss(model.decoder, features[mine], references[mine], cider, model.vocab, 3, 8, seed=rank,
-                            learner=wrapped)
+        loss, _ = scst_loss(
+            model.decoder, features[mine], references[mine], cider, model.vocab, 3, 8, seed=rank, learner=wrapped
+        )
         loss.backward()
         torch.save([p.grad for p in model.decoder.parameters()], f"{out}/{rank}.pt")
     finally:

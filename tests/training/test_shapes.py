@@ -24,8 +24,7 @@ SEED = 3
 
 # Written out from the contract rather than imported, so the tests check the module.
 DOC_VOCABULARY = set(
-    "a there is are picture of single two three shapes and on background to the left right above below "
-    "small little large big red green blue yellow purple circle square triangle diamond white gray dark black".split()
+    ["a", "there", "is", "are", "picture", "of", "single", "two", "three", "shapes", "and", "on", "background", "to", "the", "left", "right", "above", "below", "small", "little", "large", "big", "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "diamond", "white", "gray", "dark", "black"]
 )
 DOC_BACKGROUNDS = {
     "white": (240, 240, 240),
@@ -226,7 +225,7 @@ def check_placement(objects: list[tuple[str, str, str, tuple]]) -> None:
     for _, _, size, (x, y, w, h) in objects:
         lo, hi = (36, 48) if size == "small" else (72, 96)
         assert w == h and lo <= w <= hi
-        assert 8 <= x and x + w <= 216 and 8 <= y and y + h <= 216
+        assert x >= 8 and x + w <= 216 and y >= 8 and y + h <= 216
     for (*_, (ax, ay, aw, ah)), (*_, (bx, by, bw, bh)) in itertools.combinations(objects, 2):
         overlap_x = ax - 4 < bx + bw + 4 and bx - 4 < ax + aw + 4
         overlap_y = ay - 4 < by + bh + 4 and by - 4 < ay + ah + 4

@@ -48,7 +48,9 @@ def last_state(out: Path) -> dict:
 
 def history(out: Path) -> list[dict]:
     """history.json without the wall-clock seconds."""
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in json.loads((Path(out) / "history.json").read_text())]
+    return [
+        {k: v for k, v in h.items() if k != "seconds"} for h in json.loads((Path(out) / "history.json").read_text())
+    ]
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -65,8 +67,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert_same_tensors(moments(sa), moments(sb))
     assert (sa["epoch"], sa["batch"], sa["step"]) == (sb["epoch"], sb["batch"], sb["step"])
     assert history(a) == history(b)
-    assert_same_tensors(load_checkpoint(a / "best.safetensors")[0].state_dict(),
-                        load_checkpoint(b / "best.safetensors")[0].state_dict())
+    assert_same_tensors(
+        load_checkpoint(a / "best.safetensors")[0].state_dict(), load_checkpoint(b / "best.safetensors")[0].state_dict()
+    )
 
 
 def initial_model(shapes_root: Path, config, seed: int = 0):
@@ -102,6 +105,7 @@ def uninterrupted(shapes_root, module_tmp):
 
 
 # ---------------------------------------------------------------- pieces
+
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
     config = TrainConfig(lr=1.0, warmup_steps=4)
@@ -160,6 +164,7 @@ def test_a_saved_model_is_readable_by_other_users(tiny_model, tmp_path):
 
 # ---------------------------------------------------------------- it learns
 
+
 def test_a_tiny_run_learns(learning_run):
     runs = history(learning_run)
     assert [h["epoch"] for h in runs] == [1, 2, 3, 4, 5, 6]
@@ -175,8 +180,17 @@ def test_a_tiny_run_learns(learning_run):
 
 def test_it_learns_a_small_set_by_heart(shapes_root, tmp_path):
     """4 images, one caption each, validated on themselves: greedy decoding gives back every caption."""
-    config = train_config(shapes_root, tmp_path / "run", train_split="one", val_split="one", epochs=40,
-                          batch_size=4, captions_per_image=1, lr=0.02, alpha_c=0.0)
+    config = train_config(
+        shapes_root,
+        tmp_path / "run",
+        train_split="one",
+        val_split="one",
+        epochs=40,
+        batch_size=4,
+        captions_per_image=1,
+        lr=0.02,
+        alpha_c=0.0,
+    )
     best = train(config, small_model(region_dim=64))
     losses = [h["loss"] for h in history(tmp_path / "run")]
     assert losses[-1] < 0.1 < 2.0 < losses[0]
@@ -184,8 +198,10 @@ def test_it_learns_a_small_set_by_heart(shapes_root, tmp_path):
     model, card = load_checkpoint(best)
     split = load_split(shapes_root, "one")
     features = torch.from_numpy(encode_images(model.encoder, split.image_paths, workers=0).astype(np.float32))
-    decoded = [" ".join(model.vocab.words[i] for i in hyps[0].token_ids)
-               for hyps in model.caption_features(features, DecodeOptions(method="greedy"))]
+    decoded = [
+        " ".join(model.vocab.words[i] for i in hyps[0].token_ids)
+        for hyps in model.caption_features(features, DecodeOptions(method="greedy"))
+    ]
     assert decoded == [" ".join(tokenize(refs[0])) for refs in split.captions]
     assert card["scores"]["val_CIDEr"] == pytest.approx(10.0)  # CIDEr's ceiling: every caption exact
 
@@ -196,11 +212,13 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(shapes_root, 
     assert_same_run(uninterrupted, again)
     other = tmp_path / "other"
     train(resume_config(shapes_root, other, seed=1), RESUME_MODEL)
-    assert not torch.equal(last_state(other)["model"]["decoder.out.weight"],
-                           last_state(uninterrupted)["model"]["decoder.out.weight"])
+    assert not torch.equal(
+        last_state(other)["model"]["decoder.out.weight"], last_state(uninterrupted)["model"]["decoder.out.weight"]
+    )
 
 
 # ---------------------------------------------------------------- files
+
 
 def test_checkpoints_are_whole_files_with_a_model_card(learning_run):
     assert not [p for p in learning_run.rglob("*") if p.name.endswith(".tmp")]
@@ -226,7 +244,8 @@ def test_tensorboard_gets_training_and_validation_scalars(learning_run):
     assert {"train/loss", "train/cross_entropy", "train/grad_norm", "train/lr", "val/CIDEr"} <= tags
     assert [e.step for e in accumulator.Scalars("val/CIDEr")] == [1, 2, 3, 4, 5, 6]
     assert [e.value for e in accumulator.Scalars("val/CIDEr")] == pytest.approx(
-        [h["val_CIDEr"] for h in history(learning_run)], abs=1e-4)
+        [h["val_CIDEr"] for h in history(learning_run)], abs=1e-4
+    )
 
 
 def test_later_runs_reuse_the_feature_cache(shapes_root, tmp_path, monkeypatch):
@@ -256,6 +275,7 @@ def test_without_a_cache_dir_features_go_to_captioner_home(shapes_root, tmp_path
 
 
 # ---------------------------------------------------------------- early stopping
+
 
 @pytest.mark.parametrize("patience", [1, 2])
 def test_early_stopping_after_patience_epochs_without_a_better_cider(shapes_root, tmp_path, patience, capsys):
@@ -290,8 +310,10 @@ def test_mixed_precision_on_cpu_trains(shapes_root, tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-def test_resume_after_a_crash_between_epochs_equals_an_uninterrupted_run(shapes_root, uninterrupted, tmp_path,
-                                                                         monkeypatch):
+
+def test_resume_after_a_crash_between_epochs_equals_an_uninterrupted_run(
+    shapes_root, uninterrupted, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     validations = []
 
@@ -330,8 +352,9 @@ def stop_at_step(monkeypatch, step: int, how: str) -> None:
 
 
 @pytest.mark.parametrize("step", [2, 3, 4])  # mid epoch 1, its last step, mid epoch 2
-def test_resume_after_sigint_mid_epoch_equals_an_uninterrupted_run(shapes_root, uninterrupted, tmp_path,
-                                                                   monkeypatch, step, capsys):
+def test_resume_after_sigint_mid_epoch_equals_an_uninterrupted_run(
+    shapes_root, uninterrupted, tmp_path, monkeypatch, step, capsys
+):
     out = tmp_path / "run"
     stop_at_step(monkeypatch, step, "signal")
     train(resume_config(shapes_root, out), RESUME_MODEL)
@@ -352,7 +375,8 @@ def test_sigint_handlers_are_restored_after_training(shapes_root, tmp_path):
 
 @pytest.mark.parametrize("crash,saved", [(3, (0, 2, 2)), (5, (1, 1, 4))])
 def test_resume_from_a_periodic_checkpoint_after_a_crash_equals_an_uninterrupted_run(
-        shapes_root, uninterrupted, tmp_path, monkeypatch, crash, saved):
+    shapes_root, uninterrupted, tmp_path, monkeypatch, crash, saved
+):
     out = tmp_path / "run"
     stop_at_step(monkeypatch, crash, "crash")  # checkpoint_every=2 saved the state of the step before
     with pytest.raises(RuntimeError, match="power cut"):
@@ -394,13 +418,16 @@ def test_a_torchrun_restart_resumes_by_itself(shapes_root, uninterrupted, tmp_pa
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     train(resume_config(shapes_root, out, checkpoint_every=2), RESUME_MODEL)
-    assert f"torchrun restarted the workers (restart 1): resuming from {out / 'last.pt'} at step 4" in \
-        capsys.readouterr().out
+    assert (
+        f"torchrun restarted the workers (restart 1): resuming from {out / 'last.pt'} at step 4"
+        in capsys.readouterr().out
+    )
     assert_same_run(uninterrupted, out)
 
 
-def test_a_torchrun_restart_does_not_resume_another_jobs_state(shapes_root, uninterrupted, tmp_path, monkeypatch,
-                                                               capsys):
+def test_a_torchrun_restart_does_not_resume_another_jobs_state(
+    shapes_root, uninterrupted, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     crash_in_step_5(shapes_root, out, monkeypatch, "job-1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
@@ -410,8 +437,7 @@ def test_a_torchrun_restart_does_not_resume_another_jobs_state(shapes_root, unin
     assert_same_run(uninterrupted, out)
 
 
-def test_resume_keeps_the_runs_model_settings_and_vocabulary(shapes_root, uninterrupted, tmp_path, monkeypatch,
-                                                             capsys):
+def test_resume_keeps_the_runs_model_settings_and_vocabulary(shapes_root, uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     stop_at_step(monkeypatch, 2, "signal")
     train(resume_config(shapes_root, out), RESUME_MODEL)
@@ -439,14 +465,47 @@ def test_resume_of_a_finished_run_changes_nothing(shapes_root, tmp_path):
 @pytest.mark.slow
 def test_captioner_train_stopped_by_sigint_resumes_to_the_uninterrupted_result(shapes_root, tmp_path):
     """The real thing: `captioner train` in its own process, SIGINT once its first checkpoint is on disk."""
-    args = ["--data", str(shapes_root), "--out", str(tmp_path / "run"), "--epochs", "12", "--batch-size", "4",
-            "--lr", "0.01", "--warmup-steps", "0", "--patience", "100", "--threads", "1", "--workers", "0",
-            "--no-progress", "--cache-dir", str(tmp_path / "features"), "--checkpoint-every", "1",
-            "--encoder", "tiny", "--embed-dim", "32", "--region-dim", "32", "--hidden-dim", "64",
-            "--attention-dim", "32", "--dropout", "0.2"]
+    args = [
+        "--data",
+        str(shapes_root),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--warmup-steps",
+        "0",
+        "--patience",
+        "100",
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "features"),
+        "--checkpoint-every",
+        "1",
+        "--encoder",
+        "tiny",
+        "--embed-dim",
+        "32",
+        "--region-dim",
+        "32",
+        "--hidden-dim",
+        "64",
+        "--attention-dim",
+        "32",
+        "--dropout",
+        "0.2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([str(BIN / "captioner"), "train", *args], env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [str(BIN / "captioner"), "train", *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -469,33 +528,84 @@ def test_captioner_train_stopped_by_sigint_resumes_to_the_uninterrupted_result(s
 
 # ---------------------------------------------------------------- every option from the command line
 
-@pytest.mark.parametrize("model_flags,expected", [
-    (["--no-attention", "--cell", "gru", "--num-layers", "2"],
-     dict(attention=False, cell="gru", num_layers=2)),
-    (["--cell", "rnn", "--init-state", "learned", "--no-positional", "--no-word-in-query", "--dropout", "0.25"],
-     dict(cell="rnn", init_state="learned", positional=False, word_in_query=False, dropout=0.25)),
-    (["--cell", "lstm", "--num-layers", "3", "--init-state", "mean", "--val-beam-size", "2"],
-     dict(cell="lstm", num_layers=3, init_state="mean")),
-])
+
+@pytest.mark.parametrize(
+    "model_flags,expected",
+    [
+        (["--no-attention", "--cell", "gru", "--num-layers", "2"], dict(attention=False, cell="gru", num_layers=2)),
+        (
+            ["--cell", "rnn", "--init-state", "learned", "--no-positional", "--no-word-in-query", "--dropout", "0.25"],
+            dict(cell="rnn", init_state="learned", positional=False, word_in_query=False, dropout=0.25),
+        ),
+        (
+            ["--cell", "lstm", "--num-layers", "3", "--init-state", "mean", "--val-beam-size", "2"],
+            dict(cell="lstm", num_layers=3, init_state="mean"),
+        ),
+    ],
+)
 def test_every_model_option_is_a_train_flag(shapes_root, tmp_path, model_flags, expected):
     out = tmp_path / "run"
-    sizes = ["--encoder", "tiny", "--embed-dim", "12", "--region-dim", "20", "--hidden-dim", "24",
-             "--attention-dim", "8"]
-    training = ["--epochs", "1", "--batch-size", "6", "--captions-per-image", "2", "--lr", "0.003",
-                "--alpha-c", "0.5", "--grad-clip", "1.5", "--max-words", "9", "--val-limit", "5", "--seed", "3",
-                "--threads", "1", "--workers", "0", "--no-progress", "--cache-dir", str(tmp_path / "features")]
+    sizes = [
+        "--encoder",
+        "tiny",
+        "--embed-dim",
+        "12",
+        "--region-dim",
+        "20",
+        "--hidden-dim",
+        "24",
+        "--attention-dim",
+        "8",
+    ]
+    training = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--captions-per-image",
+        "2",
+        "--lr",
+        "0.003",
+        "--alpha-c",
+        "0.5",
+        "--grad-clip",
+        "1.5",
+        "--max-words",
+        "9",
+        "--val-limit",
+        "5",
+        "--seed",
+        "3",
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "features"),
+    ]
     assert cli.main(["train", "--data", str(shapes_root), "--out", str(out), *sizes, *training, *model_flags]) == 0
 
     config, vocab, card = read_header(out / "best.safetensors")
     defaults = ModelConfig(encoder="tiny", embed_dim=12, region_dim=20, hidden_dim=24, attention_dim=8)
     assert config.model_dump() == {**defaults.model_dump(), **expected}
     used = card["train_config"]
-    assert (used["batch_size"], used["captions_per_image"], used["lr"], used["alpha_c"], used["grad_clip"],
-            used["max_words"], used["val_limit"], used["seed"]) == (6, 2, 0.003, 0.5, 1.5, 9, 5, 3)
+    assert (
+        used["batch_size"],
+        used["captions_per_image"],
+        used["lr"],
+        used["alpha_c"],
+        used["grad_clip"],
+        used["max_words"],
+        used["val_limit"],
+        used["seed"],
+    ) == (6, 2, 0.003, 0.5, 1.5, 9, 5, 3)
     assert last_state(out)["step"] == 4  # 24 images, 6 per step
     model, _ = load_checkpoint(out / "best.safetensors")
     assert len(model.decoder.cells) == config.num_layers
-    assert type(model.decoder.cells[0]).__name__ == {"lstm": "LSTMCell", "gru": "GRUCell", "rnn": "RNNCell"}[config.cell]
+    assert (
+        type(model.decoder.cells[0]).__name__ == {"lstm": "LSTMCell", "gru": "GRUCell", "rnn": "RNNCell"}[config.cell]
+    )
 
 
 def test_train_without_data_says_so(tmp_path, capsys):
@@ -504,8 +614,9 @@ def test_train_without_data_says_so(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr", "fast"), ("--val-beam-size", "99"),
-                                        ("--dropout", "1.5")])
+@pytest.mark.parametrize(
+    "flag,value", [("--batch-size", "0"), ("--lr", "fast"), ("--val-beam-size", "99"), ("--dropout", "1.5")]
+)
 def test_a_refused_flag_value_is_a_usage_error_naming_the_flag(shapes_root, tmp_path, capsys, flag, value):
     assert cli.main(["train", "--data", str(shapes_root), "--out", str(tmp_path / "run"), flag, value]) == 2
     err = capsys.readouterr().err
@@ -538,6 +649,7 @@ def test_help_shows_every_setting_with_its_default(capsys):
 
 # ---------------------------------------------------------------- fine-tuning
 
+
 def test_fine_tuning_trains_the_encoders_last_blocks_only(shapes_root, tmp_path):
     config = train_config(shapes_root, tmp_path / "run", epochs=1, fine_tune_blocks=1)
     train(config, small_model())
@@ -556,13 +668,24 @@ def test_fine_tuning_keeps_the_frozen_blocks_batchnorm_statistics(shapes_root, t
     """EfficientNet-Lite0 (real pretrained weights, from its pip package): the frozen blocks are the
     pretrained ones, running statistics included."""
     model_config = small_model(encoder="efficientnet_lite0")
-    config = train_config(shapes_root, tmp_path / "run", train_split="one", val_split="one", epochs=1,
-                          batch_size=4, captions_per_image=1, fine_tune_blocks=1)
+    config = train_config(
+        shapes_root,
+        tmp_path / "run",
+        train_split="one",
+        val_split="one",
+        epochs=1,
+        batch_size=4,
+        captions_per_image=1,
+        fine_tune_blocks=1,
+    )
     train(config, model_config)
     torch.manual_seed(0)
     start = build_model(model_config, Vocabulary.build(["a"])).encoder.state_dict()
-    end = {k.removeprefix("encoder."): v for k, v in last_state(tmp_path / "run")["model"].items()
-           if k.startswith("encoder.")}
+    end = {
+        k.removeprefix("encoder."): v
+        for k, v in last_state(tmp_path / "run")["model"].items()
+        if k.startswith("encoder.")
+    }
     changed = {k.split(".")[1] for k in start if not torch.equal(start[k], end[k])}
     assert changed <= {"conv_head", "bn2"}  # the tail: head convolution and its norm
     assert changed
@@ -570,14 +693,46 @@ def test_fine_tuning_keeps_the_frozen_blocks_batchnorm_statistics(shapes_root, t
 
 # ---------------------------------------------------------------- torchrun
 
+
 @pytest.mark.slow
 def test_two_processes_train_together_under_torchrun(shapes_root, tmp_path):
     out = tmp_path / "run"
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",  # standalone: a free port of its own
-               "-m", "cli", "train", "--data", str(shapes_root), "--out", str(out), "--epochs", "2",
-               "--batch-size", "4", "--warmup-steps", "0", "--threads", "1", "--workers", "0", "--no-progress",
-               "--cache-dir", str(tmp_path / "features"), "--encoder", "tiny", "--embed-dim", "16",
-               "--region-dim", "16", "--hidden-dim", "32", "--attention-dim", "16"]
+    command = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",  # standalone: a free port of its own
+        "-m",
+        "cli",
+        "train",
+        "--data",
+        str(shapes_root),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "0",
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "features"),
+        "--encoder",
+        "tiny",
+        "--embed-dim",
+        "16",
+        "--region-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--attention-dim",
+        "16",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CAPTIONER_HOME": str(tmp_path / "home")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

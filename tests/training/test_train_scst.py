@@ -30,8 +30,9 @@ CE_MODEL = small_model(dropout=0.2)  # dropout on in cross-entropy training; SCS
 
 def scst_config(shapes_root: Path, out: Path, init_from: Path, **overrides) -> TrainConfig:
     """2 epochs of 3 steps (24 images, 8 per step), 3 samples per image."""
-    return train_config(shapes_root, out, **{"scst": True, "init_from": str(init_from), "scst_samples": 3,
-                                             "lr": 0.005, **overrides})
+    return train_config(
+        shapes_root, out, **{"scst": True, "init_from": str(init_from), "scst_samples": 3, "lr": 0.005, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +78,17 @@ def stop_at_step(monkeypatch, step: int, how: str) -> None:
 
 # ---------------------------------------------------------------- a run
 
+
 def test_an_scst_run_continues_from_the_checkpoint_and_its_card_says_so(scst_run, ce_checkpoint):
     model, card = load_checkpoint(scst_run / "best.safetensors")
     start, start_card = load_checkpoint(ce_checkpoint)
     assert card["objective"] == "SCST" and start_card["objective"] == "cross-entropy"
-    assert card["init_from"] == {"checkpoint": str(ce_checkpoint.resolve()), "objective": "cross-entropy",
-                                 "epoch": start_card["epoch"], "scores": start_card["scores"]}
+    assert card["init_from"] == {
+        "checkpoint": str(ce_checkpoint.resolve()),
+        "objective": "cross-entropy",
+        "epoch": start_card["epoch"],
+        "scores": start_card["scores"],
+    }
     assert card["train_config"]["scst"] and card["train_config"]["init_from"] == str(ce_checkpoint)
     assert model.config == start.config == CE_MODEL  # the checkpoint's settings, not the flags'
     assert model.vocab.words == start.vocab.words
@@ -125,17 +131,21 @@ def test_the_decoder_samples_and_learns_with_dropout_off(shapes_root, ce_checkpo
 def test_init_from_starts_from_the_checkpoints_weights(shapes_root, ce_checkpoint, tmp_path, scst):
     """With lr = 0 nothing moves: the run's model is the checkpoint's (cross-entropy or SCST alike)."""
     out = tmp_path / "run"
-    train(train_config(shapes_root, out, epochs=1, lr=0.0, scst=scst, init_from=str(ce_checkpoint), scst_samples=2),
-          small_model())
+    train(
+        train_config(shapes_root, out, epochs=1, lr=0.0, scst=scst, init_from=str(ce_checkpoint), scst_samples=2),
+        small_model(),
+    )
     assert_same_tensors(load_checkpoint(ce_checkpoint)[0].state_dict(), last_state(out)["model"])
     assert read_header(out / "best.safetensors")[2]["objective"] == ("SCST" if scst else "cross-entropy")
 
 
 # ---------------------------------------------------------------- resumed
 
+
 @pytest.mark.parametrize("step", [2, 4])  # mid epoch 1, mid epoch 2
-def test_an_scst_run_resumed_after_sigint_equals_an_uninterrupted_one(shapes_root, ce_checkpoint, scst_run,
-                                                                        tmp_path, monkeypatch, step, capsys):
+def test_an_scst_run_resumed_after_sigint_equals_an_uninterrupted_one(
+    shapes_root, ce_checkpoint, scst_run, tmp_path, monkeypatch, step, capsys
+):
     out = tmp_path / "run"
     stop_at_step(monkeypatch, step, "signal")
     train(scst_config(shapes_root, out, ce_checkpoint), small_model())
@@ -146,8 +156,9 @@ def test_an_scst_run_resumed_after_sigint_equals_an_uninterrupted_one(shapes_roo
     assert_same_run(scst_run, out)
 
 
-def test_an_scst_run_resumed_after_a_crash_equals_an_uninterrupted_one(shapes_root, ce_checkpoint, scst_run,
-                                                                       tmp_path, monkeypatch):
+def test_an_scst_run_resumed_after_a_crash_equals_an_uninterrupted_one(
+    shapes_root, ce_checkpoint, scst_run, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     stop_at_step(monkeypatch, 5, "crash")  # checkpoint_every=2 saved the state after step 4
     with pytest.raises(RuntimeError, match="power cut"):
@@ -160,23 +171,44 @@ def test_an_scst_run_resumed_after_a_crash_equals_an_uninterrupted_one(shapes_ro
 
 # ---------------------------------------------------------------- refused
 
+
 def cli_args(shapes_root: Path, out: Path, *flags: str) -> list[str]:
-    return ["train", "--data", str(shapes_root), "--out", str(out), "--threads", "1", "--workers", "0",
-            "--no-progress", *flags]
+    return [
+        "train",
+        "--data",
+        str(shapes_root),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        *flags,
+    ]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--scst"], "--scst needs --init-from: the cross-entropy checkpoint to fine-tune"),
-    (["--scst", "--init-from", "{missing}"], "--init-from: no checkpoint at {missing}"),
-    (["--init-from", "{missing}"], "--init-from: no checkpoint at {missing}"),
-    (["--init-from", "{not_a_checkpoint}"], "--init-from: {not_a_checkpoint} is not a safetensors checkpoint"),
-    (["--scst", "--init-from", "{ce}", "--fine-tune-blocks", "1"],
-     "--scst trains on cached features only: --fine-tune-blocks is not supported with it"),
-])
-def test_what_scst_cannot_do_is_a_usage_error_before_any_work(shapes_root, ce_checkpoint, tmp_path, capsys,
-                                                               flags, message):
-    paths = {"missing": str(tmp_path / "nowhere" / "best.safetensors"), "ce": str(ce_checkpoint),
-             "not_a_checkpoint": str(tmp_path / "notes.txt")}
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--scst"], "--scst needs --init-from: the cross-entropy checkpoint to fine-tune"),
+        (["--scst", "--init-from", "{missing}"], "--init-from: no checkpoint at {missing}"),
+        (["--init-from", "{missing}"], "--init-from: no checkpoint at {missing}"),
+        (["--init-from", "{not_a_checkpoint}"], "--init-from: {not_a_checkpoint} is not a safetensors checkpoint"),
+        (
+            ["--scst", "--init-from", "{ce}", "--fine-tune-blocks", "1"],
+            "--scst trains on cached features only: --fine-tune-blocks is not supported with it",
+        ),
+    ],
+)
+def test_what_scst_cannot_do_is_a_usage_error_before_any_work(
+    shapes_root, ce_checkpoint, tmp_path, capsys, flags, message
+):
+    paths = {
+        "missing": str(tmp_path / "nowhere" / "best.safetensors"),
+        "ce": str(ce_checkpoint),
+        "not_a_checkpoint": str(tmp_path / "notes.txt"),
+    }
     (tmp_path / "notes.txt").write_text("not weights")
     out = tmp_path / "run"
     assert cli.main(cli_args(shapes_root, out, *(f.format(**paths) for f in flags))) == 2
@@ -187,8 +219,21 @@ def test_what_scst_cannot_do_is_a_usage_error_before_any_work(shapes_root, ce_ch
 
 def test_scst_from_the_command_line(shapes_root, ce_checkpoint, tmp_path):
     out = tmp_path / "run"
-    flags = ["--scst", "--init-from", str(ce_checkpoint), "--scst-samples", "2", "--epochs", "1", "--batch-size", "12",
-             "--lr", "0.001", "--cache-dir", str(tmp_path / "features")]
+    flags = [
+        "--scst",
+        "--init-from",
+        str(ce_checkpoint),
+        "--scst-samples",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "12",
+        "--lr",
+        "0.001",
+        "--cache-dir",
+        str(tmp_path / "features"),
+    ]
     assert cli.main(cli_args(shapes_root, out, *flags)) == 0
     card = read_header(out / "best.safetensors")[2]
     assert card["objective"] == "SCST" and card["train_config"]["scst_samples"] == 2
@@ -197,13 +242,35 @@ def test_scst_from_the_command_line(shapes_root, ce_checkpoint, tmp_path):
 
 # ---------------------------------------------------------------- torchrun
 
+
 @pytest.mark.slow
 def test_two_processes_run_scst_together_under_torchrun(shapes_root, ce_checkpoint, tmp_path):
     out = tmp_path / "run"
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "cli", *cli_args(shapes_root, out, "--scst", "--init-from", str(ce_checkpoint),
-                                      "--scst-samples", "2", "--epochs", "2", "--batch-size", "4",
-                                      "--warmup-steps", "0", "--cache-dir", str(tmp_path / "features"))]
+    command = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cli",
+        *cli_args(
+            shapes_root,
+            out,
+            "--scst",
+            "--init-from",
+            str(ce_checkpoint),
+            "--scst-samples",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--warmup-steps",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "features"),
+        ),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CAPTIONER_HOME": str(tmp_path / "home")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
