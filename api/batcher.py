@@ -216,7 +216,5 @@ def _resolve(job: Job, result=None, error: Exception | None = None) -> None:
         else:
             job.future.set_result(result)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
         job.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass

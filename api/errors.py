@@ -7,11 +7,13 @@ into that one shape.
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ExceptionHandler
 
 from captioner.images import ImageError
 
@@ -119,7 +121,9 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(ClientGone, _client_gone)
+    # Starlette types a handler as taking any Exception, though it calls each only with its own class:
+    # the casts say so for the handlers that take a narrower one.
+    app.add_exception_handler(StarletteHTTPException, cast(ExceptionHandler, _http_error))
+    app.add_exception_handler(RequestValidationError, cast(ExceptionHandler, _validation_error))
+    app.add_exception_handler(ClientGone, cast(ExceptionHandler, _client_gone))
     app.add_exception_handler(Exception, _unexpected_error)

@@ -1,5 +1,7 @@
 """Request and response schemas, named by role; their examples show up in /docs."""
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from captioner.decoding import DecodeOptions
@@ -166,7 +168,7 @@ class Status(BaseModel):
     status: str = Field(examples=["ok"])
 
 
-def _error_example(code: str, message: str, **extra) -> dict:
+def _error_example(code: str, message: str, **extra) -> dict[str, Any]:
     return {
         "model": ErrorResponse,
         "description": message,
@@ -174,7 +176,7 @@ def _error_example(code: str, message: str, **extra) -> dict:
     }
 
 
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _error_example("unauthorized", "send the API key in the X-API-Key header"),
     413: _error_example("too_many_pixels", "big.png: 20000x20000 is over the limit of 40000000 pixels", file="big.png"),
     415: _error_example("unsupported_format", "notes.txt: not an image Pillow can identify", file="notes.txt"),

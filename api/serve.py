@@ -16,6 +16,7 @@ Slow clients are cut off: a request's head must come whole within
 import argparse
 import copy
 import sys
+from typing import cast
 
 from pydantic import ValidationError
 
@@ -58,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=log_config(settings.log_level),
-        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+        # uvicorn annotates int, but hands the seconds to asyncio.wait_for, which takes a float
+        timeout_graceful_shutdown=cast(int, settings.timeout_graceful_shutdown),
         root_path=settings.root_path,
         http=head_deadline_protocol(settings.header_timeout_s),
         timeout_keep_alive=settings.timeout_keep_alive,

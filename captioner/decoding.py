@@ -159,7 +159,8 @@ def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_pena
         log_probs += torch.where(finished, 0.0, word_log_prob)
         words = torch.where(finished, Vocabulary.pad_id, words)
         steps.append(words)
-        alphas.append(alpha)
+        if alpha is not None:  # None every step, or never: decoder.has_attention
+            alphas.append(alpha)
         finished |= words == Vocabulary.end_id
         if bool(finished.all()):
             break

@@ -18,8 +18,12 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captioner.vocab import tokenize
+
+if TYPE_CHECKING:
+    from pycocoevalcap.meteor.meteor import Meteor
 
 BLEU_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
 SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -27,7 +31,9 @@ SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar
 
 def spice_available() -> bool:
     """Whether SPICE's CoreNLP models are on disk, so running it downloads nothing."""
-    lib = Path(importlib.util.find_spec("pycocoevalcap.spice").origin).parent / "lib"
+    spec = importlib.util.find_spec("pycocoevalcap.spice")
+    assert spec is not None and spec.origin is not None  # a regular package of pycocoevalcap's
+    lib = Path(spec.origin).parent / "lib"
     return all((lib / name).is_file() for name in SPICE_MODELS)
 
 
@@ -47,7 +53,7 @@ class CocoScorer:
             )
             spice = False
         self.spice = spice
-        self._meteor = None  # started by the first `score`
+        self._meteor: Meteor | None = None  # started by the first `score`
 
     def score(self, references: dict[int, list[str]], predictions: dict[int, str]) -> dict[str, float]:
         """Corpus scores of one caption per image against that image's references (raw strings)."""

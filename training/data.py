@@ -8,10 +8,11 @@ resumed run sees exactly the batches an uninterrupted one would.
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from captioner.vocab import Vocabulary
 
@@ -56,8 +57,10 @@ class CaptionBatches:
         self.k = captions_per_image
         self.seed = seed
         # DistributedSampler also serves one process: it shuffles by (seed, epoch) and shards by rank.
-        self.sampler = DistributedSampler(
-            range(len(captions)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+        # It only takes len() of its dataset (annotated Dataset): a range of the image indices does.
+        images = cast("Dataset[int]", range(len(captions)))
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            images, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
         )
 
     def __len__(self) -> int:

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
@@ -40,6 +41,9 @@ from training.caption_metrics import CocoScorer
 from training.coco import CaptionSplit, load_split
 from training.image_check import BadImagesError, find_bad_images, skipped_note, usable_split
 
+if TYPE_CHECKING:
+    from training.shapes_truth import Caption
+
 
 def truth_scores(split: CaptionSplit, captions: Mapping[int, dict]) -> dict[str, float]:
     """The Shapes world's truth metrics (NaN where nothing was scored; counts are ints); {} for other data.
@@ -52,7 +56,7 @@ def truth_scores(split: CaptionSplit, captions: Mapping[int, dict]) -> dict[str,
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         scenes = load_truth(split.instances)
-    truth = score_captions(scenes, captions)
+    truth = score_captions(scenes, cast("Mapping[int, Caption]", captions))  # Caption dicts, as documented
     return {name: value for name, value in dataclasses.asdict(truth).items() if name != "images"}
 
 

@@ -194,7 +194,8 @@ def sample_scene(rng: np.random.Generator) -> tuple[Scene, list[RGB]]:
     shapes = [SHAPES[int(p) % len(SHAPES)] for p in pairs]
     sizes = [list(SIZE_SIDES)[int(rng.integers(2))] for _ in range(count)]
     jitters = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=(count, 3))
-    paints = [tuple(int(c) for c in np.add(COLORS[color], jitter)) for color, jitter in zip(colors, jitters)]
+    painted = [np.add(COLORS[color], jitter) for color, jitter in zip(colors, jitters)]
+    paints = [(int(r), int(g), int(b)) for r, g, b in painted]
     boxes = sample_layout(rng, sizes)
     objects = tuple(
         ShapeObject(shape, color, size, (x0, y0, s, s))

@@ -15,6 +15,7 @@ A caption is a dict `{"tokens": [str, ...], "attention": (T, h, w) grids or None
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def mentions(tokens: list[str]) -> list[Mention]:
 
 def stated_count(tokens: list[str]) -> int | None:
     """The n of a `two shapes` / `three shapes` in the caption, if any."""
-    for word, following in zip(tokens, tokens[1:]):
+    for word, following in itertools.pairwise(tokens):
         if word in COUNT_WORDS and following == "shapes":
             return COUNT_WORDS[word]
     return None

@@ -484,6 +484,7 @@ def scst_step(run: Run, inputs: torch.Tensor, indices: list[int], writer) -> tup
     """One optimizer step of self-critical sequence training on (B, P, D) features of the training
     images `indices`: (loss, loss detached, gradient norm before clipping). Rewards go to `writer`."""
     config, progress = run.config, run.progress
+    assert run.cider is not None  # the loop calls scst_step only when run.cider is set (--scst)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(progress.step, run.total_steps, config)
     run.learner.eval()  # dropout off: the re-scoring pass gives the sampled captions' own log-probabilities

@@ -194,8 +194,9 @@ def _prepare(
     return images, pictures
 
 
-def _add_overlays(results: list[dict], pictures: list[Image.Image]) -> None:
+def _add_overlays(results: list[dict], pictures: list[Image.Image | None]) -> None:
     for result, picture in zip(results, pictures):
+        assert picture is not None  # overlays asked for: _prepare kept every picture
         for caption in result["captions"]:
             caption["overlays"] = [
                 _png_data_uri(heatmap_overlay(picture, grid)) for grid in caption.get("attention", [])

@@ -76,7 +76,7 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> "ServerProcess":
-        self._log = open(self.log_path, "w+")
+        self._log = open(self.log_path, "w+")  # noqa: SIM115 - the server writes it until stop() closes it
         self.process = subprocess.Popen(
             self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=Path(__file__).resolve().parents[2]
         )

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def server(tiny_checkpoint, tmp_path):
     port = free_port()
-    log = open(tmp_path / "server.log", "w+")
+    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - the server writes it; closed in finally
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     process = subprocess.Popen(
         [
@@ -88,7 +88,7 @@ def batch_sizes(base: str) -> tuple[float, float]:
 
 
 def test_concurrent_requests_are_answered_right_and_batched(server, tiny_checkpoint):
-    base, process, log = server
+    base, _process, _log = server
     sizes = [(40 + 7 * i, 90 - 3 * i) for i in range(16)]
     pictures = [png(size, background=(20 + 10 * i, 170, 200 - 10 * i)) for i, size in enumerate(sizes)]
     predictor = Predictor.from_checkpoint(tiny_checkpoint)

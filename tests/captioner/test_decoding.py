@@ -133,7 +133,7 @@ def test_every_strategy_returns_well_formed_captions(make_model, config, strateg
     results = decode_features(model, features, **all_strategies()[strategy], max_length=6)
     P = model.grid[0] * model.grid[1]
     assert len(results) == 3
-    for image, hypotheses in enumerate(results):
+    for hypotheses in results:
         assert len(hypotheses) == options.num_captions
         assert [h.score for h in hypotheses] == sorted((h.score for h in hypotheses), reverse=True)
         for h in hypotheses:

@@ -98,7 +98,7 @@ def test_a_missing_split_names_every_layout_looked_for(coco2014):
     message = str(error.value)
     assert str(coco2014 / "annotations" / "captions_test.json") in message
     assert str(coco2014 / "images" / "test") in message
-    with pytest.raises(FileNotFoundError, match="captions_val2017.json"):
+    with pytest.raises(FileNotFoundError, match=r"captions_val2017\.json"):
         load_split(coco2014 / "elsewhere", "val")
 
 
@@ -130,7 +130,7 @@ def test_karpathy_splits_take_restval_into_train(coco2014, karpathy):
 def test_karpathy_errors_say_what_is_wrong(coco2014, karpathy):
     with pytest.raises(ValueError, match="restval"):
         load_split(coco2014, "restval", karpathy)
-    with pytest.raises(FileNotFoundError, match="no_such.json"):
+    with pytest.raises(FileNotFoundError, match=r"no_such\.json"):
         load_split(coco2014, "test", coco2014 / "no_such.json")
     with pytest.raises(FileNotFoundError, match="val2014"):
         load_split(coco2014 / "elsewhere", "test", karpathy)

@@ -24,7 +24,44 @@ SEED = 3
 
 # Written out from the contract rather than imported, so the tests check the module.
 DOC_VOCABULARY = set(
-    ["a", "there", "is", "are", "picture", "of", "single", "two", "three", "shapes", "and", "on", "background", "to", "the", "left", "right", "above", "below", "small", "little", "large", "big", "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "diamond", "white", "gray", "dark", "black"]
+    [
+        "a",
+        "there",
+        "is",
+        "are",
+        "picture",
+        "of",
+        "single",
+        "two",
+        "three",
+        "shapes",
+        "and",
+        "on",
+        "background",
+        "to",
+        "the",
+        "left",
+        "right",
+        "above",
+        "below",
+        "small",
+        "little",
+        "large",
+        "big",
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "purple",
+        "circle",
+        "square",
+        "triangle",
+        "diamond",
+        "white",
+        "gray",
+        "dark",
+        "black",
+    ]
 )
 DOC_BACKGROUNDS = {
     "white": (240, 240, 240),

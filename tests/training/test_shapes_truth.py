@@ -91,14 +91,32 @@ def test_oracle_attention_wins_the_pointing_game(generated):
 
 
 def test_parsing_mentions_and_relation_phrases():
-    tokens = ["a", "big", "red", "circle", "to", "the", "left", "of", "a", "little", "blue", "square", "and", "a", "green", "triangle"]
+    tokens = [
+        "a",
+        "big",
+        "red",
+        "circle",
+        "to",
+        "the",
+        "left",
+        "of",
+        "a",
+        "little",
+        "blue",
+        "square",
+        "and",
+        "a",
+        "green",
+        "triangle",
+    ]
     assert [(m.index, m.pair) for m in mentions(tokens)] == [
         (3, ("red", "circle")),
         (11, ("blue", "square")),
         (15, ("green", "triangle")),
     ]
     assert relation_phrases(tokens) == [RelationPhrase(("red", "circle"), "to the left of", ("blue", "square"))]
-    assert relation_phrases(["a", "red", "circle", "above", "blue", "square"]) == []  # the article is part of the pattern
+    # the article is part of the pattern
+    assert relation_phrases(["a", "red", "circle", "above", "blue", "square"]) == []
     assert relation_phrases(["a", "red", "circle", "below", "a", "big"]) == []
 
 

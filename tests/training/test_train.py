@@ -6,6 +6,7 @@ stopped, every model option trains from the command line, and two processes
 train together under torchrun.
 """
 
+import itertools
 import json
 import os
 import signal
@@ -114,7 +115,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
     assert lr_at(54, 104, config) == pytest.approx(0.55)
     assert lr_at(104, 104, config) == pytest.approx(0.1)
     decay = [lr_at(s, 104, config) for s in range(4, 105)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
 
 
 def test_caption_loss_ignores_padding_and_adds_the_attention_regulariser():
@@ -586,7 +587,7 @@ def test_every_model_option_is_a_train_flag(shapes_root, tmp_path, model_flags, 
     ]
     assert cli.main(["train", "--data", str(shapes_root), "--out", str(out), *sizes, *training, *model_flags]) == 0
 
-    config, vocab, card = read_header(out / "best.safetensors")
+    config, _vocab, card = read_header(out / "best.safetensors")
     defaults = ModelConfig(encoder="tiny", embed_dim=12, region_dim=20, hidden_dim=24, attention_dim=8)
     assert config.model_dump() == {**defaults.model_dump(), **expected}
     used = card["train_config"]
@@ -736,7 +737,7 @@ def test_two_processes_train_together_under_torchrun(shapes_root, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CAPTIONER_HOME": str(tmp_path / "home")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    model, card = load_checkpoint(out / "best.safetensors")
+    _model, card = load_checkpoint(out / "best.safetensors")
     assert card["epoch"] in (1, 2)
     state = last_state(out)
     assert state["step"] == 2 * 3  # each rank: half of the 24 images, 4 per step
