@@ -3,6 +3,7 @@
 Screenshots go to /tmp/captioner-page-*.png for a person to look at.
 """
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -90,6 +91,8 @@ def canvas_pixels(page) -> list[int]:
 
 
 def test_caption_a_picture_and_see_where_each_word_looked(live_server, browser, shapes_png):
+    from playwright.sync_api import expect  # waits that need no eval: the page's CSP forbids it
+
     base = live_server()
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     errors = []
@@ -113,7 +116,7 @@ def test_caption_a_picture_and_see_where_each_word_looked(live_server, browser, 
         assert 1 <= items.nth(i).locator(".word").count() <= 8
     assert "3 captions by beam" in page.inner_text("#status")
 
-    page.wait_for_function("!document.getElementById('view').hidden")  # the picture has loaded
+    page.locator("#view").wait_for(state="visible")  # the picture has loaded
     plain = canvas_pixels(page)
     word = items.nth(0).locator(".word").nth(0)
     word.hover()
@@ -134,17 +137,19 @@ def test_caption_a_picture_and_see_where_each_word_looked(live_server, browser, 
     page.fill("input[name=top_k]", "5")
     page.fill("input[name=num_captions]", "2")
     page.click("#run")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('by sample')")
+    expect(page.locator("#status")).to_contain_text("by sample")
     assert page.locator("#captions li").count() == 2
     page.screenshot(path="/tmp/captioner-page-sample.png", full_page=True)
     assert errors == []
 
 
 def test_the_page_explains_errors_and_asks_for_the_key(live_server, browser, tmp_path):
+    from playwright.sync_api import expect
+
     base = live_server(api_key="let-me-in")
     page = browser.new_page()
     page.goto(base + "/")
-    page.wait_for_function("document.querySelector('#model-card').textContent.includes('API key')")
+    expect(page.locator("#model-card")).to_contain_text("API key")
     page.fill("#api-key", "let-me-in")
     page.press("#api-key", "Enter")
     page.locator("#model-card .lead").wait_for()
@@ -152,6 +157,6 @@ def test_the_page_explains_errors_and_asks_for_the_key(live_server, browser, tmp
     text_file = tmp_path / "notes.txt"
     text_file.write_text("not a picture")
     page.set_input_files("#file", str(text_file))
-    page.wait_for_function("document.querySelector('#status').classList.contains('error')")
+    expect(page.locator("#status")).to_have_class(re.compile(r"\berror\b"))
     assert "notes.txt: not an image" in page.inner_text("#status")
     page.screenshot(path="/tmp/captioner-page-error.png", full_page=True)

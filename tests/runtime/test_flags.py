@@ -77,4 +77,6 @@ def test_settings_flags_override_the_environment_and_name_their_variable(monkeyp
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "env CAPTIONER_MAX_BATCH_SIZE" in text
-    assert "--api-key" not in text  # a secret on argv is one `ps` shows: the environment or a file only
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert "--api-key" not in flags  # a secret on argv is one `ps` shows: the environment or a file only
+    assert "--api-key-file" in flags  # a path is no secret
