@@ -4,7 +4,7 @@
     captioner train --data /data/coco --karpathy /data/coco/dataset_coco.json --out runs/coco \\
         --encoder efficientnet_lite0 --epochs 20 --min-word-count 5
     captioner train ... --resume                      # continue an interrupted run where it stopped
-    captioner train ... --scst --init-from runs/shapes/best.safetensors --out runs/shapes-scst --lr 5e-5
+    captioner train ... --scst --init-from runs/shapes/best.safetensors --out runs/shapes-scst --lr 1e-4
     torchrun --nproc_per_node 2 -m cli train ...   # DistributedDataParallel (gloo on CPU, nccl on GPUs)
     captioner train ... --device cuda --amp           # a GPU, mixed precision
     captioner train --help                            # every setting, with its default
