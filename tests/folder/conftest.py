@@ -162,15 +162,13 @@ def wait_for(process: subprocess.Popen) -> str:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def slow_run(tmp_path, tiny_checkpoint) -> tuple[Path, list, Path, list[str]]:
-    """(folder, flags, out, command) of a run slow enough to be stopped midway: beam 10 to 50 words,
-    one image per batch, and two workers, which on a CPU are forked processes."""
-    folder = many_images(tmp_path / "photos", 150)
-    flags = [
+def slow_flags(checkpoint: Path) -> list:
+    """Flags of a run slow enough to be stopped midway: beam 10 to 50 words, one image per batch,
+    and two workers, which on a CPU are forked processes."""
+    return [
         "-r",
         "--checkpoint",
-        tiny_checkpoint,
+        checkpoint,
         "--batch-size",
         "1",
         "--beam-size",
@@ -182,5 +180,13 @@ def slow_run(tmp_path, tiny_checkpoint) -> tuple[Path, list, Path, list[str]]:
         "--workers",
         "2",
     ]
+
+
+@pytest.fixture
+def slow_run(tmp_path, tiny_checkpoint) -> tuple[Path, list, Path, list[str]]:
+    """(folder, flags, out, command) of a run slow enough to be stopped midway: beam 10 to 50 words,
+    one image per batch, and two workers, which on a CPU are forked processes."""
+    folder = many_images(tmp_path / "photos", 150)
+    flags = slow_flags(tiny_checkpoint)
     out = tmp_path / "captions.jsonl"
     return folder, flags, out, [str(BIN / "captioner"), "caption", str(folder), "--out", str(out), *map(str, flags)]

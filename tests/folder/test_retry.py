@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.folder.conftest import BIN, caption, many_images, picture, read_lines, single_run, wait_for
+from tests.folder.conftest import BIN, caption, many_images, picture, read_lines, single_run, slow_flags, wait_for
 
 
 def break_image(path: Path) -> bytes:
@@ -81,21 +81,7 @@ def test_retrying_is_no_merge(small_folder, tmp_path, capsys):
 @pytest.mark.slow
 def test_a_killed_retry_resumes_to_the_output_of_one_clean_run(tmp_path, tiny_checkpoint):
     folder = many_images(tmp_path / "photos", 60)
-    flags = [
-        "-r",
-        "--checkpoint",
-        tiny_checkpoint,
-        "--batch-size",
-        "1",
-        "--beam-size",
-        "10",
-        "--max-length",
-        "50",
-        "--threads",
-        "1",
-        "--workers",
-        "2",
-    ]
+    flags = slow_flags(tiny_checkpoint)
     images = sorted(folder.rglob("*.png"))
     wholes = {path: break_image(path) for path in images[::2]}  # every other image fails
     out = tmp_path / "captions.jsonl"
