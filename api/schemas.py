@@ -177,6 +177,7 @@ def _error_example(code: str, message: str, **extra) -> dict[str, Any]:
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error_example("bad_request", "the multipart form cannot be read: Invalid multipart data."),
     401: _error_example("unauthorized", "send the API key in the X-API-Key header"),
     413: _error_example("too_many_pixels", "big.png: 20000x20000 is over the limit of 40000000 pixels", file="big.png"),
     415: _error_example("unsupported_format", "notes.txt: not an image Pillow can identify", file="notes.txt"),
