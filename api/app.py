@@ -6,7 +6,6 @@ captioner serve --checkpoint model.safetensors
 
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import anyio
 import torch
@@ -15,7 +14,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 
-from captioner.images import ImageLimits
 from captioner.predictor import Predictor
 
 from .admission import Admission
@@ -26,55 +24,59 @@ from .guard import RequestGuard
 from .headers import SecurityHeaders
 from .metrics import Metrics, MetricsMiddleware
 from .routers import captions, health, model, page
+from .routers.model import describe_model
+from .schemas import ModelSummary
 from .settings import Settings, get_settings
+from .workers import ProcessWorker, ThreadWorker, load_predictor, uses_processes
 
 log = logging.getLogger("captioner.api")
-
-
-class ModelMissing(RuntimeError):
-    pass
-
-
-def missing_model_message(path: Path) -> str:
-    return (
-        f"no model at {path}. Train the default one with `captioner demo --no-serve`, "
-        "or pass --checkpoint PATH (or set CAPTIONER_CHECKPOINT)."
-    )
-
-
-def load_predictor(settings: Settings) -> Predictor:
-    if not settings.checkpoint.is_file():
-        raise ModelMissing(missing_model_message(settings.checkpoint))
-    # RLE-compressed BMP is decoded by Pillow in Python, holding the GIL: not worth a server's time
-    limits = ImageLimits(
-        max_bytes=settings.max_bytes,
-        max_pixels=settings.max_pixels,
-        max_decode_bytes=settings.max_decode_bytes,
-        rle_bmp=False,
-    )
-    return Predictor.from_checkpoint(
-        settings.checkpoint, settings.device, limits=limits, max_batch_size=settings.max_batch_size, amp=settings.amp
-    )
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    torch.set_num_threads(settings.threads)
-    predictor = await anyio.to_thread.run_sync(load_predictor, settings)
+    # Loaded here, not in a thread, and the workers forked from it before the server starts a
+    # thread or serves; from this thread, which lives as long as they do (see die_with_parent).
+    # On one thread: a child forked from a process that has used OpenMP's thread team cannot use
+    # one (it waits for team threads it does not have).
+    torch.set_num_threads(1 if uses_processes(settings) else settings.threads)
+    predictor = load_predictor(settings)
+    workers = start_workers(settings, predictor)
     batcher = Batcher(
-        predictor, app.state.metrics, settings.max_wait_ms, settings.queue_size, on_batch=app.state.admission.record
+        workers,
+        app.state.metrics,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.queue_size,
+        on_batch=app.state.admission.record,
     )
     app.state.predictor, app.state.batcher = predictor, batcher
-    # Decoding a large upload takes memory: as many at once as there are cores, not one per request.
-    app.state.image_threads = anyio.CapacityLimiter(settings.threads)
-    batcher.start()
-    log.info("serving %s (encoder %s) on %s", settings.checkpoint, predictor.model.config.encoder, settings.device)
+    summary = ModelSummary.model_validate(describe_model(predictor, settings))
+    app.state.model_json = summary.model_dump_json().encode()  # every answer begins with it
     try:
+        batcher.start()
+        log.info(
+            "serving %s (encoder %s) on %s with %d model worker %s",
+            settings.checkpoint,
+            predictor.model.config.encoder,
+            settings.device,
+            len(workers),
+            "processes" if uses_processes(settings) else "thread",
+        )
         yield
     finally:
         await anyio.to_thread.run_sync(batcher.stop)
-        log.info("model worker stopped")
+        log.info("model workers stopped")
+
+
+def start_workers(settings: Settings, predictor: Predictor) -> list[ProcessWorker] | list[ThreadWorker]:
+    if not uses_processes(settings):
+        return [ThreadWorker(predictor)]
+    threads = max(1, settings.threads // settings.workers)
+    workers = [ProcessWorker(predictor, i, threads) for i in range(settings.workers)]
+    for worker in workers:
+        worker.start()
+    return workers
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

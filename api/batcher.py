@@ -1,17 +1,19 @@
-"""Micro-batching: one worker thread owns the model; requests wait on a bounded queue.
+"""Micro-batching: requests wait on a bounded queue; batches go to whichever model worker is free.
 
-A request puts a job (its prepared images and DecodeOptions) on the queue and
-awaits a future. The worker takes the first job, gathers more for up to
-`max_wait_ms` or until `max_batch_size` images, groups the jobs whose options are
-identical into one `Predictor.caption_batch` call each, and resolves every
-job's future on its event loop. A full queue is refused at once (`QueueFull`),
-so an overloaded server answers 503 instead of queueing without bound.
+A request puts a job (its uploads and options) on the queue and awaits a future. The
+dispatcher thread waits for a free worker (api.workers) first, then takes the first job and
+gathers more for up to `max_wait_ms` or until `max_batch_size` images: while every worker is
+busy, requests pile up into the next batch, so batches grow with the load. Jobs whose options
+are identical share a batch. Each worker has a thread here that minds it: it hands the worker
+its batch, resolves every job's future on its event loop, and frees the worker. A full queue is
+refused at once (`QueueFull`), so an overloaded server answers 503 instead of queueing without
+bound.
 
-Should the worker itself die (an error outside a model call), the jobs it held
-and those queued fail with `WorkerDead`, and so does every later submit: a dead
-worker is answered at once, never by a timeout. A lock makes "still accepting?"
-and "queue the job" one step, and stopping flips it in the same lock, so no job
-can slip into the queue behind the worker's stop mark and wait for nobody.
+Should a worker die, or the dispatcher itself (an error outside a model call), the jobs held
+and those queued fail with `WorkerDead`, and so does every later submit: a dead worker is
+answered at once, never by a timeout. A lock makes "still accepting?" and "queue the job" one
+step, and stopping flips it in the same lock, so no job can slip into the queue behind the
+dispatcher's stop mark and wait for nobody.
 """
 
 import asyncio
@@ -20,17 +22,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from captioner.decoding import DecodeOptions
-from captioner.predictor import Predictor, PreparedImage
 
 from .metrics import Metrics
+from .workers import Batch, Outcome, ProcessWorker, ThreadWorker, WorkerGone
 
 log = logging.getLogger("captioner.api")
 
 _STOP = object()
+
+Worker = ThreadWorker | ProcessWorker
 
 
 class QueueFull(Exception):
@@ -47,40 +51,50 @@ class WorkerDead(Exception):
 
 @dataclass(eq=False)
 class Job:
-    images: list[PreparedImage]
+    uploads: list[bytes]
+    names: list[str]
     options: DecodeOptions
+    overlay_size: int | None
+    keep_attention: bool
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
 
     @property
     def group(self):
-        """Jobs with equal keys share a model call. Seeded sampling runs alone, so a seed
-        gives the same captions whatever else is in the batch."""
+        """Jobs with equal keys share a batch. Seeded sampling runs alone, so a seed gives the
+        same captions whatever else is in the batch."""
         if self.options.method == "sample" and self.options.seed is not None:
             return id(self)
-        return self.options
+        return self.options, self.overlay_size, self.keep_attention
 
 
 class Batcher:
     def __init__(
         self,
-        predictor: Predictor,
+        workers: Sequence[Worker],
         metrics: Metrics,
+        max_batch_size: int,
         max_wait_ms: float = 5.0,
         queue_size: int = 64,
         on_batch: Callable[[int, float], None] | None = None,
     ):
-        self.predictor = predictor
+        self.workers = list(workers)
         self.metrics = metrics
-        self.on_batch = on_batch  # told (images, seconds) after each model call: the measured throughput
-        self.max_batch_size = predictor.max_batch_size  # what one model call holds
+        self.on_batch = on_batch  # told (images, seconds per image the server takes) after each batch
+        self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._thread = threading.Thread(target=self._run, name="captioner-model", daemon=True)
+        self._idle: queue.Queue[Worker | None] = queue.Queue()  # None: a worker has died
+        self._inboxes: list[queue.Queue] = [queue.Queue() for _ in self.workers]
+        self._minders = [
+            threading.Thread(target=self._mind, args=(w, box), name=f"captioner-minder-{i}", daemon=True)
+            for i, (w, box) in enumerate(zip(self.workers, self._inboxes))
+        ]
+        self._thread = threading.Thread(target=self._run, name="captioner-dispatcher", daemon=True)
         self._lock = threading.Lock()  # held to change _accepting, and to check it and queue a job
         self._accepting = False
-        self._death: BaseException | None = None  # what killed the worker, if anything did
-        self._current: list[Job] = []  # the jobs the worker holds (gathered, not yet resolved)
+        self._death: BaseException | None = None  # what killed a worker or the dispatcher, if anything did
+        self._current: list[Job] = []  # the jobs the dispatcher holds (gathered, not yet handed over)
         metrics.queue_depth.set_function(self._queue.qsize)
 
     @property
@@ -89,33 +103,53 @@ class Batcher:
 
     @property
     def dead(self) -> bool:
-        """The worker ended without being asked to: nothing will be captioned any more."""
-        return self._death is not None or (
-            self._accepting and self._thread.ident is not None and not self._thread.is_alive()
-        )
+        """A worker or the dispatcher ended without being asked to (a worker process killed while
+        idle counts at once): nothing will be captioned any more."""
+        if self._death is not None:
+            return True
+        started = self._accepting and self._thread.ident is not None
+        return started and (not self._thread.is_alive() or not all(w.alive for w in self.workers))
 
     def start(self) -> None:
+        """Start dispatching, once the workers are ready."""
         with self._lock:
             self._accepting = True
+        for worker, minder in zip(self.workers, self._minders):
+            minder.start()
+            self._idle.put(worker)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, finish the queued ones, then end the worker."""
+        """Refuse new jobs, finish the queued ones, then end the dispatcher and the workers."""
         with self._lock:
             self._accepting = False  # from here on no job enters the queue: _STOP is the last
         if self._thread.is_alive():
-            with contextlib.suppress(queue.Full):  # a stuck worker: the join below says so
+            with contextlib.suppress(queue.Full):  # a stuck dispatcher: the join below says so
                 self._queue.put(_STOP, timeout=timeout)
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("the model worker did not stop within %.0f s", timeout)
+                log.warning("the model dispatcher did not stop within %.0f s", timeout)
+        for box in self._inboxes:
+            box.put(None)  # after whatever batch a minder still has
+        for minder in self._minders:
+            if minder.is_alive():
+                minder.join(timeout)
+        for worker in self.workers:
+            worker.stop(timeout)
         if not self._thread.is_alive():
             self._fail_queued(ShuttingDown())
 
-    async def submit(self, images: list[PreparedImage], options: DecodeOptions) -> list[dict]:
-        """One result per image, in order; raises QueueFull, ShuttingDown or WorkerDead at once."""
+    async def submit(
+        self,
+        uploads: list[bytes],
+        names: list[str],
+        options: DecodeOptions,
+        overlay_size: int | None = None,
+        keep_attention: bool = True,
+    ) -> list[Outcome]:
+        """One outcome per upload, in order; raises QueueFull, ShuttingDown or WorkerDead at once."""
         loop = asyncio.get_running_loop()
-        job = Job(images, options, loop.create_future(), loop)
+        job = Job(uploads, names, options, overlay_size, keep_attention, loop.create_future(), loop)
         with self._lock:
             if self.dead:
                 raise WorkerDead()
@@ -128,7 +162,7 @@ class Batcher:
         return await job.future
 
     def _fail_queued(self, error: Exception) -> None:
-        """Answer every job still queued with `error` (the worker will not take them)."""
+        """Answer every job still queued with `error` (no worker will take them)."""
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -137,33 +171,40 @@ class Batcher:
             if job is not _STOP:
                 _resolve(job, error=error)
 
-    # The worker thread: everything below runs there, and only there is the model used.
+    def _die(self, error: BaseException, jobs: list[Job]) -> None:
+        log.critical("a model worker died; the server cannot caption any more", exc_info=error)
+        with self._lock:
+            self._death = error
+        for job in jobs:
+            _resolve(job, error=WorkerDead())
+        self._fail_queued(WorkerDead())
+        self._idle.put(None)  # wakes the dispatcher if it waits for a worker
+
+    # The dispatcher thread: gathers jobs into batches and hands them to free workers.
 
     def _run(self) -> None:
         try:
             self._serve()
-        except BaseException as e:  # the worker is gone: say so to everyone waiting, and to all who come
-            log.critical("the model worker died; the server cannot caption any more", exc_info=e)
-            with self._lock:
-                self._death = e
-            for job in self._current:
-                _resolve(job, error=WorkerDead())
-            self._fail_queued(WorkerDead())
+        except BaseException as e:  # the dispatcher is gone: say so to everyone waiting, and to all who come
+            self._die(e, self._current)
 
     def _serve(self) -> None:
         while True:
+            worker = self._idle.get()  # while all are busy, jobs wait in the queue and make bigger batches
+            if worker is None:
+                return
             first = self._queue.get()
             if first is _STOP:
                 return
             jobs, stop = self._gather(first)
-            self._process(jobs)
+            self._hand_over(jobs, worker)
             self._current = []
             if stop:
                 return
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
         """`first` and whatever else arrives within max_wait, up to max_batch_size images."""
-        jobs, size = [first], len(first.images)
+        jobs, size = [first], len(first.uploads)
         self._current = jobs
         deadline = time.monotonic() + self.max_wait
         while size < self.max_batch_size:
@@ -176,38 +217,78 @@ class Batcher:
                 return jobs, True
             jobs.append(job)
             if not job.future.done():  # a job whose client has gone takes no room in the batch
-                size += len(job.images)
+                size += len(job.uploads)
         return jobs, False
 
-    def _process(self, jobs: list[Job]) -> None:
+    def _hand_over(self, jobs: list[Job], worker: Worker | None) -> None:
+        """Each group of jobs to a worker: the first to `worker`, the others to the next free ones."""
         groups: dict[object, list[Job]] = {}
         for job in jobs:
             if job.future.done():  # a request that timed out or whose client went away is not computed
-                self.metrics.abandoned.inc(len(job.images))
+                self.metrics.abandoned.inc(len(job.uploads))
             else:
                 groups.setdefault(job.group, []).append(job)
+        if not groups:
+            self._idle.put(worker)
+            return
         for group in groups.values():
-            images = [image for job in group for image in job.images]
+            if worker is None:
+                worker = self._idle.get()
+            if worker is None:  # one has died: _die has answered the rest
+                for job in group:
+                    _resolve(job, error=WorkerDead())
+                continue
+            self._inboxes[self.workers.index(worker)].put((_batch(group), group))
+            worker = None
+
+    # A minder thread per worker: runs its batches and answers their jobs.
+
+    def _mind(self, worker: Worker, inbox: queue.Queue) -> None:
+        while (item := inbox.get()) is not None:
+            batch, jobs = item
             try:
                 started = time.perf_counter()
-                results = self.predictor.caption_batch(images, group[0].options)
-                if self.on_batch:
-                    self.on_batch(len(images), time.perf_counter() - started)
+                outcomes = worker.run(batch)
+                seconds = time.perf_counter() - started
+            except WorkerGone as e:
+                self._die(e, jobs)
+                return
             except Exception as e:  # the model failing must fail these requests, not the worker
-                log.exception("captioning a batch of %d images failed", len(images))
-                for job in group:
+                log.exception("captioning a batch of %d images failed", len(batch.uploads))
+                for job in jobs:
                     _resolve(job, error=e)
-                continue
-            for start in range(0, len(images), self.max_batch_size):  # caption_batch's own chunks
-                self.metrics.batch_size.observe(min(self.max_batch_size, len(images) - start))
-            self.metrics.images.inc(len(images))
-            start = 0
-            for job in group:
-                _resolve(job, result=results[start : start + len(job.images)])
-                start += len(job.images)
+            except BaseException as e:
+                self._die(e, jobs)
+                return
+            else:
+                self._answer(jobs, outcomes, seconds)
+            self._idle.put(worker)
+
+    def _answer(self, jobs: list[Job], outcomes: list[Outcome], seconds: float) -> None:
+        images = len(outcomes)
+        if self.on_batch:
+            self.on_batch(images, seconds / len(self.workers))  # the workers run side by side
+        for start in range(0, images, self.max_batch_size):  # caption_batch's own chunks
+            self.metrics.batch_size.observe(min(self.max_batch_size, images - start))
+        self.metrics.images.inc(images)
+        start = 0
+        for job in jobs:
+            _resolve(job, result=outcomes[start : start + len(job.uploads)])
+            start += len(job.uploads)
 
 
-def _resolve(job: Job, result=None, error: Exception | None = None) -> None:
+def _batch(group: list[Job]) -> Batch:
+    first = group[0]
+    return Batch(
+        uploads=[data for job in group for data in job.uploads],
+        names=[name for job in group for name in job.names],
+        options=first.options,
+        keep_attention=first.keep_attention,
+        overlay_size=first.overlay_size,
+    )
+
+
+def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
     def settle():
         if job.future.done():
             return

@@ -1,10 +1,9 @@
-"""What routes depend on, named once: the settings, the predictor, the batcher, the threads that
-decode images, the metrics, a caption request's form."""
+"""What routes depend on, named once: the settings, the predictor, the batcher, the metrics, the
+admission count, a caption request's form."""
 
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Request
 
 from captioner.predictor import Predictor
@@ -27,10 +26,6 @@ def _predictor(request: Request) -> Predictor:
 
 def _batcher(request: Request) -> Batcher:
     return request.app.state.batcher
-
-
-def _image_threads(request: Request) -> anyio.CapacityLimiter:
-    return request.app.state.image_threads
 
 
 def _metrics(request: Request) -> Metrics:
@@ -70,5 +65,4 @@ PredictorDep = Annotated[Predictor, Depends(_predictor)]
 BatcherDep = Annotated[Batcher, Depends(_batcher)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 AdmissionDep = Annotated[Admission, Depends(_admission)]
-ImageThreadsDep = Annotated[anyio.CapacityLimiter, Depends(_image_threads)]
 CaptionFormDep = Annotated[CaptionForm, Depends(_caption_form)]

@@ -11,6 +11,7 @@ On SIGTERM or Ctrl-C the server stops accepting, lets in-flight requests finish
 
 Slow clients are cut off: a request's head must come whole within
 --header-timeout-s (api.connections), its body within --body-timeout-s (api.guard).
+The model runs in --workers processes beside the server's (api.workers).
 """
 
 import argparse
@@ -23,8 +24,6 @@ from pydantic import ValidationError
 from runtime.flags import add_model_flags, flag_errors, given_flags
 
 from .settings import Settings
-
-MAX_HEAD_BYTES = 16 * 1024  # a request line and headers longer than this: 400 (uvicorn's default, made explicit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,12 +45,13 @@ def main(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .app import create_app, missing_model_message
+    from .app import create_app
+    from .workers import missing_model_message
 
     if not settings.checkpoint.is_file():
         print(f"captioner serve: {missing_model_message(settings.checkpoint)}", file=sys.stderr)
         return 2
-    from .connections import head_deadline_protocol
+    from .connections import MAX_HEAD_BYTES, head_deadline_protocol
 
     uvicorn.run(
         create_app(settings),
@@ -62,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
         # uvicorn annotates int, but hands the seconds to asyncio.wait_for, which takes a float
         timeout_graceful_shutdown=cast(int, settings.timeout_graceful_shutdown),
         root_path=settings.root_path,
-        http=head_deadline_protocol(settings.header_timeout_s),
+        http=head_deadline_protocol(settings.header_timeout_s, settings.http),
+        loop="auto",  # uvloop where it is installed
         timeout_keep_alive=settings.timeout_keep_alive,
         limit_concurrency=settings.limit_concurrency,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from runtime.cpus import available_cpus
 from runtime.home import default_checkpoint
 
+MAX_DEFAULT_WORKERS = 4  # each holds a model and torch's runtime, a few hundred MB
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore")
@@ -33,8 +35,15 @@ class Settings(BaseSettings):
     threads: int = Field(
         default_factory=available_cpus,
         ge=1,
-        description="torch threads, and images decoded at once (default: the usable cores, "
+        description="torch threads, shared among the model workers (default: the usable cores, "
         "within a container's CPU quota)",
+    )
+    workers: int = Field(
+        default_factory=lambda: min(available_cpus(), MAX_DEFAULT_WORKERS),
+        ge=1,
+        le=64,
+        description="model worker processes, each with the model and its share of the threads (default: "
+        "one a core, at most 4); on a GPU, or at 1, a thread of the server instead",
     )
     max_batch_size: int = Field(16, ge=1, le=512, description="images per model call")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the model worker waits to fill a batch")
@@ -51,7 +60,7 @@ class Settings(BaseSettings):
         512 * 1024 * 1024,
         ge=1,
         description="memory one image may take to decode, estimated from its header (size, "
-        "alpha); images are decoded `threads` at a time",
+        "alpha); each model worker decodes one image at a time",
     )
     max_response_bytes: int = Field(
         64 * 1024 * 1024,
@@ -72,6 +81,9 @@ class Settings(BaseSettings):
         60.0,
         gt=0,
         description="seconds a request's body has to arrive, from its head; beyond them: 408 and the connection closed",
+    )
+    http: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="HTTP parser: httptools (in C) where it is installed, else h11 (pure Python)"
     )
     timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle connection is kept between requests")
     limit_concurrency: int = Field(

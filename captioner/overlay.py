@@ -1,6 +1,9 @@
 """Attention drawn over the picture: heatmaps for the web page, the API and the folder CLI, and
 the picture and the grids that drawing them needs."""
 
+import base64
+import io
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -49,6 +52,13 @@ def heatmap_overlay(image: Image.Image, grid, opacity: float = 0.55) -> Image.Im
     smooth = np.asarray(small.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     heat = Image.fromarray(_colormap(smooth))
     return Image.blend(image.convert("RGB"), heat, opacity)
+
+
+def png_data_uri(image: Image.Image) -> str:
+    """The image as a PNG data URI, the form a web page shows directly."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def caption_sheet(image: Image.Image, tokens: list[str], attention, tile: int = 224) -> Image.Image:

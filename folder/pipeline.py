@@ -31,13 +31,13 @@ from captioner.decoding import DecodeOptions
 from captioner.images import ImageError
 from captioner.overlay import caption_sheet, drop_attention, prepare_with_picture
 from captioner.predictor import Predictor
+from runtime.children import die_with_parent
 
 from .files import SKIP_CODES, Entry
 from .journal import result_line
 
 OVERLAY_TILE = 224  # pixels per tile of an overlay sheet; pictures are kept no larger
 MIN_TAIL_BATCH = 4  # the shortest batch near the end: smaller ones cost more per image than they save
-PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -121,18 +121,7 @@ def _start_lane(predictor: Predictor, threads: int, parent: int | None = None) -
     torch.set_num_threads(threads)
     if parent is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-        _die_with(parent)
-
-
-def _die_with(parent: int) -> None:
-    """A parent killed outright cannot shut its lanes down, and orphaned lanes would wait for work
-    forever: the kernel ends them with it (Linux's parent-death signal, sent when the thread that
-    forked them ends; `caption_entries` forks them from its own thread and shuts them down itself)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the signal was asked for
-        os._exit(1)
+        die_with_parent(parent)  # `caption_entries` starts the lanes from its own thread and stops them itself
 
 
 def _segments(entries: list[Entry], batch_size: int, lanes: int) -> Iterator[list[Entry]]:

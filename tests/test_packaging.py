@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pins() -> dict[str, str]:
+    """Each pinned package's version; a pin may carry an environment marker (uvloop: not on Windows)."""
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    pairs = (line.split("#")[0].strip().split("==") for line in lines if line.split("#")[0].strip())
-    return {canonicalize_name(name): version for name, version in pairs}
+    pinned = [Requirement(line.split("#")[0]) for line in lines if line.split("#")[0].strip()]
+    return {canonicalize_name(r.name): str(r.specifier).removeprefix("==") for r in pinned}
 
 
 def declared() -> dict[str, Requirement]:

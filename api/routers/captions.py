@@ -1,36 +1,28 @@
 """POST /v1/captions: images in, n-best captions out, with attention grids or heatmaps on request.
 
-The four phases: read each upload up to its byte limit; decode and preprocess
-in worker threads (never on the event loop); caption on the model worker,
-batched with other requests; render heatmap overlays, if asked, in a thread.
+The route checks the options and the answer's size, reads the uploads (streamed in by
+api.form) and hands them to the batcher; a model worker decodes, captions, draws and encodes
+them (api.workers), and the route joins the results into the answer.
 """
 
 import asyncio
-import base64
-import io
 from collections.abc import Awaitable
 
-import anyio
 from fastapi import APIRouter, Request, Response
-from PIL import Image
-from pydantic import TypeAdapter
-from starlette.datastructures import UploadFile
 
 from captioner.decoding import distinct_captions
 from captioner.images import ImageError
-from captioner.overlay import drop_attention, heatmap_overlay, prepare_with_picture
-from captioner.predictor import Predictor, PreparedImage
+from captioner.predictor import Predictor
 from captioner.vocab import SPECIALS
 
 from ..batcher import QueueFull, ShuttingDown, WorkerDead
-from ..deps import AdmissionDep, BatcherDep, CaptionFormDep, ImageThreadsDep, PredictorDep, SettingsDep
+from ..deps import AdmissionDep, BatcherDep, CaptionFormDep, PredictorDep, SettingsDep
 from ..errors import APIError, ClientGone, invalid_option, worker_dead
 from ..schemas import ERROR_RESPONSES, CaptionOptions, CaptionResponse
 from ..settings import Settings
-from .model import describe_model
+from ..workers import Outcome
 
 router = APIRouter(prefix="/v1", tags=["captions"])
-RESPONSE = TypeAdapter(CaptionResponse)
 
 RETRY_AFTER = {"Retry-After": "1"}  # a stopping server: its replacement is moments away
 
@@ -49,7 +41,6 @@ async def create_captions(
     predictor: PredictorDep,
     batcher: BatcherDep,
     settings: SettingsDep,
-    image_threads: ImageThreadsDep,
 ) -> Response:
     """Send the images as files of the multipart field `images`, and the options as fields
     beside them. Results come in upload order, each named by its file. Any unusable file fails
@@ -57,15 +48,17 @@ async def create_captions(
     options = form.options
     _check_num_captions(options, predictor)
     _check_response_size(options, len(form.images), predictor, settings)
-    decode_options = options.decode_options()
-    names = form.names
-    overlay_size = settings.overlay_size if options.overlays else None
-    prepared, pictures = await anyio.to_thread.run_sync(
-        _prepare, predictor, names, form.images, overlay_size, limiter=image_threads
+    # One byte past the limit is enough for the worker to refuse a file as too_large.
+    uploads = [await upload.read(predictor.limits.max_bytes + 1) for upload in form.images]
+    job = batcher.submit(
+        uploads,
+        form.names,
+        options.decode_options(),
+        overlay_size=settings.overlay_size if options.overlays else None,
+        keep_attention=options.attention,
     )
-
     try:
-        results = await _unless_gone(request, batcher.submit(prepared, decode_options), settings.request_timeout_s)
+        outcomes = await _unless_gone(request, job, settings.request_timeout_s)
     except QueueFull:
         raise admission.overloaded() from None
     except ShuttingDown:
@@ -74,21 +67,19 @@ async def create_captions(
         raise worker_dead() from None
     except asyncio.TimeoutError:
         raise APIError(504, "timeout", f"the model did not answer within {settings.request_timeout_s:g} s") from None
-
-    if options.overlays:
-        await anyio.to_thread.run_sync(_add_overlays, results, pictures, limiter=image_threads)
-    for name, result in zip(names, results):
-        result["file"] = name
-        if not options.attention:
-            drop_attention(result)
-    answer = {"model": describe_model(predictor, settings), "results": results}
-    # Validating and encoding megabytes of JSON takes a while: in a thread, never on the event loop
-    return Response(
-        await anyio.to_thread.run_sync(_encode, answer, limiter=image_threads), media_type="application/json"
-    )
+    return Response(_answer(request.app.state.model_json, form.names, outcomes), media_type="application/json")
 
 
-async def _unless_gone(request: Request, answer: Awaitable[list[dict]], timeout: float) -> list[dict]:
+def _answer(model_json: bytes, names: list[str], outcomes: list[Outcome]) -> bytes:
+    """The response body from the workers' JSON results; the first unreadable file fails it all."""
+    for name, outcome in zip(names, outcomes):
+        if isinstance(outcome, ImageError):
+            raise APIError.from_image_error(outcome, name)
+    results = b",".join(outcome for outcome in outcomes if isinstance(outcome, bytes))
+    return b'{"model":' + model_json + b',"results":[' + results + b"]}"
+
+
+async def _unless_gone(request: Request, answer: Awaitable[list[Outcome]], timeout: float) -> list[Outcome]:
     """`answer`, unless the client disconnects first (ClientGone) or it takes over `timeout`
     (asyncio.TimeoutError). Either way the job is cancelled, and the model worker skips it."""
     job = asyncio.ensure_future(answer)
@@ -161,10 +152,6 @@ def _check_response_size(options: CaptionOptions, images: int, predictor: Predic
     )
 
 
-def _encode(answer: dict) -> bytes:
-    return RESPONSE.dump_json(RESPONSE.validate_python(answer), exclude_none=True)
-
-
 def _check_num_captions(options: CaptionOptions, predictor: Predictor) -> None:
     """Beam search returns at most the different captions the vocabulary has: fewer than asked is an error."""
     if options.method != "beam":
@@ -175,35 +162,3 @@ def _check_num_captions(options: CaptionOptions, predictor: Predictor) -> None:
             "num_captions",
             f"num_captions: this model has only {most} different captions of at most {options.max_length} words",
         )
-
-
-def _prepare(
-    predictor: Predictor, names: list[str], uploads: list[UploadFile], overlay_size: int | None
-) -> tuple[list[PreparedImage], list[Image.Image | None]]:
-    """Read, decode and preprocess every upload, one at a time; keep a small copy of the picture for overlays."""
-    images, pictures = [], []
-    for name, upload in zip(names, uploads):
-        # One byte past the limit is enough for open_image to refuse the file as too_large.
-        data = upload.file.read(predictor.limits.max_bytes + 1)
-        try:
-            image, picture = prepare_with_picture(predictor, data, overlay_size)
-        except ImageError as e:
-            raise APIError.from_image_error(e, name) from e
-        images.append(image)
-        pictures.append(picture)
-    return images, pictures
-
-
-def _add_overlays(results: list[dict], pictures: list[Image.Image | None]) -> None:
-    for result, picture in zip(results, pictures):
-        assert picture is not None  # overlays asked for: _prepare kept every picture
-        for caption in result["captions"]:
-            caption["overlays"] = [
-                _png_data_uri(heatmap_overlay(picture, grid)) for grid in caption.get("attention", [])
-            ]
-
-
-def _png_data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

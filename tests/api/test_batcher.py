@@ -1,4 +1,5 @@
-"""The model worker: gathering, grouping by options, back-pressure and a clean stop.
+"""The batcher, over one model worker in a thread: gathering, grouping by options,
+back-pressure and a clean stop. (Worker processes: test_workers.py.)
 
 The model is the real tiny one; `Recorder` only notes each call (and can hold or break one).
 Images are told apart by their widths, which every result carries.
@@ -8,14 +9,16 @@ import asyncio
 import queue
 import threading
 
+import orjson
 import pytest
 
 from api.batcher import Batcher, Job, QueueFull, ShuttingDown, WorkerDead
 from api.metrics import Metrics
+from api.workers import ThreadWorker
 from captioner.decoding import DecodeOptions
 from captioner.predictor import Predictor
 
-from .helpers import picture
+from .helpers import png
 
 GREEDY = DecodeOptions(method="greedy", max_length=4)
 BEAM = DecodeOptions(method="beam", beam_size=2, max_length=4)
@@ -47,15 +50,22 @@ def make_predictor(tiny_checkpoint):
     return lambda max_batch_size=8: Predictor.from_checkpoint(tiny_checkpoint, max_batch_size=max_batch_size)
 
 
-def prepared(predictor: Predictor, *widths: int):
-    return [predictor.prepare(picture((w, 40))) for w in widths]
+def make_batcher(predictor: Predictor, **kwargs) -> tuple[Batcher, Metrics]:
+    metrics = Metrics()
+    return Batcher([ThreadWorker(predictor)], metrics, predictor.max_batch_size, **kwargs), metrics
 
 
 def start(predictor, **kwargs) -> tuple[Batcher, Metrics]:
-    metrics = Metrics()
-    batcher = Batcher(predictor, metrics, **kwargs)
+    batcher, metrics = make_batcher(predictor, **kwargs)
     batcher.start()
     return batcher, metrics
+
+
+async def submit(batcher: Batcher, widths: tuple[int, ...], options: DecodeOptions) -> list[dict]:
+    """Pictures of these widths, captioned; their results."""
+    uploads = [png((w, 40)) for w in widths]
+    outcomes = await batcher.submit(uploads, [f"{w}.png" for w in widths], options)
+    return [orjson.loads(outcome) for outcome in outcomes]
 
 
 def widths(results) -> list[int]:
@@ -69,10 +79,10 @@ def test_requests_arriving_together_share_one_model_call_per_options(make_predic
 
     async def main():
         return await asyncio.gather(
-            batcher.submit(prepared(predictor, 11, 12), BEAM),
-            batcher.submit(prepared(predictor, 13), GREEDY),
-            batcher.submit(prepared(predictor, 14), BEAM),
-            batcher.submit(prepared(predictor, 15, 16, 17), GREEDY),
+            submit(batcher, (11, 12), BEAM),
+            submit(batcher, (13,), GREEDY),
+            submit(batcher, (14,), BEAM),
+            submit(batcher, (15, 16, 17), GREEDY),
         )
 
     try:
@@ -86,24 +96,24 @@ def test_requests_arriving_together_share_one_model_call_per_options(make_predic
         ("beam", [11, 12, 14]),
         ("greedy", [13, 15, 16, 17]),
     ]
-    assert {thread for _, _, thread in recorder.calls} == {"captioner-model"}
+    assert {thread for _, _, thread in recorder.calls} == {"captioner-minder-0"}
     assert metrics.registry.get_sample_value("captioner_batch_size_count") == 2
     assert metrics.registry.get_sample_value("captioner_batch_size_sum") == 7
 
 
 def test_a_batched_image_gets_the_caption_it_gets_alone(make_predictor):
     predictor = make_predictor(max_batch_size=3)  # gathering ends when all three are in
-    alone = [predictor.caption_batch(prepared(predictor, w), GREEDY)[0] for w in (21, 22, 23)]
+    alone = [predictor.caption([png((w, 40))], GREEDY)[0] for w in (21, 22, 23)]
     batcher, _ = start(predictor, max_wait_ms=5000)
 
     async def main():
-        return await asyncio.gather(*(batcher.submit(prepared(predictor, w), GREEDY) for w in (21, 22, 23)))
+        return await asyncio.gather(*(submit(batcher, (w,), GREEDY) for w in (21, 22, 23)))
 
     try:
         results = asyncio.run(main())
     finally:
         batcher.stop()
-    assert [r[0] for r in results] == alone
+    assert [r[0] for r in results] == [{"file": f"{w}.png", **r} for w, r in zip((21, 22, 23), alone)]
 
 
 def test_seeded_sampling_is_never_batched_with_other_requests(make_predictor):
@@ -113,9 +123,7 @@ def test_seeded_sampling_is_never_batched_with_other_requests(make_predictor):
     seeded = DecodeOptions(method="sample", num_captions=2, seed=3, max_length=4)
 
     async def main():
-        return await asyncio.gather(
-            batcher.submit(prepared(predictor, 31), seeded), batcher.submit(prepared(predictor, 32), seeded)
-        )
+        return await asyncio.gather(submit(batcher, (31,), seeded), submit(batcher, (32,), seeded))
 
     try:
         asyncio.run(main())
@@ -130,7 +138,7 @@ def test_a_model_call_holds_at_most_max_batch_size_images(make_predictor):
     batcher, metrics = start(predictor, max_wait_ms=500)
 
     async def main():
-        return await asyncio.gather(*(batcher.submit(prepared(predictor, 40 + i), GREEDY) for i in range(5)))
+        return await asyncio.gather(*(submit(batcher, (40 + i,), GREEDY) for i in range(5)))
 
     try:
         results = asyncio.run(main())
@@ -150,13 +158,13 @@ def test_a_full_queue_refuses_at_once_and_a_stopped_batcher_refuses_too(make_pre
     batcher, metrics = start(predictor, max_wait_ms=0, queue_size=1)
 
     async def main():
-        held = asyncio.ensure_future(batcher.submit(prepared(predictor, 51), GREEDY))
+        held = asyncio.ensure_future(submit(batcher, (51,), GREEDY))
         assert await asyncio.to_thread(recorder.entered.wait, 30)  # the worker is inside the model
-        waiting = asyncio.ensure_future(batcher.submit(prepared(predictor, 52), GREEDY))
+        waiting = asyncio.ensure_future(submit(batcher, (52,), GREEDY))
         await asyncio.sleep(0)  # let `waiting` reach the queue
         assert metrics.registry.get_sample_value("captioner_queue_depth") == 1
         with pytest.raises(QueueFull):
-            await batcher.submit(prepared(predictor, 53), GREEDY)
+            await submit(batcher, (53,), GREEDY)
         gate.set()
         return await held, await waiting
 
@@ -169,7 +177,7 @@ def test_a_full_queue_refuses_at_once_and_a_stopped_batcher_refuses_too(make_pre
     assert not batcher.alive
 
     async def after():
-        await batcher.submit(prepared(predictor, 54), GREEDY)
+        await submit(batcher, (54,), GREEDY)
 
     with pytest.raises(ShuttingDown):
         asyncio.run(after())
@@ -182,8 +190,8 @@ def test_a_failing_model_call_fails_its_requests_and_the_worker_goes_on(make_pre
 
     async def main():
         with pytest.raises(RuntimeError, match="the model broke"):
-            await batcher.submit(prepared(predictor, 99), GREEDY)
-        return await batcher.submit(prepared(predictor, 61), GREEDY)
+            await submit(batcher, (99,), GREEDY)
+        return await submit(batcher, (61,), GREEDY)
 
     try:
         assert widths(asyncio.run(main())) == [61]
@@ -198,7 +206,7 @@ def test_stop_finishes_queued_jobs_before_the_worker_ends(make_predictor):
     batcher, _ = start(predictor, max_wait_ms=0)
 
     async def main():
-        jobs = [asyncio.ensure_future(batcher.submit(prepared(predictor, 70 + i), GREEDY)) for i in range(3)]
+        jobs = [asyncio.ensure_future(submit(batcher, (70 + i,), GREEDY)) for i in range(3)]
         assert await asyncio.to_thread(recorder.entered.wait, 30)
         stopper = threading.Thread(target=batcher.stop)
         stopper.start()  # asked to stop while one job is in the model and two are queued
@@ -229,11 +237,11 @@ def test_a_dead_worker_fails_its_jobs_and_every_later_one_at_once(make_predictor
     batcher, _ = start(predictor, max_wait_ms=0)
 
     async def main():
-        assert widths(await batcher.submit(prepared(predictor, 12), GREEDY)) == [12]
+        assert widths(await submit(batcher, (12,), GREEDY)) == [12]
         with pytest.raises(WorkerDead):
-            await asyncio.wait_for(batcher.submit(prepared(predictor, 13), GREEDY), 30)
+            await asyncio.wait_for(submit(batcher, (13,), GREEDY), 30)
         with pytest.raises(WorkerDead):
-            await asyncio.wait_for(batcher.submit(prepared(predictor, 14), GREEDY), 30)
+            await asyncio.wait_for(submit(batcher, (14,), GREEDY), 30)
 
     try:
         asyncio.run(main())
@@ -264,7 +272,7 @@ class PausingQueue(queue.Queue):
 
 def test_a_submit_racing_stop_is_answered_never_left_behind(make_predictor):
     predictor = make_predictor()
-    batcher = Batcher(predictor, Metrics(), max_wait_ms=0)
+    batcher, _ = make_batcher(predictor, max_wait_ms=0)
     batcher._queue = PausingQueue(64)  # before the worker starts waiting on the queue
     batcher.start()
     stopper = threading.Thread(target=batcher.stop)
@@ -277,7 +285,7 @@ def test_a_submit_racing_stop_is_answered_never_left_behind(make_predictor):
 
     async def submit_alone():
         try:
-            return await asyncio.wait_for(batcher.submit(prepared(predictor, 81), GREEDY), 20)
+            return await asyncio.wait_for(submit(batcher, (81,), GREEDY), 20)
         except ShuttingDown:
             return "refused"
         except TimeoutError:

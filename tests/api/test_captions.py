@@ -140,7 +140,10 @@ def test_max_length_bounds_every_caption(client):
     assert all(len(c["tokens"]) <= 3 for c in r.json()["results"][0]["captions"])
 
 
-def test_images_are_decoded_off_the_event_loop_and_captioned_on_the_model_thread(client):
+def test_images_are_decoded_and_captioned_off_the_event_loop_by_the_model_worker(make_client):
+    """With one model worker, a thread of the server's whose calls this process sees: it reads
+    the images and captions them; the event loop does neither. (Worker processes: test_workers.py.)"""
+    client = make_client(workers=1)
     predictor = client.app.state.predictor
     seen = {"prepare": [], "caption": []}
     prepare, caption_batch = predictor.prepare, predictor.caption_batch
@@ -155,8 +158,8 @@ def test_images_are_decoded_off_the_event_loop_and_captioned_on_the_model_thread
 
     predictor.prepare, predictor.caption_batch = spy_prepare, spy_caption
     assert caption(client, ("a.png", png()), ("b.png", png()), method="greedy").status_code == 200
-    assert len(seen["prepare"]) == 2 and not any(running for _, running in seen["prepare"])
-    assert seen["caption"] == ["captioner-model"]
+    assert seen["prepare"] == [("captioner-minder-0", False)] * 2
+    assert seen["caption"] == ["captioner-minder-0"]
 
 
 def asyncio_loop_running() -> bool:

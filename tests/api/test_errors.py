@@ -180,7 +180,8 @@ def test_cors_origins_setting_allows_preflight_from_those_origins(make_client):
 
 
 def gate_the_model(client) -> tuple[threading.Event, threading.Event]:
-    """Make the model worker wait, once inside a model call (`entered`), until `gate` is set."""
+    """Make the model worker wait, once inside a model call (`entered`), until `gate` is set. The
+    client's worker must be the thread kind (workers=1), whose calls these events can see."""
     predictor = client.app.state.predictor
     gate, entered = threading.Event(), threading.Event()
     original = predictor.caption_batch
@@ -195,7 +196,7 @@ def gate_the_model(client) -> tuple[threading.Event, threading.Event]:
 
 
 def test_a_full_server_is_503_with_retry_after_at_once(make_client):
-    client = make_client(queue_size=2, max_batch_size=1, max_wait_ms=0)  # two images in flight at most
+    client = make_client(queue_size=2, max_batch_size=1, max_wait_ms=0, workers=1)  # two images in flight at most
     gate, entered = gate_the_model(client)
     answers = {}
 
@@ -222,7 +223,7 @@ def test_a_full_server_is_503_with_retry_after_at_once(make_client):
 
 
 def test_a_request_the_model_does_not_answer_in_time_is_504(make_client):
-    client = make_client(request_timeout_s=2.0)
+    client = make_client(request_timeout_s=2.0, workers=1)
     gate, _ = gate_the_model(client)
     quick = {"method": "greedy", "max_length": "3"}
     try:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from api.app import ModelMissing, create_app
+from api.app import create_app
+from api.workers import ModelMissing
 from captioner.checkpoint import read_header
 from captioner.decoding import MAX_BEAM_SIZE, MAX_LENGTH
 

@@ -1,8 +1,14 @@
 """A dead model worker, in the real server: fatal and visible. The worker is killed from inside
-(a model call that raises what `except Exception` does not catch, for pictures 13 pixels wide);
-everything else is the real app under uvicorn, over loopback HTTP."""
+(a model call that raises what `except Exception` does not catch, for pictures 13 pixels wide),
+as a thread and as a process, or a worker process is killed outright from outside; everything
+else is the real app under uvicorn, over loopback HTTP. A server killed outright takes its
+worker processes with it."""
 
+import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,12 +48,14 @@ def caption(base: str, width: int) -> httpx.Response:
     )
 
 
-def test_a_dead_worker_fails_liveness_and_every_request_at_once(start_server, tiny_checkpoint):
+@pytest.mark.parametrize("workers", ["1", "2"])  # a thread of the server; two processes
+def test_a_dead_worker_fails_liveness_and_every_request_at_once(start_server, tiny_checkpoint, workers):
     server = start_server(
         command=[sys.executable, "-c", LAUNCHER, "PORT"],
         env={
             "CAPTIONER_CHECKPOINT": str(tiny_checkpoint),
             "CAPTIONER_THREADS": "1",
+            "CAPTIONER_WORKERS": workers,
             "CAPTIONER_REQUEST_TIMEOUT_S": "600",
         },
     )
@@ -57,10 +65,49 @@ def test_a_dead_worker_fails_liveness_and_every_request_at_once(start_server, ti
     r = caption(server.base, 13)  # in the model when the worker dies: answered, not left to time out
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_worker_dead", r.text
 
+    assert_dead(server)
+
+
+def assert_dead(server) -> None:
     r = httpx.get(server.base + "/healthz", timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_worker_dead"
     assert httpx.get(server.base + "/readyz", timeout=10).status_code == 503
     for _ in range(3):
         r = caption(server.base, 12)
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_worker_dead", r.text
-    assert "the model worker died" in server.log()
+    assert "a model worker died" in server.log()
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_worker_process_killed_outright_is_fatal_and_visible(start_server):
+    server = start_server("--workers", "2")
+    workers = children(server.pid)
+    assert len(workers) == 2
+    assert caption(server.base, 12).status_code == 200
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while httpx.get(server.base + "/healthz", timeout=10).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_dead(server)
+
+
+def test_a_server_killed_outright_takes_its_worker_processes_with_it(start_server):
+    server = start_server("--workers", "2")
+    workers = children(server.pid)
+    assert len(workers) == 2
+    os.kill(server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, workers))
+
+
+def running(pid: int) -> bool:
+    """Alive (not ended, nor a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

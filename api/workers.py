@@ -1,0 +1,210 @@
+"""The model workers: where a batch of uploads is decoded, captioned, drawn and encoded.
+
+The event loop receives requests and sends answers; everything between is a worker's. On a
+CPU under Linux the workers are processes, each with its own model, for the reason the folder
+command's lanes are: decoding is thousands of small operators a second, each handing Python's
+lock over, and in one process they slow each other and the event loop. Workers are forked from
+the server once it has loaded the model and before it starts threads or serves: they share
+the model's weights and torch's memory with it, and start in milliseconds. A worker sends back
+each image's result as JSON bytes, so the server only joins them. On a GPU (CUDA cannot be
+forked once started), or with one worker, the worker is a thread of the server instead.
+
+Each worker process has its share of the server's torch threads (one each, by default: one
+worker a core). A forked child can only use OpenMP's thread team if its parent never has, so
+the server runs on one torch thread itself from before it loads the model.
+
+A worker process that dies (the kernel's OOM killer, say) is fatal: its batch fails, and the
+batcher answers every request 503 and fails /healthz until the server is restarted.
+"""
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import orjson
+import torch
+from PIL import Image
+
+from captioner.decoding import DecodeOptions
+from captioner.images import ImageError, ImageLimits
+from captioner.overlay import drop_attention, heatmap_overlay, png_data_uri, prepare_with_picture
+from captioner.predictor import Predictor
+from runtime.children import close_inherited_files, die_with_parent
+
+from .settings import Settings
+
+log = logging.getLogger("captioner.api")
+
+
+class ModelMissing(RuntimeError):
+    pass
+
+
+class WorkerGone(Exception):
+    """The worker process ended: its batch and every later one cannot be captioned."""
+
+
+def missing_model_message(path: Path) -> str:
+    return (
+        f"no model at {path}. Train the default one with `captioner demo --no-serve`, "
+        "or pass --checkpoint PATH (or set CAPTIONER_CHECKPOINT)."
+    )
+
+
+def load_predictor(settings: Settings) -> Predictor:
+    if not settings.checkpoint.is_file():
+        raise ModelMissing(missing_model_message(settings.checkpoint))
+    # RLE-compressed BMP is decoded by Pillow in Python, holding the GIL: not worth a server's time
+    limits = ImageLimits(
+        max_bytes=settings.max_bytes,
+        max_pixels=settings.max_pixels,
+        max_decode_bytes=settings.max_decode_bytes,
+        rle_bmp=False,
+    )
+    return Predictor.from_checkpoint(
+        settings.checkpoint, settings.device, limits=limits, max_batch_size=settings.max_batch_size, amp=settings.amp
+    )
+
+
+def uses_processes(settings: Settings) -> bool:
+    """Processes only on a CPU (CUDA cannot be forked), under Linux (macOS's system libraries
+    are not fork-safe; the parent-death signal), and only for more than one worker."""
+    return settings.workers > 1 and settings.device == "cpu" and sys.platform.startswith("linux")
+
+
+@dataclass(frozen=True)
+class Batch:
+    uploads: list[bytes]  # each file's bytes, up to one past the limit (so open_image can refuse it)
+    names: list[str]
+    options: DecodeOptions  # attention on when overlays are asked for
+    keep_attention: bool  # in the results (overlays need the grids, the client may not)
+    overlay_size: int | None  # heatmap overlays of at most this side, or none
+
+
+Outcome = bytes | ImageError  # an image's result as JSON, or why it could not be read
+
+
+def caption_uploads(predictor: Predictor, batch: Batch) -> list[Outcome]:
+    """Every upload's outcome, in order: the readable ones captioned in one call."""
+    outcomes: list[Outcome | None] = [None] * len(batch.uploads)
+    prepared, pictures, positions = [], [], []
+    for i, data in enumerate(batch.uploads):
+        try:
+            image, picture = prepare_with_picture(predictor, data, batch.overlay_size)
+        except ImageError as e:
+            outcomes[i] = e
+            continue
+        prepared.append(image)
+        pictures.append(picture)
+        positions.append(i)
+    if prepared:
+        for i, picture, result in zip(positions, pictures, predictor.caption_batch(prepared, batch.options)):
+            if picture is not None:
+                _add_overlays(result, picture)
+            if not batch.keep_attention:
+                drop_attention(result)
+            outcomes[i] = orjson.dumps({"file": batch.names[i], **result})
+    return outcomes  # type: ignore[return-value]  # every position is filled by now
+
+
+def _add_overlays(result: dict, picture: Image.Image) -> None:
+    for caption in result["captions"]:
+        caption["overlays"] = [png_data_uri(heatmap_overlay(picture, grid)) for grid in caption.get("attention", [])]
+
+
+class ThreadWorker:
+    """The model in the server's own process: run() is called by the thread that minds it."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+
+    alive = True  # it dies with the minder thread, which the batcher watches
+
+    def start(self) -> None:
+        pass
+
+    def run(self, batch: Batch) -> list[Outcome]:
+        return caption_uploads(self.predictor, batch)  # torch threads: the server's, set once
+
+    def stop(self, timeout: float) -> None:
+        pass
+
+
+class ProcessWorker:
+    """A forked process with the server's model, fed batches through a pipe, one at a time."""
+
+    def __init__(self, predictor: Predictor, index: int, threads: int = 1):
+        context = multiprocessing.get_context("fork")
+        self._connection, child_end = context.Pipe()
+        self.process = context.Process(
+            target=_serve_batches,
+            args=(child_end, predictor, threads, os.getpid()),
+            name=f"captioner-worker-{index}",
+            daemon=True,
+        )
+        self._child_end = child_end
+
+    def start(self) -> None:
+        """Fork, from the thread that will outlive the process (see die_with_parent)."""
+        self.process.start()
+        self._child_end.close()  # the child holds it now: its death closes the pipe
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def run(self, batch: Batch) -> list[Outcome]:
+        try:
+            self._connection.send(batch)
+        except (OSError, EOFError) as e:
+            raise WorkerGone(self._death()) from e
+        reply = self._receive()
+        if isinstance(reply, str):  # the model failed on this batch; the worker goes on
+            raise RuntimeError(reply)
+        return reply
+
+    def stop(self, timeout: float) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(OSError, EOFError):  # it died meanwhile
+                self._connection.send(None)
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._connection.close()
+
+    def _receive(self):
+        try:
+            return self._connection.recv()
+        except (OSError, EOFError) as e:
+            raise WorkerGone(self._death()) from e
+
+    def _death(self) -> str:
+        self.process.join(1.0)
+        code = self.process.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        return f"model worker {self.process.name} (pid {self.process.pid}) ended: {how}"
+
+
+def _serve_batches(connection: Connection, predictor: Predictor, threads: int, parent: int) -> None:
+    """A worker process: caption batches until told to stop (None)."""
+    signal.set_wakeup_fd(-1)  # the server's event loop's: a signal here must not wake it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it stops the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's graceful-shutdown handler
+    die_with_parent(parent)
+    close_inherited_files(keep={connection.fileno()})
+    torch.set_num_threads(threads)
+    while (batch := connection.recv()) is not None:
+        try:
+            outcomes = caption_uploads(predictor, batch)
+        except Exception as e:  # the model failing fails this batch's requests, not the worker
+            log.exception("captioning a batch of %d images failed", len(batch.uploads))
+            connection.send(f"{type(e).__name__}: {e}")
+            continue
+        connection.send(outcomes)

@@ -1,0 +1,337 @@
+"""The HTTP service under load, against `captioner caption` on the same images, same machine, same run.
+
+    .venv/bin/python benchmarks/service_load.py --out benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/service_load.py --images 8 --seconds 2 --soak-s 0 --clients 1 4  # quick
+
+On the same 640x480 JPEGs drawn here, beam size 3, attention on, one image per request:
+(1) the latency of one image in-process (Predictor.caption on the file's bytes, the server's
+torch threads); (2) `captioner caption` on the folder, images/s; (3) `captioner serve` on
+loopback, for each number of concurrent clients: images/s, p50/p95/p99 latency, and the memory
+of the server's processes (the peak RSS of each, and PSS summed: shared pages counted once);
+(4) a soak at 8 clients, memory sampled as it runs. The clients are this process: asyncio over
+raw sockets with keep-alive, the requests encoded once, so that they take little of the CPU the
+server needs. Every answer is checked to be a 200 with one result.
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from runtime.home import default_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from caption_throughput import BEAM_SIZE, cli_rate, draw_images, in_child
+from results_file import describe_machine, machine, markdown_table, save_results, write_section
+
+SECTION = "## Service under load"
+BOUNDARY = "captioner-bench-boundary"
+SOAK_CLIENTS = 8
+SOAK_SAMPLE_S = 15.0
+
+
+def request_bytes(path: Path, max_length: int) -> bytes:
+    """One POST /v1/captions, head and body, for the image at `path`."""
+    fields = {"method": "beam", "beam_size": str(BEAM_SIZE), "attention": "true", "max_length": str(max_length)}
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    parts.append(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{path.name}"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
+        + path.read_bytes()
+        + b"\r\n"
+    )
+    body = b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    head = (
+        f"POST /v1/captions HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bytes:
+    """Send one request on a kept-alive connection; the answer's body, checked to be a 200."""
+    writer.write(request)
+    status = await reader.readline()
+    length = None
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:
+        raise RuntimeError(f"an answer without Content-Length: {status!r}")
+    body = await reader.readexactly(length)
+    if not status.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"{status.decode().strip()}: {body[:300].decode(errors='replace')}")
+    return body
+
+
+async def client(port: int, requests: list[bytes], offset: int, until: float, latencies: list) -> None:
+    """One client: requests back to back until `until` (monotonic), each (start, seconds) recorded."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        i = offset
+        while (start := time.monotonic()) < until:
+            await exchange(reader, writer, requests[i % len(requests)])
+            latencies.append((start, time.monotonic() - start))
+            i += 1
+    finally:
+        writer.close()
+
+
+async def load(port: int, requests: list[bytes], clients: int, warm_up: float, seconds: float) -> dict:
+    """`clients` clients for warm_up + seconds; what finished within the measured window counts."""
+    latencies: list[tuple[float, float]] = []
+    begin = time.monotonic()
+    window = (begin + warm_up, begin + warm_up + seconds)
+    await asyncio.gather(*(client(port, requests, i * 7, window[1], latencies) for i in range(clients)))
+    measured = sorted(t for start, t in latencies if start >= window[0] and start + t <= window[1])
+    if not measured:
+        raise RuntimeError(f"no request finished within the {seconds} s window at {clients} clients")
+    quantile = lambda q: 1000 * measured[min(len(measured) - 1, int(q * len(measured)))]
+    return {
+        "clients": clients,
+        "images_per_s": len(measured) / seconds,
+        "p50_ms": quantile(0.50),
+        "p95_ms": quantile(0.95),
+        "p99_ms": quantile(0.99),
+        "requests": len(measured),
+    }
+
+
+class MemoryWatch:
+    """Samples memory() every `interval` seconds, in a thread. Reading PSS walks every page table
+    (tens of ms of CPU for the server's processes): sample seldom, or it becomes the load."""
+
+    def __init__(self, pid: int, interval: float):
+        self.pid, self.interval = pid, interval
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "MemoryWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.wait(self.interval):
+            self.samples.append({"t": time.monotonic() - start, **memory(self.pid)})
+
+
+def memory(pid: int) -> dict:
+    """MB, for `pid` and its children: PSS summed (shared pages counted once), and each one's RSS
+    now and at its highest so far (the kernel's high-water mark, VmHWM: a peak no sampling misses)."""
+    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    pss, rss, peak = [], [], []
+    for p in pids:
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+            status = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:  # a child that has just ended
+            continue
+        pss.append(_kib(rollup, "Pss") / 1024)
+        rss.append(_kib(status, "VmRSS") / 1024)
+        peak.append(_kib(status, "VmHWM") / 1024)
+    return {"pss_mb": sum(pss), "rss_mb": rss, "peak_rss_mb": peak, "processes": len(rss)}
+
+
+def _kib(lines: list[str], field: str) -> int:
+    return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
+
+
+def in_process_latency(checkpoint: Path, path: Path, max_length: int, repeats: int) -> dict:
+    """(1): Predictor.caption on the file's bytes, as a request's work is, after one to warm up."""
+    import torch
+
+    from captioner.decoding import DecodeOptions
+    from captioner.predictor import Predictor
+    from runtime.cpus import available_cpus
+
+    torch.set_num_threads(available_cpus())
+    predictor = Predictor.from_checkpoint(checkpoint)
+    options = DecodeOptions(beam_size=BEAM_SIZE, attention=True, max_length=max_length)
+    data = path.read_bytes()
+    predictor.caption([data], options)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.caption([data], options)
+        times.append(time.perf_counter() - start)
+    return {"p50_ms": 1000 * statistics.median(times), "threads": torch.get_num_threads()}
+
+
+def start_server(checkpoint: Path, port: int, log: Path, flags: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--log-level", "warning", *flags], stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).close()
+            return server
+        except OSError:  # not listening yet, or not ready (503)
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("the server was not ready within 120 s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_and_load(args, requests: list[bytes], scratch: Path) -> dict:
+    """(3) and (4) against one server process."""
+    port = free_port()
+    server = start_server(args.checkpoint, port, scratch / "server.log", args.server_flags)
+    try:
+        idle = memory(server.pid)
+        loads = []
+        for clients in args.clients:
+            result = asyncio.run(load(port, requests, clients, args.warm_up, args.seconds))
+            loads.append({**result, "memory": memory(server.pid)})  # after the step, outside its window
+            print(json.dumps(loads[-1]), flush=True)
+        soak = None
+        if args.soak_s > 0:
+            with MemoryWatch(server.pid, SOAK_SAMPLE_S) as watch:
+                result = asyncio.run(load(port, requests, SOAK_CLIENTS, 0, args.soak_s))
+            soak = {**result, "samples": watch.samples}
+    finally:
+        server.terminate()
+        server.wait(60)
+    return {"idle": idle, "loads": loads, "soak": soak}
+
+
+def render(results: dict) -> str:
+    setup, loads, soak = results["setup"], results["server"]["loads"], results["server"]["soak"]
+    folder = results["folder"]["images_per_s"]
+    rows = [
+        [
+            str(r["clients"]),
+            f"{r['images_per_s']:.1f}",
+            f"{r['images_per_s'] / folder:.2f}",
+            f"{r['p50_ms']:.0f}",
+            f"{r['p95_ms']:.0f}",
+            f"{r['p99_ms']:.0f}",
+            f"{r['memory']['pss_mb']:.0f}",
+            " + ".join(f"{m:.0f}" for m in r["memory"]["peak_rss_mb"]),
+        ]
+        for r in loads
+    ]
+    lines = [
+        SECTION,
+        "",
+        f"`{results['command']}`",
+        "",
+        f"{describe_machine(results['machine'])}. Model: {setup['model']}. {setup['images']} images of 640 x 480, "
+        f"one per request, beam size {BEAM_SIZE}, attention on, at most {setup['max_length']} words; server flags: "
+        f"`{' '.join(setup['server_flags']) or 'the defaults'}`; {setup['seconds']:g} s per row after "
+        f"{setup['warm_up']:g} s of warm-up.",
+        "",
+        f"`captioner caption` on the same images: {folder:.1f} images/s. One image in-process "
+        f"(Predictor.caption, {results['in_process']['threads']} threads): p50 "
+        f"{results['in_process']['p50_ms']:.0f} ms. The idle server: {results['server']['idle']['pss_mb']:.0f} MB "
+        f"(PSS, its {results['server']['idle']['processes']} processes summed).",
+        "",
+        *markdown_table(
+            [
+                "clients",
+                "images/s",
+                "/ `captioner caption`",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "PSS MB after, summed",
+                "peak RSS MB so far, each process",
+            ],
+            rows,
+        ),
+    ]
+    if soak:
+        pss = [s["pss_mb"] for s in soak["samples"]]
+        minute = max(1, round(60 / SOAK_SAMPLE_S))
+        lines += [
+            "",
+            f"Soak: {SOAK_CLIENTS} clients for {setup['soak_s']:g} s, {soak['images_per_s']:.1f} images/s, p99 "
+            f"{soak['p99_ms']:.0f} ms. Memory (PSS summed, MB) every {SOAK_SAMPLE_S:g} s: first minute "
+            f"{min(pss[:minute]):.0f} to {max(pss[:minute]):.0f}, last minute {min(pss[-minute:]):.0f} to "
+            f"{max(pss[-minute:]):.0f}, highest {max(pss):.0f}; peak RSS of each process "
+            + " + ".join(f"{m:.0f}" for m in soak["samples"][-1]["peak_rss_mb"])
+            + ".",
+        ]
+    return "\n".join([*lines, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=default_checkpoint())
+    parser.add_argument("--images", type=int, default=256, help="how many images to draw")
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per number of clients")
+    parser.add_argument("--warm-up", type=float, default=3.0, help="seconds before each measurement")
+    parser.add_argument("--soak-s", type=float, default=300.0, help="seconds of the soak (0: none)")
+    parser.add_argument("--repeats", type=int, default=30, help="in-process latency: timed calls")
+    parser.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="passed to captioner serve")
+    parser.add_argument("--out", type=Path, help="write the results into this Markdown file")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        parser.error(f"no model at {args.checkpoint}: run `make model` first")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch, "images")
+        folder.mkdir()
+        draw_images(folder, args.images)
+        paths = sorted(folder.iterdir())
+        requests = [request_bytes(path, args.max_length) for path in paths]
+        in_process = in_child(in_process_latency, args.checkpoint, paths[0], args.max_length, args.repeats)
+        print(json.dumps({"in_process": in_process}), flush=True)
+        rate = in_child(cli_rate, args.checkpoint, folder, len(paths), args.max_length, [])
+        print(json.dumps({"folder": rate}), flush=True)
+        server = serve_and_load(args, requests, Path(scratch))
+    results = {
+        "command": "python benchmarks/service_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "setup": {
+            "model": args.checkpoint.name,
+            "images": args.images,
+            "max_length": args.max_length,
+            "seconds": args.seconds,
+            "warm_up": args.warm_up,
+            "soak_s": args.soak_s,
+            "server_flags": args.server_flags,
+        },
+        "in_process": in_process,
+        "folder": rate,
+        "server": server,
+    }
+    text = render(results)
+    print(text)
+    if args.out:
+        save_results(args.out, "service_load", results)
+        write_section(args.out, SECTION, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

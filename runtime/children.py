@@ -1,0 +1,30 @@
+"""Child processes that must not outlive the process that started them."""
+
+import contextlib
+import ctypes
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Called in a child on Linux: a parent killed outright cannot stop its children, and orphans
+    would wait for work for ever, so the kernel ends this one with it. Linux sends the signal when
+    the *thread* that started the child ends: start children from a thread that lives as long as
+    they should."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+
+
+def close_inherited_files(keep: set[int]) -> None:
+    """Called in a forked child: close every file descriptor but stdin, stdout, stderr and `keep`.
+    A child holding copies of its parent's pipes and sockets keeps them open after the parent
+    closes them: whoever reads the other end never sees its end (a test harness's driver
+    process waits on it for ever), and a listening socket stays bound."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed already
+                os.close(fd)
