@@ -1,6 +1,7 @@
 # make demo   build, train and serve the default Shapes model (http://127.0.0.1:8000)
 # make test   the whole test suite
-# make bench    folder-captioning and training throughput (about 12 min), written to benchmarks/RESULTS.md
+# make bench    folder-captioning and training throughput, the service under load and a 5-minute soak
+#               (about 20 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (about 10 min), written to benchmarks/RESULTS.md
 # make lint     ruff (lint and format), mypy over the packages, hadolint on the Dockerfiles
 
@@ -36,6 +37,7 @@ lint: install
 bench: model
 	$(BIN)/python benchmarks/caption_throughput.py --out benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/training_throughput.py --out benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/service_load.py --out benchmarks/RESULTS.md
 
 compare: model
 	$(BIN)/python benchmarks/compare_decoders.py --out benchmarks/RESULTS.md

@@ -19,6 +19,7 @@ dispatcher's stop mark and wait for nobody.
 import asyncio
 import contextlib
 import logging
+import multiprocessing.connection
 import queue
 import threading
 import time
@@ -91,6 +92,7 @@ class Batcher:
             for i, (w, box) in enumerate(zip(self.workers, self._inboxes))
         ]
         self._thread = threading.Thread(target=self._run, name="captioner-dispatcher", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="captioner-watcher", daemon=True)
         self._lock = threading.Lock()  # held to change _accepting, and to check it and queue a job
         self._accepting = False
         self._death: BaseException | None = None  # what killed a worker or the dispatcher, if anything did
@@ -99,7 +101,7 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self._accepting and self._thread.is_alive() and self._death is None
+        return self._accepting and self._thread.is_alive() and not self.dead
 
     @property
     def dead(self) -> bool:
@@ -118,6 +120,8 @@ class Batcher:
             minder.start()
             self._idle.put(worker)
         self._thread.start()
+        if any(isinstance(worker, ProcessWorker) for worker in self.workers):
+            self._watcher.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new jobs, finish the queued ones, then end the dispatcher and the workers."""
@@ -172,13 +176,26 @@ class Batcher:
                 _resolve(job, error=error)
 
     def _die(self, error: BaseException, jobs: list[Job]) -> None:
-        log.critical("a model worker died; the server cannot caption any more", exc_info=error)
         with self._lock:
-            self._death = error
+            first = self._death is None
+            self._death = self._death or error
+        if first:
+            log.critical("a model worker died; the server cannot caption any more", exc_info=error)
         for job in jobs:
             _resolve(job, error=WorkerDead())
         self._fail_queued(WorkerDead())
         self._idle.put(None)  # wakes the dispatcher if it waits for a worker
+
+    def _watch(self) -> None:
+        """Wakes when a worker process ends: one that ends while the server accepts work has died,
+        busy or idle, and the service with it."""
+        processes = [worker for worker in self.workers if isinstance(worker, ProcessWorker)]
+        ended = multiprocessing.connection.wait([worker.process.sentinel for worker in processes])
+        with self._lock:
+            accepting = self._accepting
+        if accepting:
+            gone = next(worker for worker in processes if worker.process.sentinel in ended)
+            self._die(WorkerGone(gone.death()), [])
 
     # The dispatcher thread: gathers jobs into batches and hands them to free workers.
 
@@ -265,12 +282,12 @@ class Batcher:
             self._idle.put(worker)
 
     def _answer(self, jobs: list[Job], outcomes: list[Outcome], seconds: float) -> None:
-        images = len(outcomes)
         if self.on_batch:
-            self.on_batch(images, seconds / len(self.workers))  # the workers run side by side
-        for start in range(0, images, self.max_batch_size):  # caption_batch's own chunks
-            self.metrics.batch_size.observe(min(self.max_batch_size, images - start))
-        self.metrics.images.inc(images)
+            self.on_batch(len(outcomes), seconds / len(self.workers))  # the workers run side by side
+        captioned = sum(isinstance(outcome, bytes) for outcome in outcomes)  # unreadable ones never reach the model
+        for start in range(0, captioned, self.max_batch_size):  # caption_batch's own chunks
+            self.metrics.batch_size.observe(min(self.max_batch_size, captioned - start))
+        self.metrics.images.inc(captioned)
         start = 0
         for job in jobs:
             _resolve(job, result=outcomes[start : start + len(job.uploads)])

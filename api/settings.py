@@ -46,7 +46,13 @@ class Settings(BaseSettings):
         "one a core, at most 4); on a GPU, or at 1, a thread of the server instead",
     )
     max_batch_size: int = Field(16, ge=1, le=512, description="images per model call")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the model worker waits to fill a batch")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="how long a free worker's batch waits for more requests (while every worker is busy, "
+        "requests gather by themselves)",
+    )
     queue_size: int = Field(
         64,
         ge=1,

@@ -35,7 +35,7 @@ from captioner.decoding import DecodeOptions
 from captioner.images import ImageError, ImageLimits
 from captioner.overlay import drop_attention, heatmap_overlay, png_data_uri, prepare_with_picture
 from captioner.predictor import Predictor
-from runtime.children import close_inherited_files, die_with_parent
+from runtime.children import close_files, die_with_parent, open_files
 
 from .settings import Settings
 
@@ -140,20 +140,22 @@ class ProcessWorker:
     """A forked process with the server's model, fed batches through a pipe, one at a time."""
 
     def __init__(self, predictor: Predictor, index: int, threads: int = 1):
-        context = multiprocessing.get_context("fork")
-        self._connection, child_end = context.Pipe()
-        self.process = context.Process(
-            target=_serve_batches,
-            args=(child_end, predictor, threads, os.getpid()),
-            name=f"captioner-worker-{index}",
-            daemon=True,
-        )
-        self._child_end = child_end
+        self.predictor, self.threads = predictor, threads
+        self.name = f"captioner-worker-{index}"
 
     def start(self) -> None:
         """Fork, from the thread that will outlive the process (see die_with_parent)."""
+        context = multiprocessing.get_context("fork")
+        self._connection, child_end = context.Pipe()
+        inherited = open_files() - {child_end.fileno()}  # the parent's, to close in the child
+        self.process = context.Process(
+            target=_serve_batches,
+            args=(child_end, self.predictor, self.threads, os.getpid(), inherited),
+            name=self.name,
+            daemon=True,
+        )
         self.process.start()
-        self._child_end.close()  # the child holds it now: its death closes the pipe
+        child_end.close()  # the child holds it now: its death closes the pipe
 
     @property
     def alive(self) -> bool:
@@ -163,7 +165,7 @@ class ProcessWorker:
         try:
             self._connection.send(batch)
         except (OSError, EOFError) as e:
-            raise WorkerGone(self._death()) from e
+            raise WorkerGone(self.death()) from e
         reply = self._receive()
         if isinstance(reply, str):  # the model failed on this batch; the worker goes on
             raise RuntimeError(reply)
@@ -183,22 +185,25 @@ class ProcessWorker:
         try:
             return self._connection.recv()
         except (OSError, EOFError) as e:
-            raise WorkerGone(self._death()) from e
+            raise WorkerGone(self.death()) from e
 
-    def _death(self) -> str:
+    def death(self) -> str:
+        """How the process ended, in words."""
         self.process.join(1.0)
         code = self.process.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         return f"model worker {self.process.name} (pid {self.process.pid}) ended: {how}"
 
 
-def _serve_batches(connection: Connection, predictor: Predictor, threads: int, parent: int) -> None:
+def _serve_batches(
+    connection: Connection, predictor: Predictor, threads: int, parent: int, inherited: set[int]
+) -> None:
     """A worker process: caption batches until told to stop (None)."""
     signal.set_wakeup_fd(-1)  # the server's event loop's: a signal here must not wake it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's graceful-shutdown handler
     die_with_parent(parent)
-    close_inherited_files(keep={connection.fileno()})
+    close_files(inherited)
     torch.set_num_threads(threads)
     while (batch := connection.recv()) is not None:
         try:

@@ -8,13 +8,15 @@ On the same 640x480 JPEGs drawn here, beam size 3, attention on, one image per r
 torch threads); (2) `captioner caption` on the folder, images/s; (3) `captioner serve` on
 loopback, for each number of concurrent clients: images/s, p50/p95/p99 latency, and the memory
 of the server's processes (the peak RSS of each, and PSS summed: shared pages counted once);
-(4) a soak at 8 clients, memory sampled as it runs. The clients are this process: asyncio over
+(4) a soak at 8 clients, memory sampled as it runs; (5) the attack of 6 requests at once of four
+16-bit 6300 x 6300 PNGs each, and how much the server's memory grew. The clients are this process: asyncio over
 raw sockets with keep-alive, the requests encoded once, so that they take little of the CPU the
 server needs. Every answer is checked to be a 200 with one result.
 """
 
 import argparse
 import asyncio
+import io
 import json
 import statistics
 import subprocess
@@ -24,6 +26,9 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from runtime.home import default_checkpoint
 
@@ -35,27 +40,59 @@ SECTION = "## Service under load"
 BOUNDARY = "captioner-bench-boundary"
 SOAK_CLIENTS = 8
 SOAK_SAMPLE_S = 15.0
+FLOOD_CLIENTS = 6
 
 
-def request_bytes(path: Path, max_length: int) -> bytes:
-    """One POST /v1/captions, head and body, for the image at `path`."""
-    fields = {"method": "beam", "beam_size": str(BEAM_SIZE), "attention": "true", "max_length": str(max_length)}
+def form_request(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> bytes:
+    """A POST /v1/captions, head and body: the option `fields`, and `files` as (name, type, bytes)."""
     parts = [
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
         for name, value in fields.items()
     ]
-    parts.append(
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{path.name}"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n".encode()
-        + path.read_bytes()
+    parts += [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
+        f"Content-Type: {kind}\r\n\r\n".encode()
+        + data
         + b"\r\n"
-    )
+        for name, kind, data in files
+    ]
     body = b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
     head = (
         f"POST /v1/captions HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def request_bytes(path: Path, max_length: int) -> bytes:
+    """The measured request: the JPEG at `path`, beam search, attention on."""
+    fields = {"method": "beam", "beam_size": str(BEAM_SIZE), "attention": "true", "max_length": str(max_length)}
+    return form_request(fields, [(path.name, "image/jpeg", path.read_bytes())])
+
+
+def flood_request(files: int = 4, side: int = 6300) -> bytes:
+    """The issue's attack: a request of `files` 16-bit grayscale PNGs of side x side (about 80 KB
+    each, within every per-file limit, 10 bytes a pixel to decode)."""
+    pixels = np.zeros((side, side), np.uint16)
+    pixels[side // 6 : side // 3, side // 6 : side // 2] = 40000
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return form_request({"method": "greedy"}, [(f"deep{i}.png", "image/png", buffer.getvalue()) for i in range(files)])
+
+
+async def flood(port: int, request: bytes, clients: int) -> float:
+    """`clients` such requests at once, each on its own connection; the seconds until all are answered."""
+    start = time.monotonic()
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await exchange(reader, writer, request)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return time.monotonic() - start
 
 
 async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bytes:
@@ -213,13 +250,18 @@ def serve_and_load(args, requests: list[bytes], scratch: Path) -> dict:
             print(json.dumps(loads[-1]), flush=True)
         soak = None
         if args.soak_s > 0:
-            with MemoryWatch(server.pid, SOAK_SAMPLE_S) as watch:
+            interval = min(SOAK_SAMPLE_S, args.soak_s / 4)
+            with MemoryWatch(server.pid, interval) as watch:
                 result = asyncio.run(load(port, requests, SOAK_CLIENTS, 0, args.soak_s))
-            soak = {**result, "samples": watch.samples}
+            soak = {**result, "sample_s": interval, "samples": watch.samples}
+        before = memory(server.pid)
+        seconds = asyncio.run(flood(port, flood_request(), FLOOD_CLIENTS))
+        attack = {"seconds": seconds, "before": before, "after": memory(server.pid)}
+        print(json.dumps({"flood": attack}), flush=True)
     finally:
         server.terminate()
         server.wait(60)
-    return {"idle": idle, "loads": loads, "soak": soak}
+    return {"idle": idle, "loads": loads, "soak": soak, "flood": attack}
 
 
 def render(results: dict) -> str:
@@ -269,16 +311,25 @@ def render(results: dict) -> str:
     ]
     if soak:
         pss = [s["pss_mb"] for s in soak["samples"]]
-        minute = max(1, round(60 / SOAK_SAMPLE_S))
+        minute = max(1, round(60 / soak["sample_s"]))
         lines += [
             "",
             f"Soak: {SOAK_CLIENTS} clients for {setup['soak_s']:g} s, {soak['images_per_s']:.1f} images/s, p99 "
-            f"{soak['p99_ms']:.0f} ms. Memory (PSS summed, MB) every {SOAK_SAMPLE_S:g} s: first minute "
+            f"{soak['p99_ms']:.0f} ms. Memory (PSS summed, MB) every {soak['sample_s']:g} s: first minute "
             f"{min(pss[:minute]):.0f} to {max(pss[:minute]):.0f}, last minute {min(pss[-minute:]):.0f} to "
             f"{max(pss[-minute:]):.0f}, highest {max(pss):.0f}; peak RSS of each process "
             + " + ".join(f"{m:.0f}" for m in soak["samples"][-1]["peak_rss_mb"])
             + ".",
         ]
+    attack = results["server"]["flood"]
+    grown = sum(attack["after"]["peak_rss_mb"]) - sum(attack["before"]["peak_rss_mb"])
+    lines += [
+        "",
+        f"Attack: {FLOOD_CLIENTS} requests at once of 4 16-bit grayscale PNGs of 6300 x 6300 (80 KB each, 400 MB "
+        f"each to decode), answered in {attack['seconds']:.0f} s: the peak RSS of the server's processes grew by "
+        f"{grown:.0f} MB in all; PSS {attack['before']['pss_mb']:.0f} MB before, {attack['after']['pss_mb']:.0f} MB "
+        "after.",
+    ]
     return "\n".join([*lines, ""])
 
 

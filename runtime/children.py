@@ -18,13 +18,17 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def close_inherited_files(keep: set[int]) -> None:
-    """Called in a forked child: close every file descriptor but stdin, stdout, stderr and `keep`.
-    A child holding copies of its parent's pipes and sockets keeps them open after the parent
-    closes them: whoever reads the other end never sees its end (a test harness's driver
-    process waits on it for ever), and a listening socket stays bound."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):  # the listing's own descriptor, closed already
-                os.close(fd)
+def open_files() -> set[int]:
+    """This process's open file descriptors, but stdin, stdout and stderr."""
+    return {int(name) for name in os.listdir("/proc/self/fd")} - {0, 1, 2}
+
+
+def close_files(fds: set[int]) -> None:
+    """Called in a forked child with what open_files() said in the parent just before the fork:
+    a child holding copies of its parent's pipes and sockets keeps them open after the parent
+    closes them, so whoever reads the other end never sees its end (a test harness's driver
+    process waits on it for ever), and a listening socket stays bound. Descriptors the fork made
+    itself (the pipe by which the parent sees the child end) are not among them, and stay."""
+    for fd in fds:
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed already
+            os.close(fd)

@@ -65,12 +65,16 @@ def test_a_missing_checkpoint_fails_start_up_saying_what_to_run(make_settings, t
         pass
 
 
-def test_start_up_sets_the_torch_threads_once(make_settings, monkeypatch):
+@pytest.mark.parametrize(
+    "workers, threads_here",
+    [(1, 3), (3, 1)],  # the model in a thread of the server; in processes forked from one that never used a team
+)
+def test_start_up_sets_the_torch_threads_once(make_settings, monkeypatch, workers, threads_here):
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    with TestClient(create_app(make_settings(threads=3))):
+    with TestClient(create_app(make_settings(threads=3, workers=workers))):
         pass
-    assert calls == [3]
+    assert calls == [threads_here]
 
 
 def test_shutdown_stops_the_model_worker(make_settings):

@@ -159,6 +159,6 @@ def test_sigterm_lets_the_request_in_flight_finish(server):
     # uvicorn re-raises the signal once it has shut down cleanly, so "killed by SIGTERM" is a clean exit
     assert process.wait(30) in (0, -signal.SIGTERM), log_text(log)
     output = log_text(log)
-    assert "model worker stopped" in output and "Application shutdown complete" in output
+    assert "model workers stopped" in output and "Application shutdown complete" in output
     with pytest.raises(httpx.TransportError):
         httpx.get(base + "/healthz", timeout=2)

@@ -16,12 +16,27 @@ pytestmark = pytest.mark.slow
 IMAGE = png((40, 30))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
+def serve(checkpoint, log_folder, parser: str):
     from .helpers import ServerProcess, serve_command
 
-    flags = ("--header-timeout-s", "2", "--body-timeout-s", "3", "--timeout-keep-alive", "30")
-    with ServerProcess(serve_command(tiny_checkpoint, *flags), tmp_path_factory.mktemp("log") / "server.log") as s:
+    flags = ("--header-timeout-s", "2", "--body-timeout-s", "3", "--timeout-keep-alive", "30", "--http", parser)
+    return ServerProcess(serve_command(checkpoint, *flags), log_folder / "server.log")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    """The server as it runs by default: HTTP parsed by httptools."""
+    with serve(tiny_checkpoint, tmp_path_factory.mktemp("log"), "httptools") as s:
+        yield s
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def head_server(request, server, tiny_checkpoint, tmp_path_factory):
+    """The server with either of uvicorn's parsers: each gets the head's deadline and size limit its own way."""
+    if request.param == "httptools":
+        yield server
+        return
+    with serve(tiny_checkpoint, tmp_path_factory.mktemp("log"), request.param) as s:
         yield s
 
 
@@ -36,20 +51,20 @@ def trickle(client: RawClient, data: bytes, pause: float = 0.25) -> bool:
     return True
 
 
-def test_a_head_sent_a_byte_at_a_time_is_cut_off(server):
-    client = RawClient(server, timeout=30)
+def test_a_head_sent_a_byte_at_a_time_is_cut_off(head_server):
+    client = RawClient(head_server, timeout=30)
     head = b"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
     assert not trickle(client, head), "the server read a whole 50-second head"
     assert client.closed_by_server()
 
 
-def test_a_connection_that_sends_nothing_is_closed(server):
-    client = RawClient(server, timeout=30)
+def test_a_connection_that_sends_nothing_is_closed(head_server):
+    client = RawClient(head_server, timeout=30)
     assert client.closed_by_server()
 
 
-def test_the_next_head_on_a_kept_alive_connection_has_its_deadline_too(server):
-    client = RawClient(server, timeout=30)
+def test_the_next_head_on_a_kept_alive_connection_has_its_deadline_too(head_server):
+    client = RawClient(head_server, timeout=30)
     client.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     status, _, _ = client.response()
     assert status == 200
@@ -87,9 +102,9 @@ def test_slow_clients_do_not_hold_up_the_others(server):
         assert client.closed_by_server()
 
 
-def test_an_unfinished_head_over_16_kb_is_refused(server):
+def test_an_unfinished_head_over_16_kb_is_refused(head_server):
     """What the server buffers of a head it has not seen the end of is bounded."""
-    client = RawClient(server, timeout=30)
+    client = RawClient(head_server, timeout=30)
     client.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 20_000)
     status, _, _ = client.response()
     assert status == 400

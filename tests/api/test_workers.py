@@ -100,7 +100,7 @@ def test_a_failing_model_call_fails_its_batch_and_the_worker_process_goes_on(pre
     finally:
         batcher.stop()
     assert isinstance(failed, RuntimeError) and "the model broke" in str(failed)
-    assert orjson.loads(answered[0])["width"] == 61 and not batcher.dead
+    assert orjson.loads(answered[0])["width"] == 61 and not batcher.dead, repr(batcher._death)
 
 
 def test_a_worker_process_killed_while_idle_makes_the_service_dead_at_once(predictor):
@@ -109,7 +109,9 @@ def test_a_worker_process_killed_while_idle_makes_the_service_dead_at_once(predi
     try:
         assert orjson.loads(run(batcher, ([png((41, 40))], BEAM))[0][0])["width"] == 41
         os.kill(workers[1].process.pid, signal.SIGKILL)
-        workers[1].process.join(10)
+        deadline = time.monotonic() + 10
+        while not batcher.dead and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert batcher.dead
         (refused,) = run(batcher, ([png()], BEAM))
         assert isinstance(refused, WorkerDead)
