@@ -255,8 +255,8 @@ def serve_and_load(args, requests: list[bytes], scratch: Path) -> dict:
                 result = asyncio.run(load(port, requests, SOAK_CLIENTS, 0, args.soak_s))
             soak = {**result, "sample_s": interval, "samples": watch.samples}
         before = memory(server.pid)
-        seconds = asyncio.run(flood(port, flood_request(), FLOOD_CLIENTS))
-        attack = {"seconds": seconds, "before": before, "after": memory(server.pid)}
+        seconds = asyncio.run(flood(port, flood_request(side=args.flood_side), FLOOD_CLIENTS))
+        attack = {"side": args.flood_side, "seconds": seconds, "before": before, "after": memory(server.pid)}
         print(json.dumps({"flood": attack}), flush=True)
     finally:
         server.terminate()
@@ -325,10 +325,10 @@ def render(results: dict) -> str:
     grown = sum(attack["after"]["peak_rss_mb"]) - sum(attack["before"]["peak_rss_mb"])
     lines += [
         "",
-        f"Attack: {FLOOD_CLIENTS} requests at once of 4 16-bit grayscale PNGs of 6300 x 6300 (80 KB each, 400 MB "
-        f"each to decode), answered in {attack['seconds']:.0f} s: the peak RSS of the server's processes grew by "
-        f"{grown:.0f} MB in all; PSS {attack['before']['pss_mb']:.0f} MB before, {attack['after']['pss_mb']:.0f} MB "
-        "after.",
+        f"Attack: {FLOOD_CLIENTS} requests at once of 4 16-bit grayscale PNGs of {attack['side']} x {attack['side']} "
+        f"({attack['side'] ** 2 * 10 / 1e6:.0f} MB each to decode), answered in {attack['seconds']:.0f} s: "
+        f"the peak RSS of the server's processes grew by {grown:.0f} MB in all; PSS "
+        f"{attack['before']['pss_mb']:.0f} MB before, {attack['after']['pss_mb']:.0f} MB after.",
     ]
     return "\n".join([*lines, ""])
 
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per number of clients")
     parser.add_argument("--warm-up", type=float, default=3.0, help="seconds before each measurement")
     parser.add_argument("--soak-s", type=float, default=300.0, help="seconds of the soak (0: none)")
+    parser.add_argument("--flood-side", type=int, default=6300, help="side of the attack's 16-bit PNGs")
     parser.add_argument("--repeats", type=int, default=30, help="in-process latency: timed calls")
     parser.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="passed to captioner serve")
     parser.add_argument("--out", type=Path, help="write the results into this Markdown file")

@@ -19,7 +19,7 @@ def test_quick_run_writes_its_section_and_json_and_keeps_the_others(tiny_checkpo
     quick = ["--images", "4", "--max-length", "3", "--clients", "1", "3", "--seconds", "1", "--warm-up", "0.5"]
     done = subprocess.run(
         [sys.executable, str(BENCHMARK), "--checkpoint", str(tiny_checkpoint), "--out", str(results), *quick]
-        + ["--soak-s", "2", "--repeats", "2"],
+        + ["--soak-s", "2", "--repeats", "2", "--flood-side", "600"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -32,6 +32,7 @@ def test_quick_run_writes_its_section_and_json_and_keeps_the_others(tiny_checkpo
     assert all(row["memory"]["processes"] >= 1 and row["memory"]["pss_mb"] > 0 for row in loads)
     assert measured["folder"]["images_per_s"] > 0 and measured["in_process"]["p50_ms"] > 0
     assert measured["server"]["soak"]["requests"] > 0
+    assert measured["server"]["flood"]["after"]["processes"] == measured["server"]["flood"]["before"]["processes"]
     text = results.read_text()
     assert "## Another benchmark\n\nkept" in text
     assert "## Service under load" in text and measured["machine"]["cpu"] in text
