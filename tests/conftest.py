@@ -1,4 +1,7 @@
-"""Shared fixtures: a real (tiny, random) model and checkpoint that build in well under a second."""
+"""Shared fixtures: a real (tiny, random) model and checkpoint that build in well under a second;
+and what the tests of real processes ask of /proc."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +45,16 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
     save_checkpoint(model, path, {"training_data": "tests", "scores": {"CIDEr": 0.0}})
     return path
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` has started and that have not been reaped."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

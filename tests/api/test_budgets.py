@@ -14,6 +14,7 @@ from PIL import Image
 from api.routers import captions
 from api.schemas import CaptionOptions
 from tests.captioner.test_images import rle8_bmp
+from tests.conftest import children
 
 from .helpers import png, upload
 
@@ -33,7 +34,7 @@ def deep_png(side: int = 6300) -> bytes:
 
 def peak_rss(pid: int) -> int:
     """The peak resident sizes (VmHWM) of the server and its worker processes, summed, in bytes."""
-    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    pids = [pid, *children(pid)]
     peaks = [
         int(line.split()[1]) * 1024
         for p in pids

@@ -8,10 +8,11 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.conftest import children, gone
 
 from .helpers import png
 
@@ -78,10 +79,6 @@ def assert_dead(server) -> None:
     assert "a model worker died" in server.log()
 
 
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_a_worker_process_killed_outright_is_fatal_and_visible(start_server):
     server = start_server("--workers", "2")
     workers = children(server.pid)
@@ -100,14 +97,6 @@ def test_a_server_killed_outright_takes_its_worker_processes_with_it(start_serve
     assert len(workers) == 2
     os.kill(server.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while any(map(running, workers)) and time.monotonic() < deadline:
+    while not all(map(gone, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(map(running, workers))
-
-
-def running(pid: int) -> bool:
-    """Alive (not ended, nor a zombie waiting to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    assert all(map(gone, workers))

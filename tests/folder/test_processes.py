@@ -8,18 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import children, gone
 from tests.folder.conftest import BIN, many_images, single_run, start_midway, wait_for
-
-
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"  # a zombie awaiting init
-    except FileNotFoundError:
-        return True
 
 
 @pytest.mark.slow
