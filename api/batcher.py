@@ -75,7 +75,7 @@ class Batcher:
         workers: Sequence[Worker],
         metrics: Metrics,
         max_batch_size: int,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         queue_size: int = 64,
         on_batch: Callable[[int, float], None] | None = None,
     ):

@@ -18,11 +18,11 @@ batcher answers every request 503 and fails /healthz until the server is restart
 """
 
 import contextlib
-import logging
 import multiprocessing
 import os
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,8 +38,6 @@ from captioner.predictor import Predictor
 from runtime.children import close_files, die_with_parent, open_files
 
 from .settings import Settings
-
-log = logging.getLogger("captioner.api")
 
 
 class ModelMissing(RuntimeError):
@@ -126,9 +124,6 @@ class ThreadWorker:
 
     alive = True  # it dies with the minder thread, which the batcher watches
 
-    def start(self) -> None:
-        pass
-
     def run(self, batch: Batch) -> list[Outcome]:
         return caption_uploads(self.predictor, batch)  # torch threads: the server's, set once
 
@@ -167,8 +162,11 @@ class ProcessWorker:
         except (OSError, EOFError) as e:
             raise WorkerGone(self.death()) from e
         reply = self._receive()
-        if isinstance(reply, str):  # the model failed on this batch; the worker goes on
-            raise RuntimeError(reply)
+        if isinstance(reply, tuple):  # the model failed on this batch; the worker goes on
+            message, where = reply
+            error = RuntimeError(message)
+            error.add_note(where)  # the worker's traceback, in the server's log
+            raise error
         return reply
 
     def stop(self, timeout: float) -> None:
@@ -209,7 +207,6 @@ def _serve_batches(
         try:
             outcomes = caption_uploads(predictor, batch)
         except Exception as e:  # the model failing fails this batch's requests, not the worker
-            log.exception("captioning a batch of %d images failed", len(batch.uploads))
-            connection.send(f"{type(e).__name__}: {e}")
+            connection.send((f"{type(e).__name__}: {e}", traceback.format_exc()))  # the server logs it
             continue
         connection.send(outcomes)
