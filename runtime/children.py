@@ -2,6 +2,7 @@
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 
@@ -19,8 +20,19 @@ def die_with_parent(parent: int) -> None:
 
 
 def open_files() -> set[int]:
-    """This process's open file descriptors, but stdin, stdout and stderr."""
-    return {int(name) for name in os.listdir("/proc/self/fd")} - {0, 1, 2}
+    """This process's open file descriptors, but stdin, stdout and stderr. The listing's own
+    descriptor is closed once it is read, and is left out: its number may be reused (by the
+    pipe a fork makes, say) before close_files runs."""
+    listed = {int(name) for name in os.listdir("/proc/self/fd")} - {0, 1, 2}
+    return {fd for fd in listed if _is_open(fd)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
 
 
 def close_files(fds: set[int]) -> None:
@@ -30,5 +42,5 @@ def close_files(fds: set[int]) -> None:
     process waits on it for ever), and a listening socket stays bound. Descriptors the fork made
     itself (the pipe by which the parent sees the child end) are not among them, and stay."""
     for fd in fds:
-        with contextlib.suppress(OSError):  # the listing's own descriptor, closed already
+        with contextlib.suppress(OSError):  # closed meanwhile by the parent's other threads
             os.close(fd)
