@@ -35,10 +35,8 @@ log = logging.getLogger("captioner.api")
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    # Loaded here, not in a thread, and the workers forked from it before the server starts a
-    # thread or serves; from this thread, which lives as long as they do (see die_with_parent).
-    # On one thread: a child forked from a process that has used OpenMP's thread team cannot use
-    # one (it waits for team threads it does not have).
+    # Loaded here, and the worker processes forked (each from a thread of its own: api.workers)
+    # before the server serves. With them, the server itself computes nothing: one torch thread.
     torch.set_num_threads(1 if uses_processes(settings) else settings.threads)
     predictor = load_predictor(settings)
     workers = start_workers(settings, predictor)
@@ -73,7 +71,7 @@ def start_workers(settings: Settings, predictor: Predictor) -> list[ProcessWorke
     if not uses_processes(settings):
         return [ThreadWorker(predictor)]
     threads = max(1, settings.threads // settings.workers)
-    workers = [ProcessWorker(predictor, i, threads) for i in range(settings.workers)]
+    workers = [ProcessWorker(predictor, i, threads, settings.threads) for i in range(settings.workers)]
     for worker in workers:
         worker.start()
     return workers

@@ -4,10 +4,12 @@ A request puts a job (its uploads and options) on the queue and awaits a future.
 dispatcher thread waits for a free worker (api.workers) first, then takes the first job and
 gathers more for up to `max_wait_ms` or until `max_batch_size` images: while every worker is
 busy, requests pile up into the next batch, so batches grow with the load. Jobs whose options
-are identical share a batch. Each worker has a thread here that minds it: it hands the worker
-its batch, resolves every job's future on its event loop, and frees the worker. A full queue is
-refused at once (`QueueFull`), so an overloaded server answers 503 instead of queueing without
-bound.
+are identical share a batch. Of the free workers, the one freed last takes the batch, so under
+light load one worker does all the work with its caches warm; and a batch handed over while
+every other worker is idle may use all the cores (api.workers). Each worker has a thread here
+that minds it: it hands the worker its batch, resolves every job's future on its event loop,
+and frees the worker. A full queue is refused at once (`QueueFull`), so an overloaded server
+answers 503 instead of queueing without bound.
 
 Should a worker die, or the dispatcher itself (an error outside a model call), the jobs held
 and those queued fail with `WorkerDead`, and so does every later submit: a dead worker is
@@ -85,7 +87,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._idle: queue.Queue[Worker | None] = queue.Queue()  # None: a worker has died
+        self._idle: queue.LifoQueue[Worker | None] = queue.LifoQueue()  # None: a worker has died
         self._inboxes: list[queue.Queue] = [queue.Queue() for _ in self.workers]
         self._minders = [
             threading.Thread(target=self._mind, args=(w, box), name=f"captioner-minder-{i}", daemon=True)
@@ -213,11 +215,25 @@ class Batcher:
             first = self._queue.get()
             if first is _STOP:
                 return
+            worker = self._warmest(worker)
             jobs, stop = self._gather(first)
             self._hand_over(jobs, worker)
             self._current = []
             if stop:
                 return
+
+    def _warmest(self, worker: Worker) -> Worker:
+        """The worker freed last, if one was freed while `worker` waited for a job: under light
+        load one worker takes every batch, its caches warm, instead of the workers taking turns."""
+        try:
+            newer = self._idle.get_nowait()
+        except queue.Empty:
+            return worker
+        if newer is None:  # a worker has died: left for the dispatcher's next wait to see
+            self._idle.put(None)
+            return worker
+        self._idle.put(worker)
+        return newer
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
         """`first` and whatever else arrives within max_wait, up to max_batch_size images."""
@@ -255,17 +271,18 @@ class Batcher:
                 for job in group:
                     _resolve(job, error=WorkerDead())
                 continue
-            self._inboxes[self.workers.index(worker)].put((_batch(group), group))
+            alone = self._idle.qsize() == len(self.workers) - 1  # every other worker is idle
+            self._inboxes[self.workers.index(worker)].put((_batch(group), group, alone))
             worker = None
 
     # A minder thread per worker: runs its batches and answers their jobs.
 
     def _mind(self, worker: Worker, inbox: queue.Queue) -> None:
         while (item := inbox.get()) is not None:
-            batch, jobs = item
+            batch, jobs, alone = item
             try:
                 started = time.perf_counter()
-                outcomes = worker.run(batch)
+                outcomes = worker.run(batch, alone)
                 seconds = time.perf_counter() - started
             except WorkerGone as e:
                 self._die(e, jobs)

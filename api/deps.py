@@ -1,5 +1,8 @@
 """What routes depend on, named once: the settings, the predictor, the batcher, the metrics, the
-admission count, a caption request's form."""
+admission count, a caption request's form.
+
+Each is `async def`, though none awaits: FastAPI runs a plain `def` dependency in its thread pool,
+a hand-over to another thread and back for every request."""
 
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -16,23 +19,23 @@ from .metrics import Metrics
 from .settings import Settings
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _predictor(request: Request) -> Predictor:
+async def _predictor(request: Request) -> Predictor:
     return request.app.state.predictor
 
 
-def _batcher(request: Request) -> Batcher:
+async def _batcher(request: Request) -> Batcher:
     return request.app.state.batcher
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _admission(request: Request) -> Admission:
+async def _admission(request: Request) -> Admission:
     return request.app.state.admission
 
 

@@ -4,14 +4,15 @@ The event loop receives requests and sends answers; everything between is a work
 CPU under Linux the workers are processes, each with its own model, for the reason the folder
 command's lanes are: decoding is thousands of small operators a second, each handing Python's
 lock over, and in one process they slow each other and the event loop. Workers are forked from
-the server once it has loaded the model and before it starts threads or serves: they share
+the server once it has loaded the model and before it serves: they share
 the model's weights and torch's memory with it, and start in milliseconds. A worker sends back
 each image's result as JSON bytes, so the server only joins them. On a GPU (CUDA cannot be
 forked once started), or with one worker, the worker is a thread of the server instead.
 
 Each worker process has its share of the server's torch threads (one each, by default: one
-worker a core). A forked child can only use OpenMP's thread team if its parent never has, so
-the server runs on one torch thread itself from before it loads the model.
+worker a core) while others are busy too, and all of them for a batch it runs alone: an idle
+server answers a lone request with every core, as the same call would in-process, and under
+load the workers do not oversubscribe the cores.
 
 A worker process that dies (the kernel's OOM killer, say) is fatal: its batch fails, and the
 batcher answers every request 503 and fails /healthz until the server is restarted.
@@ -19,9 +20,11 @@ batcher answers every request 503 and fails /healthz until the server is restart
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -124,7 +127,7 @@ class ThreadWorker:
 
     alive = True  # it dies with the minder thread, which the batcher watches
 
-    def run(self, batch: Batch) -> list[Outcome]:
+    def run(self, batch: Batch, alone: bool = False) -> list[Outcome]:
         return caption_uploads(self.predictor, batch)  # torch threads: the server's, set once
 
     def stop(self, timeout: float) -> None:
@@ -134,31 +137,52 @@ class ThreadWorker:
 class ProcessWorker:
     """A forked process with the server's model, fed batches through a pipe, one at a time."""
 
-    def __init__(self, predictor: Predictor, index: int, threads: int = 1):
-        self.predictor, self.threads = predictor, threads
+    def __init__(self, predictor: Predictor, index: int, threads: int = 1, threads_alone: int | None = None):
+        self.predictor, self.threads = predictor, threads  # its share of the cores
+        self.threads_alone = threads_alone or threads  # for a batch while the other workers are idle
         self.name = f"captioner-worker-{index}"
 
     def start(self) -> None:
-        """Fork, from the thread that will outlive the process (see die_with_parent)."""
-        context = multiprocessing.get_context("fork")
-        self._connection, child_end = context.Pipe()
-        inherited = open_files() - {child_end.fileno()}  # the parent's, to close in the child
-        self.process = context.Process(
-            target=_serve_batches,
-            args=(child_end, self.predictor, self.threads, os.getpid(), inherited),
-            name=self.name,
-            daemon=True,
-        )
-        self.process.start()
-        child_end.close()  # the child holds it now: its death closes the pipe
+        """Fork, from a thread of its own that lives as long as the process does. Its end is the
+        child's parent-death signal (see die_with_parent); and it has never led an OpenMP team,
+        so the child can start one. A child forked from a thread that has (the server's main
+        thread, embedded in a process that ran the model) waits forever for that team's threads."""
+        forked = threading.Event()
+        failed: list[BaseException] = []
+        keeper = threading.Thread(target=self._fork_and_keep, args=(forked, failed), name=self.name, daemon=True)
+        keeper.start()
+        forked.wait()
+        if failed:
+            raise failed[0]
+
+    def _fork_and_keep(self, forked: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            context = multiprocessing.get_context("fork")
+            self._connection, child_end = context.Pipe()
+            inherited = open_files() - {child_end.fileno()}  # the parent's, to close in the child
+            self.process = context.Process(
+                target=_serve_batches,
+                args=(child_end, self.predictor, os.getpid(), inherited),
+                name=self.name,
+                daemon=True,
+            )
+            self.process.start()
+            child_end.close()  # the child holds it now: its death closes the pipe
+        except BaseException as e:
+            failed.append(e)
+            return
+        finally:
+            forked.set()
+        multiprocessing.connection.wait([self.process.sentinel])  # until the process ends
 
     @property
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def run(self, batch: Batch) -> list[Outcome]:
+    def run(self, batch: Batch, alone: bool = False) -> list[Outcome]:
+        """The batch's outcomes; `alone`: no other worker is busy, so this one may use every core."""
         try:
-            self._connection.send(batch)
+            self._connection.send((batch, self.threads_alone if alone else self.threads))
         except (OSError, EOFError) as e:
             raise WorkerGone(self.death()) from e
         reply = self._receive()
@@ -193,17 +217,18 @@ class ProcessWorker:
         return f"model worker {self.process.name} (pid {self.process.pid}) ended: {how}"
 
 
-def _serve_batches(
-    connection: Connection, predictor: Predictor, threads: int, parent: int, inherited: set[int]
-) -> None:
-    """A worker process: caption batches until told to stop (None)."""
+def _serve_batches(connection: Connection, predictor: Predictor, parent: int, inherited: set[int]) -> None:
+    """A worker process: caption batches, each with the torch threads it comes with, until told
+    to stop (None)."""
     signal.set_wakeup_fd(-1)  # the server's event loop's: a signal here must not wake it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's graceful-shutdown handler
     die_with_parent(parent)
     close_files(inherited)
-    torch.set_num_threads(threads)
-    while (batch := connection.recv()) is not None:
+    while (message := connection.recv()) is not None:
+        batch, threads = message
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         try:
             outcomes = caption_uploads(predictor, batch)
         except Exception as e:  # the model failing fails this batch's requests, not the worker

@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/service_load.py --images 8 --seconds 2 --soak-s 0 --clients 1 4  # quick
 
 On the same 640x480 JPEGs drawn here, beam size 3, attention on, one image per request:
-(1) the latency of one image in-process (Predictor.caption on the file's bytes, the server's
-torch threads); (2) `captioner caption` on the folder, images/s; (3) `captioner serve` on
+(1) the latency of each image in-process (Predictor.caption on the file's bytes, with all the
+cores' torch threads); (2) `captioner caption` on the folder, images/s; (3) `captioner serve` on
 loopback, for each number of concurrent clients: images/s, p50/p95/p99 latency, and the memory
 of the server's processes (the peak RSS of each, and PSS summed: shared pages counted once);
 (4) a soak at 8 clients, memory sampled as it runs; (5) the attack of 6 requests at once of four
@@ -172,7 +172,7 @@ class MemoryWatch:
 def memory(pid: int) -> dict:
     """MB, for `pid` and its children: PSS summed (shared pages counted once), and each one's RSS
     now and at its highest so far (the kernel's high-water mark, VmHWM: a peak no sampling misses)."""
-    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    pids = [pid, *worker_processes(pid)]
     pss, rss, peak = [], [], []
     for p in pids:
         try:
@@ -186,12 +186,24 @@ def memory(pid: int) -> dict:
     return {"pss_mb": sum(pss), "rss_mb": rss, "peak_rss_mb": peak, "processes": len(rss)}
 
 
+def worker_processes(pid: int) -> list[int]:
+    """The children of `pid`, forked from any of its threads (each model worker from its own)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += map(int, (task / "children").read_text().split())
+        except FileNotFoundError:  # a thread that has just ended
+            continue
+    return sorted(found)
+
+
 def _kib(lines: list[str], field: str) -> int:
     return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
 
 
-def in_process_latency(checkpoint: Path, path: Path, max_length: int, repeats: int) -> dict:
-    """(1): Predictor.caption on the file's bytes, as a request's work is, after one to warm up."""
+def in_process_latency(checkpoint: Path, paths: list[Path], max_length: int) -> dict:
+    """(1): Predictor.caption on each file's bytes once, as a request's work is, after one call to
+    warm up. Over the same images as the loads: captions differ in length, and so do their times."""
     import torch
 
     from captioner.decoding import DecodeOptions
@@ -201,10 +213,10 @@ def in_process_latency(checkpoint: Path, path: Path, max_length: int, repeats: i
     torch.set_num_threads(available_cpus())
     predictor = Predictor.from_checkpoint(checkpoint)
     options = DecodeOptions(beam_size=BEAM_SIZE, attention=True, max_length=max_length)
-    data = path.read_bytes()
-    predictor.caption([data], options)
+    uploads = [path.read_bytes() for path in paths]
+    predictor.caption(uploads[:1], options)
     times = []
-    for _ in range(repeats):
+    for data in uploads:
         start = time.perf_counter()
         predictor.caption([data], options)
         times.append(time.perf_counter() - start)
@@ -267,6 +279,8 @@ def serve_and_load(args, requests: list[bytes], scratch: Path) -> dict:
 def render(results: dict) -> str:
     setup, loads, soak = results["setup"], results["server"]["loads"], results["server"]["soak"]
     folder = results["folder"]["images_per_s"]
+    in_process = results["in_process"]["p50_ms"]
+    one_client = next((r["p50_ms"] for r in loads if r["clients"] == 1), None)
     rows = [
         [
             str(r["clients"]),
@@ -290,9 +304,10 @@ def render(results: dict) -> str:
         f"`{' '.join(setup['server_flags']) or 'the defaults'}`; {setup['seconds']:g} s per row after "
         f"{setup['warm_up']:g} s of warm-up.",
         "",
-        f"`captioner caption` on the same images: {folder:.1f} images/s. One image in-process "
-        f"(Predictor.caption, {results['in_process']['threads']} threads): p50 "
-        f"{results['in_process']['p50_ms']:.0f} ms. The idle server: {results['server']['idle']['pss_mb']:.0f} MB "
+        f"`captioner caption` on the same images: {folder:.1f} images/s. Each image once in-process "
+        f"(Predictor.caption, {results['in_process']['threads']} threads): p50 {in_process:.0f} ms"
+        + (f"; one client over HTTP: p50 {one_client:.0f} ms, {one_client - in_process:+.0f} ms" if one_client else "")
+        + f". The idle server: {results['server']['idle']['pss_mb']:.0f} MB "
         f"(PSS, its {results['server']['idle']['processes']} processes summed).",
         "",
         *markdown_table(
@@ -343,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-up", type=float, default=3.0, help="seconds before each measurement")
     parser.add_argument("--soak-s", type=float, default=300.0, help="seconds of the soak (0: none)")
     parser.add_argument("--flood-side", type=int, default=6300, help="side of the attack's 16-bit PNGs")
-    parser.add_argument("--repeats", type=int, default=30, help="in-process latency: timed calls")
     parser.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="passed to captioner serve")
     parser.add_argument("--out", type=Path, help="write the results into this Markdown file")
     args = parser.parse_args(argv)
@@ -356,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         draw_images(folder, args.images)
         paths = sorted(folder.iterdir())
         requests = [request_bytes(path, args.max_length) for path in paths]
-        in_process = in_child(in_process_latency, args.checkpoint, paths[0], args.max_length, args.repeats)
+        in_process = in_child(in_process_latency, args.checkpoint, paths, args.max_length)
         print(json.dumps({"in_process": in_process}), flush=True)
         rate = in_child(cli_rate, args.checkpoint, folder, len(paths), args.max_length, [])
         print(json.dumps({"folder": rate}), flush=True)

@@ -168,3 +168,21 @@ def asyncio_loop_running() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def test_a_caption_request_hands_nothing_to_the_thread_pool(client, monkeypatch):
+    """The event loop parses and answers; only the model worker's thread and process do more. A
+    plain `def` dependency would cost a hand-over to FastAPI's thread pool and back, each request."""
+    import anyio.to_thread
+
+    handed = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(function, *args, **kwargs):
+        handed.append(getattr(function, "__qualname__", repr(function)))
+        return await real(function, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    r = caption(client, ("shapes.png", png()), method="greedy")
+    assert r.status_code == 200, r.text
+    assert handed == []

@@ -13,6 +13,7 @@ import time
 
 import orjson
 import pytest
+import torch
 
 from api.batcher import Batcher, WorkerDead
 from api.metrics import Metrics
@@ -31,17 +32,18 @@ def predictor(tiny_checkpoint) -> Predictor:
     return Predictor.from_checkpoint(tiny_checkpoint, max_batch_size=4)
 
 
-def run(batcher: Batcher, *jobs: tuple[list[bytes], DecodeOptions], **kwargs) -> list:
+def run(batcher: Batcher, *jobs: tuple[list[bytes], DecodeOptions], timeout: float | None = None, **kwargs) -> list:
     """Submit the jobs together; each one's outcomes, or the exception it raised."""
 
     async def main():
-        return await asyncio.gather(
+        answers = asyncio.gather(
             *(
                 batcher.submit(uploads, [f"{i}.png" for i in range(len(uploads))], options, **kwargs)
                 for uploads, options in jobs
             ),
             return_exceptions=True,
         )
+        return await asyncio.wait_for(answers, timeout)
 
     return asyncio.run(main())
 
@@ -138,3 +140,46 @@ def test_a_worker_process_killed_inside_a_batch_fails_that_request_at_once(predi
         assert batcher.dead
     finally:
         batcher.stop()
+
+
+def _reporting_threads_and_process(predictor: Predictor) -> None:
+    """Each result says which process captioned it, with how many torch threads (before the fork:
+    the children's predictor too)."""
+    real = predictor.caption_batch
+
+    def reporting(images, options):
+        return [{**r, "pid": os.getpid(), "threads": torch.get_num_threads()} for r in real(images, options)]
+
+    predictor.caption_batch = reporting
+
+
+def test_a_batch_alone_gets_every_thread_and_batches_side_by_side_their_share(predictor):
+    # This process leads an OpenMP team first: a worker forked from the thread that led it would
+    # hang in its own first team (it forks from a fresh thread instead).
+    torch.set_num_threads(2)
+    predictor.caption([png()], BEAM)
+    _reporting_threads_and_process(predictor)
+    workers = [ProcessWorker(predictor, i, threads=1, threads_alone=2) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    batcher = started(workers, max_wait_ms=300)  # the two jobs are gathered together
+    try:
+        (alone,) = run(batcher, ([png((40, 30))], BEAM), timeout=60)
+        greedy = DecodeOptions(method="greedy", max_length=4, attention=True)
+        together = run(batcher, ([png((41, 30))], BEAM), ([png((42, 30))], greedy), timeout=60)  # two workers
+    finally:
+        batcher.stop()
+    assert orjson.loads(alone[0])["threads"] == 2
+    answers = [orjson.loads(outcomes[0]) for outcomes in together]
+    assert sorted(a["threads"] for a in answers) == [1, 2]  # the first handed over was alone then
+    assert len({a["pid"] for a in answers}) == 2
+
+
+def test_under_light_load_one_worker_takes_every_batch(predictor):
+    _reporting_threads_and_process(predictor)
+    batcher = started(processes(predictor), max_wait_ms=0)
+    try:
+        answers = [orjson.loads(run(batcher, ([png((40 + i, 30))], BEAM))[0][0]) for i in range(4)]
+    finally:
+        batcher.stop()
+    assert len({a["pid"] for a in answers}) == 1  # its caches warm, not the workers taking turns

@@ -19,7 +19,7 @@ def test_quick_run_writes_its_section_and_json_and_keeps_the_others(tiny_checkpo
     quick = ["--images", "4", "--max-length", "3", "--clients", "1", "3", "--seconds", "1", "--warm-up", "0.5"]
     done = subprocess.run(
         [sys.executable, str(BENCHMARK), "--checkpoint", str(tiny_checkpoint), "--out", str(results), *quick]
-        + ["--soak-s", "2", "--repeats", "2", "--flood-side", "600"],
+        + ["--soak-s", "2", "--flood-side", "600"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -37,3 +37,4 @@ def test_quick_run_writes_its_section_and_json_and_keeps_the_others(tiny_checkpo
     assert "## Another benchmark\n\nkept" in text
     assert "## Service under load" in text and measured["machine"]["cpu"] in text
     assert "| 1 | " in text and "| 3 | " in text and "Soak: 8 clients" in text
+    assert "one client over HTTP: p50" in text
