@@ -6,10 +6,10 @@ gathers more for up to `max_wait_ms` or until `max_batch_size` images: while eve
 busy, requests pile up into the next batch, so batches grow with the load. Jobs whose options
 are identical share a batch. Of the free workers, the one freed last takes the batch, so under
 light load one worker does all the work with its caches warm; and a batch handed over while
-every other worker is idle may use all the cores (api.workers). Each worker has a thread here
-that minds it: it hands the worker its batch, resolves every job's future on its event loop,
-and frees the worker. A full queue is refused at once (`QueueFull`), so an overloaded server
-answers 503 instead of queueing without bound.
+every other worker is idle, and has been for a second, may use all the cores (api.workers).
+Each worker has a thread here that minds it: it hands the worker its batch, resolves every
+job's future on its event loop, and frees the worker. A full queue is refused at once
+(`QueueFull`), so an overloaded server answers 503 instead of queueing without bound.
 
 Should a worker die, or the dispatcher itself (an error outside a model call), the jobs held
 and those queued fail with `WorkerDead`, and so does every later submit: a dead worker is
@@ -21,6 +21,7 @@ dispatcher's stop mark and wait for nobody.
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing.connection
 import queue
 import threading
@@ -36,6 +37,7 @@ from .workers import Batch, Outcome, ProcessWorker, ThreadWorker, WorkerGone
 log = logging.getLogger("captioner.api")
 
 _STOP = object()
+QUIET_S = 1.0  # how long no two batches overlapped before a lone batch may use every core
 
 Worker = ThreadWorker | ProcessWorker
 
@@ -99,6 +101,7 @@ class Batcher:
         self._accepting = False
         self._death: BaseException | None = None  # what killed a worker or the dispatcher, if anything did
         self._current: list[Job] = []  # the jobs the dispatcher holds (gathered, not yet handed over)
+        self._crowded_at = -math.inf  # when a batch was last handed over while another worker was busy
         metrics.queue_depth.set_function(self._queue.qsize)
 
     @property
@@ -271,9 +274,17 @@ class Batcher:
                 for job in group:
                     _resolve(job, error=WorkerDead())
                 continue
-            alone = self._idle.qsize() == len(self.workers) - 1  # every other worker is idle
-            self._inboxes[self.workers.index(worker)].put((_batch(group), group, alone))
+            self._inboxes[self.workers.index(worker)].put((_batch(group), group, self._alone()))
             worker = None
+
+    def _alone(self) -> bool:
+        """Whether the batch being handed over may use every core: no other worker is busy, and
+        none was at a hand-over for QUIET_S. Under load a worker often frees while the next
+        requests are still being read; its batch must not take the cores the others need."""
+        now = time.monotonic()
+        if self._idle.qsize() < len(self.workers) - 1:
+            self._crowded_at = now
+        return now - self._crowded_at > QUIET_S
 
     # A minder thread per worker: runs its batches and answers their jobs.
 

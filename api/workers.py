@@ -10,9 +10,9 @@ each image's result as JSON bytes, so the server only joins them. On a GPU (CUDA
 forked once started), or with one worker, the worker is a thread of the server instead.
 
 Each worker process has its share of the server's torch threads (one each, by default: one
-worker a core) while others are busy too, and all of them for a batch it runs alone: an idle
-server answers a lone request with every core, as the same call would in-process, and under
-load the workers do not oversubscribe the cores.
+worker a core) while others are busy too, and all of them for a batch it runs alone (as the
+batcher judges it): an idle server answers a lone request with every core, as the same call
+would in-process, and under load the workers do not oversubscribe the cores.
 
 A worker process that dies (the kernel's OOM killer, say) is fatal: its batch fails, and the
 batcher answers every request 503 and fails /healthz until the server is restarted.

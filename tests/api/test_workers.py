@@ -15,7 +15,7 @@ import orjson
 import pytest
 import torch
 
-from api.batcher import Batcher, WorkerDead
+from api.batcher import QUIET_S, Batcher, WorkerDead
 from api.metrics import Metrics
 from api.workers import ProcessWorker, ThreadWorker
 from captioner.decoding import DecodeOptions
@@ -167,12 +167,17 @@ def test_a_batch_alone_gets_every_thread_and_batches_side_by_side_their_share(pr
         (alone,) = run(batcher, ([png((40, 30))], BEAM), timeout=60)
         greedy = DecodeOptions(method="greedy", max_length=4, attention=True)
         together = run(batcher, ([png((41, 30))], BEAM), ([png((42, 30))], greedy), timeout=60)  # two workers
+        (just_after,) = run(batcher, ([png((43, 30))], BEAM), timeout=60)
+        time.sleep(QUIET_S)
+        (quiet_again,) = run(batcher, ([png((44, 30))], BEAM), timeout=60)
     finally:
         batcher.stop()
     assert orjson.loads(alone[0])["threads"] == 2
     answers = [orjson.loads(outcomes[0]) for outcomes in together]
     assert sorted(a["threads"] for a in answers) == [1, 2]  # the first handed over was alone then
     assert len({a["pid"] for a in answers}) == 2
+    assert orjson.loads(just_after[0])["threads"] == 1  # the server was busy a moment ago: its share
+    assert orjson.loads(quiet_again[0])["threads"] == 2
 
 
 def test_under_light_load_one_worker_takes_every_batch(predictor):
