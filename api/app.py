@@ -46,6 +46,7 @@ async def lifespan(app: FastAPI):
         settings.max_batch_size,
         settings.max_wait_ms,
         settings.queue_size,
+        settings.busy_wait_ms,
         on_batch=app.state.admission.record,
     )
     app.state.predictor, app.state.batcher = predictor, batcher

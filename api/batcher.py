@@ -2,8 +2,9 @@
 
 A request puts a job (its uploads and options) on the queue and awaits a future. The
 dispatcher thread waits for a free worker (api.workers) first, then takes the first job and
-gathers more for up to `max_wait_ms` or until `max_batch_size` images: while every worker is
-busy, requests pile up into the next batch, so batches grow with the load. Jobs whose options
+gathers more for up to `max_wait_ms` (`busy_wait_ms` while another worker is busy) or until
+`max_batch_size` images: while every worker is busy, requests pile up into the next batch, so
+batches grow with the load, and a lone request on an idle server goes at once. Jobs whose options
 are identical share a batch. Of the free workers, the one freed last takes the batch, so under
 light load one worker does all the work with its caches warm; and a batch handed over while
 every other worker is idle, and has been for a second, may use all the cores (api.workers).
@@ -81,6 +82,7 @@ class Batcher:
         max_batch_size: int,
         max_wait_ms: float = 0.0,
         queue_size: int = 64,
+        busy_wait_ms: float = 5.0,
         on_batch: Callable[[int, float], None] | None = None,
     ):
         self.workers = list(workers)
@@ -88,6 +90,7 @@ class Batcher:
         self.on_batch = on_batch  # told (images, seconds per image the server takes) after each batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
+        self.busy_wait = max(max_wait_ms, busy_wait_ms) / 1000.0  # while another worker is busy
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._idle: queue.LifoQueue[Worker | None] = queue.LifoQueue()  # None: a worker has died
         self._inboxes: list[queue.Queue] = [queue.Queue() for _ in self.workers]
@@ -239,10 +242,13 @@ class Batcher:
         return newer
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """`first` and whatever else arrives within max_wait, up to max_batch_size images."""
+        """`first` and whatever else arrives within max_wait (busy_wait while another worker is
+        busy), up to max_batch_size images. Under load a worker frees as the clients it answered
+        send their next requests: without the wait, most of its batches would be of one image."""
         jobs, size = [first], len(first.uploads)
         self._current = jobs
-        deadline = time.monotonic() + self.max_wait
+        busy = self._idle.qsize() < len(self.workers) - 1
+        deadline = time.monotonic() + (self.busy_wait if busy else self.max_wait)
         while size < self.max_batch_size:
             remaining = deadline - time.monotonic()
             try:

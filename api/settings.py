@@ -50,8 +50,15 @@ class Settings(BaseSettings):
         0.0,
         ge=0,
         le=10_000,
-        description="how long a free worker's batch waits for more requests (while every worker is busy, "
-        "requests gather by themselves)",
+        description="how long a batch waits for more requests, even on an idle server (while every worker is "
+        "busy, requests gather by themselves)",
+    )
+    busy_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        description="how long a freed worker's batch waits for more requests while another worker is busy "
+        "(the clients just answered are sending their next ones): fuller batches under load",
     )
     queue_size: int = Field(
         64,

@@ -8,6 +8,7 @@ Images are told apart by their widths, which every result carries.
 import asyncio
 import queue
 import threading
+import time
 
 import orjson
 import pytest
@@ -296,3 +297,38 @@ def test_a_submit_racing_stop_is_answered_never_left_behind(make_predictor):
     finally:
         stopper.join(30)
     assert result == "refused" or (isinstance(result, list) and widths(result) == [81]), result
+
+
+def test_while_a_worker_is_busy_a_freed_one_waits_for_more_requests_and_an_idle_server_does_not(make_predictor):
+    predictor = make_predictor()
+    gate = threading.Event()
+    recorder = Recorder(predictor, gate=gate)
+    batcher = Batcher([ThreadWorker(predictor), ThreadWorker(predictor)], Metrics(), 8, busy_wait_ms=2000)
+    batcher.start()
+
+    async def staggered(*groups: tuple[int, ...]) -> list:
+        """Each group of widths 0.2 s after the one before."""
+
+        async def later(i, group):
+            await asyncio.sleep(0.2 * i)
+            return await submit(batcher, group, GREEDY)
+
+        return await asyncio.gather(*(later(i, group) for i, group in enumerate(groups)))
+
+    try:
+        busy = threading.Thread(target=asyncio.run, args=(submit(batcher, (41,), GREEDY),))
+        busy.start()
+        assert recorder.entered.wait(30)  # one worker holds (41,) until the gate opens
+        while_busy = threading.Thread(target=asyncio.run, args=(staggered((42,), (43,)),))
+        while_busy.start()
+        time.sleep(1.0)  # (42,) and then (43,) have reached the other worker's batch by now
+        gate.set()
+        busy.join(30)
+        while_busy.join(30)
+        calls_before = len(recorder.calls)
+        asyncio.run(staggered((44,), (45,)))  # both workers idle: each goes at once, alone
+    finally:
+        gate.set()
+        batcher.stop()
+    assert sorted(w for w, _, _ in recorder.calls[:calls_before]) == [[41], [42, 43]]
+    assert sorted(w for w, _, _ in recorder.calls[calls_before:]) == [[44], [45]]
