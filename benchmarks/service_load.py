@@ -41,7 +41,6 @@ BOUNDARY = "captioner-bench-boundary"
 SOAK_CLIENTS = 8
 SOAK_SAMPLE_S = 15.0
 FLOOD_CLIENTS = 6
-FOLDER_ROUNDS = 3
 
 
 def form_request(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> bytes:
@@ -225,9 +224,11 @@ def in_process_latency(checkpoint: Path, paths: list[Path], max_length: int) -> 
 
 
 def folder_rate(args, folder: Path, count: int) -> dict:
-    """(2), the median of FOLDER_ROUNDS runs: one run takes seconds, and on a shared machine a
+    """(2), the median of --folder-rounds runs: one run takes seconds, and on a shared machine a
     few seconds can be 15% faster or slower than the next, so one run is a poor yardstick."""
-    rounds = [in_child(cli_rate, args.checkpoint, folder, count, args.max_length, []) for _ in range(FOLDER_ROUNDS)]
+    rounds = [
+        in_child(cli_rate, args.checkpoint, folder, count, args.max_length, []) for _ in range(args.folder_rounds)
+    ]
     rates = [r["images_per_s"] for r in rounds]
     return {"images_per_s": statistics.median(rates), "rounds": rates}
 
@@ -368,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per number of clients")
     parser.add_argument("--warm-up", type=float, default=3.0, help="seconds before each measurement")
     parser.add_argument("--soak-s", type=float, default=300.0, help="seconds of the soak (0: none)")
+    parser.add_argument(
+        "--folder-rounds", type=int, default=3, help="captioner caption runs, their median the yardstick"
+    )
     parser.add_argument("--flood-side", type=int, default=6300, help="side of the attack's 16-bit PNGs")
     parser.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="passed to captioner serve")
     parser.add_argument("--out", type=Path, help="write the results into this Markdown file")

@@ -19,7 +19,7 @@ def test_quick_run_writes_its_section_and_json_and_keeps_the_others(tiny_checkpo
     quick = ["--images", "4", "--max-length", "3", "--clients", "1", "3", "--seconds", "1", "--warm-up", "0.5"]
     done = subprocess.run(
         [sys.executable, str(BENCHMARK), "--checkpoint", str(tiny_checkpoint), "--out", str(results), *quick]
-        + ["--soak-s", "2", "--flood-side", "600"],
+        + ["--soak-s", "2", "--flood-side", "600", "--folder-rounds", "1"],
         capture_output=True,
         text=True,
         timeout=300,
