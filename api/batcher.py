@@ -247,8 +247,7 @@ class Batcher:
         send their next requests: without the wait, most of its batches would be of one image."""
         jobs, size = [first], len(first.uploads)
         self._current = jobs
-        busy = self._idle.qsize() < len(self.workers) - 1
-        deadline = time.monotonic() + (self.busy_wait if busy else self.max_wait)
+        deadline = time.monotonic() + (self.busy_wait if self._another_busy() else self.max_wait)
         while size < self.max_batch_size:
             remaining = deadline - time.monotonic()
             try:
@@ -288,9 +287,13 @@ class Batcher:
         none was at a hand-over for QUIET_S. Under load a worker often frees while the next
         requests are still being read; its batch must not take the cores the others need."""
         now = time.monotonic()
-        if self._idle.qsize() < len(self.workers) - 1:
+        if self._another_busy():
             self._crowded_at = now
         return now - self._crowded_at > QUIET_S
+
+    def _another_busy(self) -> bool:
+        """Whether a worker other than the one the dispatcher holds is busy."""
+        return self._idle.qsize() < len(self.workers) - 1
 
     # A minder thread per worker: runs its batches and answers their jobs.
 

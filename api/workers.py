@@ -4,8 +4,8 @@ The event loop receives requests and sends answers; everything between is a work
 CPU under Linux the workers are processes, each with its own model, for the reason the folder
 command's lanes are: decoding is thousands of small operators a second, each handing Python's
 lock over, and in one process they slow each other and the event loop. Workers are forked from
-the server once it has loaded the model and before it serves: they share
-the model's weights and torch's memory with it, and start in milliseconds. A worker sends back
+the server once it has loaded the model and before it serves: they share the model's weights
+and torch's memory with it, and start in milliseconds. A worker sends back
 each image's result as JSON bytes, so the server only joins them. On a GPU (CUDA cannot be
 forked once started), or with one worker, the worker is a thread of the server instead.
 

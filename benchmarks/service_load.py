@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from runtime.children import child_processes
 from runtime.home import default_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -172,7 +173,7 @@ class MemoryWatch:
 def memory(pid: int) -> dict:
     """MB, for `pid` and its children: PSS summed (shared pages counted once), and each one's RSS
     now and at its highest so far (the kernel's high-water mark, VmHWM: a peak no sampling misses)."""
-    pids = [pid, *worker_processes(pid)]
+    pids = [pid, *child_processes(pid)]
     pss, rss, peak = [], [], []
     for p in pids:
         try:
@@ -184,17 +185,6 @@ def memory(pid: int) -> dict:
         rss.append(_kib(status, "VmRSS") / 1024)
         peak.append(_kib(status, "VmHWM") / 1024)
     return {"pss_mb": sum(pss), "rss_mb": rss, "peak_rss_mb": peak, "processes": len(rss)}
-
-
-def worker_processes(pid: int) -> list[int]:
-    """The children of `pid`, forked from any of its threads (each model worker from its own)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += map(int, (task / "children").read_text().split())
-        except FileNotFoundError:  # a thread that has just ended
-            continue
-    return sorted(found)
 
 
 def _kib(lines: list[str], field: str) -> int:

@@ -5,6 +5,7 @@ import ctypes
 import fcntl
 import os
 import signal
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
@@ -44,3 +45,14 @@ def close_files(fds: set[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):  # closed meanwhile by the parent's other threads
             os.close(fd)
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes `pid` has started, from any of its threads, and that have not been reaped."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += map(int, (task / "children").read_text().split())
+        except FileNotFoundError:  # a thread that has just ended
+            continue
+    return sorted(found)

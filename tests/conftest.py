@@ -47,22 +47,6 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-def children(pid: int) -> list[int]:
-    """The processes `pid` has started, from any of its threads, and that have not been reaped."""
-    return sorted(
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in _read_or_empty(task / "children").split()
-    )
-
-
-def _read_or_empty(path: Path) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:  # a thread that has just ended
-        return ""
-
-
 def gone(pid: int) -> bool:
     """Ended: no such process, or a zombie waiting to be reaped."""
     try:

@@ -13,8 +13,8 @@ from PIL import Image
 
 from api.routers import captions
 from api.schemas import CaptionOptions
+from runtime.children import child_processes as children
 from tests.captioner.test_images import rle8_bmp
-from tests.conftest import children
 
 from .helpers import png, upload
 

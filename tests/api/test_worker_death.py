@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import children, gone
+from runtime.children import child_processes as children
+from tests.conftest import gone
 
 from .helpers import png
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import children, gone
+from runtime.children import child_processes as children
+from tests.conftest import gone
 from tests.folder.conftest import BIN, many_images, single_run, start_midway, wait_for
 
 
