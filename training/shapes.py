@@ -11,10 +11,18 @@ writes, for each split S with at least one image:
     data/shapes/images/S/shapes_S_000000000001.png ...
     data/shapes/annotations/captions_S.json     (COCO captions)
     data/shapes/annotations/instances_S.json    (COCO instances, one category per shape)
-    data/shapes/shapes.json                     (manifest: version, seed, split sizes)
+    data/shapes/shapes.json                     (manifest: version, seed, held-out pairs if any, split sizes)
 
-A split the manifest lists with the same version, seed and size, whose files are
-all present, is left alone, so running the command twice is instant.
+A split the manifest lists with the same version, seed, hold-out and size, whose
+files are all present, is left alone, so running the command twice is instant.
+
+    captioner shapes data/shapes-held --hold-out "red triangle,blue circle"
+
+draws a world in which no training or validation image (every split but `test`)
+holds a red triangle or a blue circle, to measure whether a model names colour and
+shape pairs it never saw together. The test split is drawn as usual. The held-out
+pairs are recorded in every split's annotation `info` (`"held_out": [[color, shape],
+...]`), where `held_out_pairs` reads them back.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import multiprocessing
 import os
 import string
 import zlib
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +115,12 @@ TEMPLATES: dict[int, tuple[str, ...]] = {
 }
 CAPTIONS_PER_IMAGE = 5
 
+Pair = tuple[str, str]  # (color, shape)
+PAIRS: tuple[Pair, ...] = tuple((c, s) for c in COLORS for s in SHAPES)  # pair index p = color * 4 + shape
+MAX_OBJECTS = max(OBJECT_COUNTS)
+# The one split a hold-out leaves as it is: the held-out pairs are what it is there to test.
+HOLD_OUT_KEPT_SPLIT = "test"
+
 
 @dataclass(frozen=True)
 class ShapeObject:
@@ -184,14 +199,29 @@ def sample_layout(rng: np.random.Generator, sizes: list[str]) -> list[tuple[int,
             return [(int(x0[k, n]), int(y0[k, n]), int(side[k, n])) for n in range(len(sizes))]
 
 
-def sample_scene(rng: np.random.Generator) -> tuple[Scene, list[RGB]]:
-    """A random scene and the jittered paint color of each of its objects."""
+def sample_pairs(rng: np.random.Generator, count: int, hold_out: frozenset[Pair] = frozenset()) -> list[Pair]:
+    """`count` distinct (color, shape) pairs, uniform among those not held out.
+
+    Only the pairs are redrawn while one is held out, not the whole scene, so a held-out
+    world keeps the contract's 0.3 / 0.4 / 0.3 object counts (rejecting whole scenes
+    would thin out the three-object images, which hold a held-out pair most often).
+    The first draw takes the same random numbers as a world without a hold-out, so an
+    image whose first draw holds no held-out pair comes out byte-identical to it.
+    """
+    while True:
+        drawn = [PAIRS[int(p)] for p in rng.choice(len(PAIRS), size=count, replace=False)]
+        if hold_out.isdisjoint(drawn):
+            return drawn
+
+
+def sample_scene(rng: np.random.Generator, hold_out: frozenset[Pair] = frozenset()) -> tuple[Scene, list[RGB]]:
+    """A random scene, free of the `hold_out` pairs, and the jittered paint color of each of its objects."""
     count = int(rng.choice(OBJECT_COUNTS, p=OBJECT_COUNT_PROBS))
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     # Distinct (color, shape) pairs: uniform marginals, never two alike.
-    pairs = rng.choice(len(COLORS) * len(SHAPES), size=count, replace=False)
-    colors = [list(COLORS)[int(p) // len(SHAPES)] for p in pairs]
-    shapes = [SHAPES[int(p) % len(SHAPES)] for p in pairs]
+    pairs = sample_pairs(rng, count, hold_out)
+    colors = [color for color, _ in pairs]
+    shapes = [shape for _, shape in pairs]
     sizes = [list(SIZE_SIDES)[int(rng.integers(2))] for _ in range(count)]
     jitters = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=(count, 3))
     painted = [np.add(COLORS[color], jitter) for color, jitter in zip(colors, jitters)]
@@ -270,22 +300,110 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return template.format(**words)
 
 
-def draw_image(seed: int, split: str, index: int) -> tuple[np.ndarray, DrawnImage]:
-    """Image number `index` (from 1) of a split: pixels, truth and captions."""
+def draw_image(
+    seed: int, split: str, index: int, hold_out: frozenset[Pair] = frozenset()
+) -> tuple[np.ndarray, DrawnImage]:
+    """Image number `index` (from 1) of a split: pixels, truth and captions.
+
+    `hold_out` applies as given: `split_hold_out` decides which splits get it.
+    """
     rng = image_rng(seed, split, index)
-    scene, paints = sample_scene(rng)
+    scene, paints = sample_scene(rng, hold_out)
     captions = tuple(caption(scene, rng) for _ in range(CAPTIONS_PER_IMAGE))
     pixels, areas = render(scene, paints, rng)
     return pixels, DrawnImage(scene, areas, captions)
 
 
+# --- held-out pairs ---------------------------------------------------------------
+
+
+def check_hold_out(hold_out: Set[Pair]) -> frozenset[Pair]:
+    """`hold_out` as a frozenset, once every pair is a known (color, shape) and enough pairs are left.
+
+    Three-object scenes need three distinct pairs that are not held out, or drawing
+    one would never end.
+    """
+    for pair in sorted(hold_out, key=repr):  # a fixed order: the same error for the same value
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise ValueError(f"a held-out pair is a (color, shape) tuple, got {pair!r}")
+        color, shape = pair
+        if color not in COLORS:
+            raise ValueError(
+                f"unknown colour {color!r} in held-out pair '{color} {shape}'; colours: {', '.join(COLORS)}"
+            )
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r} in held-out pair '{color} {shape}'; shapes: {', '.join(SHAPES)}")
+    if len(PAIRS) - len(hold_out) < MAX_OBJECTS:
+        raise ValueError(
+            f"{len(hold_out)} held-out pairs leave fewer than {MAX_OBJECTS} of the {len(PAIRS)} to draw from"
+        )
+    return frozenset(hold_out)
+
+
+def parse_hold_out(text: str) -> frozenset[Pair]:
+    """The pairs of a `--hold-out` value, "red triangle,blue circle" (blank items ignored).
+
+    Raises ValueError naming the first word that is not a colour or shape, or an item
+    that is not two words.
+    """
+    pairs = []
+    for item in text.split(","):
+        words = item.split()
+        if not words:
+            continue
+        if len(words) != 2:
+            raise ValueError(f"a held-out pair is two words, COLOR SHAPE (e.g. 'red triangle'), got {item.strip()!r}")
+        pairs.append((words[0].lower(), words[1].lower()))
+    return check_hold_out(frozenset(pairs))
+
+
+def hold_out_argument(text: str) -> frozenset[Pair]:
+    """argparse type for `--hold-out`: a bad value is a usage error (exit 2) saying what is wrong."""
+    try:
+        return parse_hold_out(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def add_hold_out_argument(parser: argparse.ArgumentParser) -> None:
+    """`--hold-out`, for every command that draws a world (`captioner shapes`, `captioner demo`)."""
+    parser.add_argument(
+        "--hold-out",
+        type=hold_out_argument,
+        default=frozenset(),
+        metavar="PAIRS",
+        help='comma-separated COLOR SHAPE pairs, e.g. "red triangle,blue circle", that no training or '
+        "validation image may contain; the test split is drawn as usual (default: none)",
+    )
+
+
+def sorted_pairs(pairs: frozenset[Pair]) -> list[list[str]]:
+    """Pairs in the contract's order (colour, then shape), as JSON lists: one spelling, one set of bytes."""
+    return [list(pair) for pair in PAIRS if pair in pairs]
+
+
+def split_hold_out(split: str, hold_out: frozenset[Pair]) -> frozenset[Pair]:
+    """The pairs a split's images must not contain: all of them, except in the test split."""
+    return frozenset() if split == HOLD_OUT_KEPT_SPLIT else hold_out
+
+
+def held_out_pairs(instances: str | Path) -> frozenset[Pair]:
+    """The held-out (color, shape) pairs recorded in a split's `instances_S.json` (none for a plain world).
+
+    Every split records them, the test split included, so evaluation can tell the
+    images that show a pair training never did.
+    """
+    info = json.loads(Path(instances).read_text(encoding="utf-8")).get("info", {})
+    return frozenset((color, shape) for color, shape in info.get("held_out", []))
+
+
 # --- files -----------------------------------------------------------------------
 
 
-def _write_image(job: tuple[Path, int, str, int]) -> DrawnImage:
+def _write_image(job: tuple[Path, int, str, int, frozenset[Pair]]) -> DrawnImage:
     """Worker: draw one image, save its PNG, hand back its annotations."""
-    folder, seed, split, index = job
-    pixels, drawn = draw_image(seed, split, index)
+    folder, seed, split, index, hold_out = job
+    pixels, drawn = draw_image(seed, split, index, hold_out)
     # PIL writes no timestamps into PNGs, so equal pixels give equal bytes.
     Image.fromarray(pixels, "RGB").save(folder / file_name(split, index), format="PNG", compress_level=6)
     return drawn
@@ -296,9 +414,17 @@ def _write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, separators=(",", ":")) + "\n")
 
 
-def coco_files(split: str, seed: int, drawn: list[DrawnImage]) -> tuple[dict, dict]:
-    """The captions and instances JSON of a split, image ids 1..n in `drawn` order."""
-    info = {"description": f"The Shapes world v{VERSION}, split {split}, seed {seed}", "version": str(VERSION)}
+def coco_files(
+    split: str, seed: int, drawn: list[DrawnImage], hold_out: frozenset[Pair] = frozenset()
+) -> tuple[dict, dict]:
+    """The captions and instances JSON of a split, image ids 1..n in `drawn` order.
+
+    `hold_out` is the world's, recorded in `info` of both files (only when there is
+    one, so a plain world's files stay as they were).
+    """
+    info: dict = {"description": f"The Shapes world v{VERSION}, split {split}, seed {seed}", "version": str(VERSION)}
+    if hold_out:
+        info["held_out"] = sorted_pairs(hold_out)
     images = [
         {"id": i, "file_name": file_name(split, i), "width": IMAGE_SIZE, "height": IMAGE_SIZE}
         for i in range(1, len(drawn) + 1)
@@ -332,19 +458,25 @@ def coco_files(split: str, seed: int, drawn: list[DrawnImage]) -> tuple[dict, di
     return captions_json, instances_json
 
 
-def _read_manifest(out_dir: Path, seed: int) -> dict[str, int]:
+def _read_manifest(out_dir: Path, seed: int, hold_out: frozenset[Pair]) -> dict[str, int]:
     """Split sizes the manifest vouches for, or none if it is missing or for other parameters."""
     try:
         manifest = json.loads((out_dir / "shapes.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    if manifest.get("version") != VERSION or manifest.get("seed") != seed:
+    same = manifest.get("version") == VERSION and manifest.get("seed") == seed
+    if not same or manifest.get("held_out", []) != sorted_pairs(hold_out):
         return {}
     return dict(manifest.get("splits", {}))
 
 
-def _write_manifest(out_dir: Path, seed: int, splits: dict[str, int]) -> None:
-    _write_json(out_dir / "shapes.json", {"version": VERSION, "seed": seed, "splits": dict(sorted(splits.items()))})
+def _write_manifest(out_dir: Path, seed: int, splits: dict[str, int], hold_out: frozenset[Pair]) -> None:
+    """shapes.json; `held_out` only in a held-out world's, so a plain world's manifest is as it was."""
+    manifest: dict = {"version": VERSION, "seed": seed}
+    if hold_out:
+        manifest["held_out"] = sorted_pairs(hold_out)
+    manifest["splits"] = dict(sorted(splits.items()))
+    _write_json(out_dir / "shapes.json", manifest)
 
 
 def _split_complete(out_dir: Path, split: str, count: int) -> bool:
@@ -360,18 +492,28 @@ def default_workers() -> int:
     return min(2, os.cpu_count() or 1)
 
 
-def generate(out_dir: Path, splits: dict[str, int], seed: int, workers: int = default_workers()) -> None:
+def generate(
+    out_dir: Path,
+    splits: dict[str, int],
+    seed: int,
+    workers: int = default_workers(),
+    *,
+    hold_out: Set[Pair] = frozenset(),
+) -> None:
     """Write each split of `splits` (name -> image count) with `seed`; splits of 0 images are skipped.
 
-    Object `area` in the instances is the drawn pixel count, which is exact because
-    objects never overlap. A split already complete for this version, seed and size
+    No image of a split other than `test` contains a `hold_out` (color, shape) pair;
+    with none held out the files are those of a plain world, byte for byte. Object
+    `area` in the instances is the drawn pixel count, which is exact because objects
+    never overlap. A split already complete for this version, seed, hold-out and size
     is kept; any other is redrawn from scratch (its old PNGs are deleted first).
     """
     if seed < 0 or any(count < 0 for count in splits.values()):
         raise ValueError(f"seed and split sizes must be >= 0, got seed {seed} and {splits}")
+    held_out = check_hold_out(hold_out)
     out_dir = Path(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
-    done = _read_manifest(out_dir, seed)
+    done = _read_manifest(out_dir, seed, held_out)
     done = {s: n for s, n in done.items() if _split_complete(out_dir, s, n)}
     for split, count in splits.items():
         if count == 0:
@@ -380,23 +522,24 @@ def generate(out_dir: Path, splits: dict[str, int], seed: int, workers: int = de
             print(f"shapes {split}: {count} images already up to date in {out_dir}")
             continue
         done.pop(split, None)
-        _write_manifest(out_dir, seed, done)  # an interrupted split must not look complete
+        _write_manifest(out_dir, seed, done, held_out)  # an interrupted split must not look complete
         folder = out_dir / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f"shapes_{split}_*.png"):
             stale.unlink()
-        jobs = [(folder, seed, split, i) for i in range(1, count + 1)]
+        excluded = split_hold_out(split, held_out)
+        jobs = [(folder, seed, split, i, excluded) for i in range(1, count + 1)]
         progress = dict(total=count, desc=f"shapes {split}", unit="img")
         if workers <= 1:
             drawn = [_write_image(job) for job in tqdm(jobs, **progress)]
         else:
             with multiprocessing.get_context("spawn").Pool(workers) as pool:  # spawn: safe next to torch threads
                 drawn = list(tqdm(pool.imap(_write_image, jobs, chunksize=16), **progress))
-        captions_json, instances_json = coco_files(split, seed, drawn)
+        captions_json, instances_json = coco_files(split, seed, drawn, held_out)
         _write_json(out_dir / "annotations" / f"captions_{split}.json", captions_json)
         _write_json(out_dir / "annotations" / f"instances_{split}.json", instances_json)
         done[split] = count
-        _write_manifest(out_dir, seed, done)
+        _write_manifest(out_dir, seed, done, held_out)
 
 
 # --- command line ----------------------------------------------------------------
@@ -412,8 +555,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=default_workers(), help="drawing processes (default %(default)s)"
     )
+    add_hold_out_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    generate(args.out, {"train": args.train, "val": args.val, "test": args.test}, args.seed, args.workers)
+    splits = {"train": args.train, "val": args.val, "test": args.test}
+    generate(args.out, splits, args.seed, args.workers, hold_out=args.hold_out)
     return 0
