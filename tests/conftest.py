@@ -1,6 +1,9 @@
 """Shared fixtures: a real (tiny, random) model and checkpoint that build in well under a second;
-and what the tests of real processes ask of /proc."""
+what the tests of real processes ask of /proc; and a file-size limit that makes a write fail
+part-way, as a full disk does, without privileges."""
 
+import resource
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,10 @@ def gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
+
+
+def file_size_limit(size: int) -> Callable[[], None]:
+    """A `preexec_fn` that limits the files the child writes to `size` bytes (`ulimit -f`): a write
+    past it fails with EFBIG once the child ignores SIGXFSZ, as a full disk fails one with ENOSPC.
+    Unlike a small tmpfs it needs no privileges."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
