@@ -128,7 +128,9 @@ def full_disk_is_an_error(command: str, advice: str) -> Iterator[None]:
 
     SIGXFSZ is ignored meanwhile: a write past the process's file-size limit would otherwise kill
     the process outright, with nothing said; ignored, the write fails with EFBIG and is reported
-    like a full disk. Signals belong to the application that owns the process, so each command's
+    like a full disk. CPython ignores it at start-up already, but only when it installs its signal
+    handlers (not in an interpreter embedded without them), so the command says so itself rather
+    than count on that. Signals belong to the application that owns the process, so each command's
     main calls this (the library never does); the processes it forks inherit the setting. Only the
     main thread may set handlers: elsewhere the signal is left as it is.
     """

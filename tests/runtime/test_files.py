@@ -7,6 +7,7 @@ fails with EFBIG, the same way a full file system fails one with ENOSPC, without
 import errno
 import os
 import pickle
+import signal
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def test_a_write_past_the_limit_is_one_line_exit_1_and_the_old_file_stays(tmp_pa
     run = subprocess.run(
         [sys.executable, "-c", WRITER, str(path)], capture_output=True, text=True, preexec_fn=file_size_limit(10_000)
     )
-    assert run.returncode == 1, run.stderr  # not killed by SIGXFSZ (-25): it was ignored
+    assert run.returncode == 1, run.stderr  # not killed by SIGXFSZ (-25)
     assert run.stderr == (
         f"tool: error: file too large writing {path}: raise the file size limit (ulimit -f) "
         "or write to another file system and run it again\n"
@@ -92,3 +93,14 @@ def test_the_command_reports_a_full_disk_in_one_line_and_lets_other_errors_throu
     )
     with pytest.raises(ValueError), full_disk_is_an_error("tool", "run it again"):
         raise ValueError("not ours")
+
+
+def test_the_command_ignores_sigxfsz_while_it_runs_and_puts_it_back():
+    """CPython ignores SIGXFSZ at start-up anyway; the command does not count on it."""
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    try:
+        with full_disk_is_an_error("tool", "run it again"):
+            assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGXFSZ, before)
