@@ -31,6 +31,7 @@ from runtime.allocator import keep_freed_memory
 from runtime.cpus import cpus_per_local_rank
 from runtime.devices import add_device_arguments, resolve_device
 from runtime.distributed import Distributed, torchrun_rank
+from runtime.files import full_disk_is_an_error
 from runtime.flags import add_model_flags, model_from_flags
 from runtime.home import default_checkpoint
 
@@ -51,6 +52,8 @@ FORMATS = ("jsonl", "csv", "coco")
 MAX_BATCH_SIZE = 256
 MAX_WORKERS = 32
 MAX_THREADS = 256
+# after a full disk: the journal holds every finished batch, and a rerun cuts its torn last line
+RERUN = "run the same command again to resume"
 
 EPILOG = """\
 output:
@@ -278,8 +281,22 @@ def main(args: argparse.Namespace) -> int:
         entries = find_entries(args.paths, args.recursive, args.follow_links, exclude=outputs.written_here)
     except (OSError, ValueError) as e:
         return _usage_error(str(e))
-    if args.merge:
-        return _merge_parts(args.merge, outputs, run_order(entries))
+    with full_disk_is_an_error("captioner caption", RERUN):
+        if args.merge:
+            return _merge_parts(args.merge, outputs, run_order(entries))
+        return _caption_exclusively(args, throughput, options, device, outputs, entries, ranks)
+
+
+def _caption_exclusively(
+    args: argparse.Namespace,
+    throughput: Throughput,
+    options: DecodeOptions,
+    device: torch.device,
+    outputs: Outputs,
+    entries: list[Entry],
+    ranks: tuple[int, int] | None,
+) -> int:
+    """`_caption_run` holding the output's locks (with every torchrun rank), or refused."""
     if ranks:
         dist.init_process_group("gloo")
     try:

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import orjson
 
-from runtime.files import replacing, write_text
+from runtime.files import replacing, write_text, writing
 
 from .files import SKIP_CODES
 
@@ -139,19 +139,27 @@ def recover(*paths: Path) -> JournalState:
 
 
 class JournalWriter:
+    """Appends batches of lines. A full disk raises DiskFullError naming the journal: what it holds
+    then is whole lines and at most one torn last line, which `recover` cuts off on the rerun."""
+
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # open across `append` calls until `close`: the writer owns it, a `with` block cannot
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.path = path
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # open across `append` calls until `close`: the writer owns it, a `with` block cannot
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def append(self, lines: list[str]) -> None:
         """One write per batch, then to disk: an interruption loses at most the batch in flight."""
-        self._file.write("".join(lines))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with writing(self.path):
+            self._file.write("".join(lines))
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        """After a full disk, closing tries the batch's unwritten rest again and fails the same way."""
+        with writing(self.path):
+            self._file.close()
 
 
 SETTINGS_SUFFIX = ".settings.json"

@@ -32,6 +32,7 @@ from captioner.images import ImageError
 from captioner.overlay import caption_sheet, drop_attention, prepare_with_picture
 from captioner.predictor import Predictor
 from runtime.children import die_with_parent
+from runtime.files import replacing
 
 from .files import SKIP_CODES, Entry
 from .journal import result_line
@@ -190,7 +191,9 @@ def _error(e: ImageError) -> dict:
 
 
 def _write_sheet(picture: Image.Image, result: dict, path: Path) -> None:
+    """Replaced whole (`replacing`): a full disk leaves no half-drawn sheet under its name, and its
+    DiskFullError, naming the sheet, reaches the run from a forked lane too."""
     best = result["captions"][0]
-    path.parent.mkdir(parents=True, exist_ok=True)
     sheet = caption_sheet(picture, best["tokens"], best.get("attention", []), tile=OVERLAY_TILE)
-    sheet.save(path, format="PNG", compress_level=1)  # fast: sheets are for looking at
+    with replacing(path) as tmp:
+        sheet.save(tmp, format="PNG", compress_level=1)  # fast: sheets are for looking at
