@@ -42,21 +42,43 @@ from training.coco import CaptionSplit, load_split
 from training.image_check import BadImagesError, find_bad_images, skipped_note, usable_split
 
 if TYPE_CHECKING:
-    from training.shapes_truth import Caption
+    from training.shapes_truth import Caption, TruthScores
 
 
-def truth_scores(split: CaptionSplit, captions: Mapping[int, dict]) -> dict[str, float]:
+def truth_scores(split: CaptionSplit, captions: Mapping[int, dict], by_objects: bool = False) -> dict[str, float]:
     """The Shapes world's truth metrics (NaN where nothing was scored; counts are ints); {} for other data.
 
-    `captions`: image id -> {"tokens": [...], "attention": (T, h, w) grids or None}.
+    `captions`: image id -> {"tokens": [...], "attention": (T, h, w) grids or None}. With
+    `by_objects`, each metric also for the images of 1, 2 and 3 objects apart
+    (`exact_object_set_3_objects`, ...). A world drawn with held-out pairs (`captioner shapes
+    --hold-out`) adds `held_out_recall` and the exact object set with and without them.
     """
     if split.instances is None:
         return {}
-    from training.shapes_truth import load_truth, score_captions
+    from training.shapes import held_out_pairs
+    from training.shapes_truth import load_truth, score_by_objects, score_captions, score_held_out
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         scenes = load_truth(split.instances)
-    truth = score_captions(scenes, cast("Mapping[int, Caption]", captions))  # Caption dicts, as documented
+    typed = cast("Mapping[int, Caption]", captions)  # Caption dicts, as documented
+    scores = _named_scores(score_captions(scenes, typed))
+    if by_objects:
+        for n, group in score_by_objects(scenes, typed).items():
+            suffix = f"_{n}_object" if n == 1 else f"_{n}_objects"
+            scores.update({f"{name}{suffix}": value for name, value in _named_scores(group).items()})
+    held_out = held_out_pairs(split.instances)
+    if held_out:
+        held = score_held_out(scenes, typed, held_out)
+        scores.update(
+            held_out_images=held.images_with,
+            held_out_recall=held.held_out_recall,
+            exact_object_set_with_held_out=held.exact_with,
+            exact_object_set_without_held_out=held.exact_without,
+        )
+    return scores
+
+
+def _named_scores(truth: TruthScores) -> dict[str, float]:
     return {name: value for name, value in dataclasses.asdict(truth).items() if name != "images"}
 
 
@@ -72,7 +94,7 @@ def score_predictions(
         with CocoScorer() as own:
             return score_predictions(split, captions, own)
     texts = {image_id: " ".join(c["tokens"]) for image_id, c in captions.items()}
-    return {**scorer.score(split.references(), texts), **truth_scores(split, captions)}
+    return {**scorer.score(split.references(), texts), **truth_scores(split, captions, by_objects=True)}
 
 
 def prepared_batches(

@@ -1,12 +1,18 @@
 """Score generated captions against the drawn truth of the Shapes world.
 
 The COCO caption metrics only compare words with the reference captions; these
-four check what a caption claims against what is in the picture:
+check what a caption claims against what is in the picture (shared/SHAPES.md,
+"Scoring"). Only named (colour, shape) pairs count as claims about objects:
 
 - exact object set: the caption names exactly the image's (color, shape) objects;
+  a caption that only counts them (`there are three shapes ...`) is never exact;
+- informative rate: the caption names at least one object;
 - object precision / recall over (color, shape) mentions;
 - relation accuracy of `COLOR SHAPE REL a [SIZE] COLOR SHAPE` phrases;
 - pointing game: the attention that emitted a shape word peaks on that object.
+
+`count_or_exact` keeps the lenient rule, under which a right count with no names
+passed as exact: a generic caption scores well on it, so it is never a headline.
 
 A caption is a dict `{"tokens": [str, ...], "attention": (T, h, w) grids or None}`;
 `attention[t]` is the grid over the whole image (rows top to bottom) used to emit
@@ -58,6 +64,8 @@ class TruthScores:
 
     images: int
     exact_object_set: float
+    informative_rate: float  # names at least one object
+    count_or_exact: float  # exact, or names nothing but states the right count: lenient, not a headline
     object_precision: float
     object_recall: float
     relation_accuracy: float
@@ -119,30 +127,27 @@ def _pairs(scene: Scene) -> dict[Pair, ShapeObject]:
 
 
 def is_exact(tokens: list[str], scene: Scene) -> bool:
-    """The set of mentioned pairs equals the image's; a stated count must also be right.
+    """The caption names exactly the image's (color, shape) objects, and a count it states is right.
 
-    A caption naming no object but stating a count (`there are three shapes ...`)
-    is exact when the image has that many objects.
+    Naming is required: `there are three shapes ...` names nothing and is never exact.
     """
     named = {m.pair for m in mentions(tokens)}
     count = stated_count(tokens)
-    if count is not None and count != len(scene.objects):
-        return False
-    return named == set(_pairs(scene)) if named else count is not None
+    return bool(named) and named == set(_pairs(scene)) and count in (None, len(scene.objects))
+
+
+def is_count_or_exact(tokens: list[str], scene: Scene) -> bool:
+    """The lenient rule: exact, or naming nothing while stating the image's number of objects."""
+    if mentions(tokens):
+        return is_exact(tokens, scene)
+    return stated_count(tokens) == len(scene.objects)
 
 
 def object_matches(tokens: list[str], scene: Scene) -> tuple[int, int, int]:
-    """(true positives, predicted, relevant) for one caption.
-
-    Predicted are the caption's unique (color, shape) pairs, relevant the image's
-    objects. A caption naming no object but stating a count n counts as n
-    predictions, all true when the image has n objects and all false otherwise.
-    """
+    """(true positives, predicted, relevant) for one caption: predicted are the caption's unique
+    named (color, shape) pairs, relevant the image's objects. A count names nothing."""
     truth = set(_pairs(scene))
     named = {m.pair for m in mentions(tokens)}
-    count = stated_count(tokens)
-    if not named and count is not None:
-        return (len(truth) if count == len(truth) else 0), count, len(truth)
     return len(named & truth), len(named), len(truth)
 
 
@@ -175,7 +180,7 @@ def pointing_hit(grid: np.ndarray, bbox: tuple[float, ...]) -> bool:
 
 
 def pointing_hits(caption: Caption, scene: Scene) -> tuple[int, int]:
-    """(hits, scored) over shape words whose preceding color word names an object of the image."""
+    """(hits, scored) over every named pair's shape word; a pair that is not in the image is a miss."""
     tokens = caption["tokens"]
     if caption["attention"] is None or not tokens:  # an empty caption's attention is [] of no shape
         return 0, 0
@@ -183,9 +188,9 @@ def pointing_hits(caption: Caption, scene: Scene) -> tuple[int, int]:
     if attention.ndim != 3 or attention.shape[0] < len(tokens):
         raise ValueError(f"attention of shape {attention.shape} for {len(tokens)} tokens: need (T >= tokens, h, w)")
     objects = _pairs(scene)
-    scored = [(m.index, objects[m.pair]) for m in mentions(tokens) if m.pair in objects]
-    hits = sum(pointing_hit(attention[t], obj.bbox) for t, obj in scored)
-    return hits, len(scored)
+    named = mentions(tokens)
+    hits = sum(m.pair in objects and pointing_hit(attention[m.index], objects[m.pair].bbox) for m in named)
+    return hits, len(named)
 
 
 def _ratio(num: int, den: int) -> float:
@@ -193,9 +198,11 @@ def _ratio(num: int, den: int) -> float:
 
 
 def score_captions(truth: Mapping[int, Scene], predictions: Mapping[int, Caption]) -> TruthScores:
-    """The four truth metrics over the predicted images, pooled over the split.
+    """The truth metrics over the predicted images, pooled over the split.
 
     - exact_object_set: the fraction of images whose caption `is_exact`;
+    - informative_rate: the fraction whose caption names at least one object;
+    - count_or_exact: the fraction `is_count_or_exact` (the lenient rule);
     - object_precision / object_recall: micro-averaged, the summed true positives
       over the summed predicted (unique pairs per caption) or relevant (the
       image's objects) counts of `object_matches`;
@@ -205,11 +212,13 @@ def score_captions(truth: Mapping[int, Scene], predictions: Mapping[int, Caption
     Every predicted image id must be in `truth` (KeyError otherwise); truth images
     without a prediction are not scored.
     """
-    exact = tp = predicted = relevant = rel_true = rel_count = hits = pointed = 0
+    exact = informative = lenient = tp = predicted = relevant = rel_true = rel_count = hits = pointed = 0
     for image_id, cap in predictions.items():
         scene = truth[image_id]
         tokens = list(cap["tokens"])
         exact += is_exact(tokens, scene)
+        informative += bool(mentions(tokens))
+        lenient += is_count_or_exact(tokens, scene)
         t, p, r = object_matches(tokens, scene)
         tp, predicted, relevant = tp + t, predicted + p, relevant + r
         t, n = relation_hits(tokens, scene)
@@ -219,10 +228,52 @@ def score_captions(truth: Mapping[int, Scene], predictions: Mapping[int, Caption
     return TruthScores(
         images=len(predictions),
         exact_object_set=_ratio(exact, len(predictions)),
+        informative_rate=_ratio(informative, len(predictions)),
+        count_or_exact=_ratio(lenient, len(predictions)),
         object_precision=_ratio(tp, predicted),
         object_recall=_ratio(tp, relevant),
         relation_accuracy=_ratio(rel_true, rel_count),
         relation_count=rel_count,
         pointing_accuracy=_ratio(hits, pointed),
         pointing_count=pointed,
+    )
+
+
+def score_by_objects(truth: Mapping[int, Scene], predictions: Mapping[int, Caption]) -> dict[int, TruthScores]:
+    """`score_captions` of the images with 1, 2, ... objects apart: number of objects -> scores."""
+    groups: dict[int, dict[int, Caption]] = {}
+    for image_id, cap in predictions.items():
+        groups.setdefault(len(truth[image_id].objects), {})[image_id] = cap
+    return {n: score_captions(truth, groups[n]) for n in sorted(groups)}
+
+
+@dataclass(frozen=True)
+class HeldOutScores:
+    """How a model trained without some (color, shape) pairs names them in pictures that hold them."""
+
+    images_with: int  # test images holding at least one held-out pair
+    held_out_recall: float  # of those pairs in those images, the fraction the caption names
+    exact_with: float  # exact object set on those images
+    exact_without: float  # and on the others
+
+
+def score_held_out(
+    truth: Mapping[int, Scene], predictions: Mapping[int, Caption], held_out: frozenset[Pair]
+) -> HeldOutScores:
+    """Recall of the held-out pairs in the captions of the images that hold them, and the exact
+    object set with and without them. A pair counts as named only with both its colour and shape."""
+    named = present = 0
+    exact: dict[bool, list[bool]] = {True: [], False: []}
+    for image_id, cap in predictions.items():
+        scene = truth[image_id]
+        tokens = list(cap["tokens"])
+        in_image = set(_pairs(scene)) & held_out
+        said = {m.pair for m in mentions(tokens)}
+        present, named = present + len(in_image), named + len(in_image & said)
+        exact[bool(in_image)].append(is_exact(tokens, scene))
+    return HeldOutScores(
+        images_with=len(exact[True]),
+        held_out_recall=_ratio(named, present),
+        exact_with=_ratio(sum(exact[True]), len(exact[True])),
+        exact_without=_ratio(sum(exact[False]), len(exact[False])),
     )

@@ -20,11 +20,14 @@ from cli import main as cli_main
 from training import shapes
 from training.caption_metrics import CocoScorer, cider, spice_available
 from training.coco import load_split
-from training.evaluate import evaluate, format_scores, score_predictions
+from training.evaluate import evaluate, format_scores, score_predictions, truth_scores
+from training.shapes_truth import load_truth
 
 COCO_NAMES = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
 TRUTH_NAMES = [
     "exact_object_set",
+    "informative_rate",
+    "count_or_exact",
     "object_precision",
     "object_recall",
     "relation_accuracy",
@@ -32,6 +35,17 @@ TRUTH_NAMES = [
     "pointing_accuracy",
     "pointing_count",
 ]
+BY_OBJECTS = ("_1_object", "_2_objects", "_3_objects")
+
+
+def assert_shapes_score_names(scores: dict) -> None:
+    """The COCO metrics, the truth metrics overall, then each again per number of objects."""
+    head = COCO_NAMES + TRUTH_NAMES
+    assert list(scores)[: len(head)] == head
+    rest = list(scores)[len(head) :]
+    assert rest and all(any(n == t + s for t in TRUTH_NAMES for s in BY_OBJECTS) for n in rest), rest
+
+
 # Raw references: case and punctuation that both tokenizers drop.
 REFERENCES = {
     1: ["A red circle above a blue square.", "a red circle and a blue square"],
@@ -130,7 +144,7 @@ def test_evaluate_a_shapes_split_end_to_end(tiny_checkpoint, shapes_root, scorer
     coco = COCO(str(shapes_root / "annotations" / "captions_val.json"))
     assert sorted(coco.loadRes(str(written)).getImgIds()) == split.image_ids
 
-    assert list(scores) == COCO_NAMES + TRUTH_NAMES
+    assert_shapes_score_names(scores)
     assert all(scores[name] >= 0.0 for name in COCO_NAMES)
     assert isinstance(scores["pointing_count"], int) and isinstance(scores["relation_count"], int)
     saved = json.loads((tmp_path / "scores_val.json").read_text(), parse_constant=pytest.fail)  # no NaN in JSON
@@ -183,7 +197,7 @@ def test_evaluate_command_writes_results_and_scores(tiny_checkpoint, shapes_root
     results = json.loads((out / "results_val.json").read_text())
     assert [r["image_id"] for r in results] == [1, 2, 3]
     scores = json.loads((out / "scores_val.json").read_text())
-    assert list(scores) == COCO_NAMES + TRUTH_NAMES
+    assert_shapes_score_names(scores)
     printed = capsys.readouterr().out
     assert "3 images" in printed and all(name in printed for name in COCO_NAMES)
 
@@ -215,3 +229,25 @@ def test_importing_evaluation_loads_no_coco_tools():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_a_held_out_world_reports_the_recall_of_its_pairs(tmp_path, shapes_root):
+    held = frozenset({("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "diamond")})
+    shapes.generate(tmp_path, {"test": 30}, seed=3, workers=1, hold_out=held)
+    split = load_split(tmp_path, "test")
+    scenes = load_truth(split.instances)
+
+    def naming(keep) -> dict[int, dict]:
+        """Captions naming each image's objects that `keep` keeps."""
+        texts = {i: " and ".join(f"a {o.color} {o.shape}" for o in s.objects if keep(o)) for i, s in scenes.items()}
+        return {i: {"tokens": text.split(), "attention": None} for i, text in texts.items()}
+
+    holding = sum(any((o.color, o.shape) in held for o in s.objects) for s in scenes.values())
+    everything = truth_scores(split, naming(lambda o: True))
+    assert 0 < everything["held_out_images"] == holding < 30
+    assert everything["held_out_recall"] == everything["exact_object_set_with_held_out"] == 1.0
+    seen_only = truth_scores(split, naming(lambda o: (o.color, o.shape) not in held))
+    assert seen_only["held_out_recall"] == seen_only["exact_object_set_with_held_out"] == 0.0
+    assert seen_only["exact_object_set_without_held_out"] == 1.0
+    assert math.isnan(truth_scores(split, {})["held_out_recall"])  # nothing predicted
+    assert "held_out_recall" not in truth_scores(load_split(shapes_root, "val"), {})  # a plain world

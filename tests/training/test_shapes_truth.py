@@ -15,7 +15,9 @@ from training.shapes_truth import (
     mentions,
     pointing_hit,
     relation_phrases,
+    score_by_objects,
     score_captions,
+    score_held_out,
 )
 
 # Centres: red circle (40, 40), blue square (160, 70): the circle is left of the square.
@@ -67,7 +69,9 @@ def test_generator_captions_are_perfect(generated):
     relations = 0
     for k in range(5):  # one scoring per caption slot: predictions hold one caption per image
         scores = score_captions(truth, {i: cap(texts[k]) for i, texts in by_image.items()})
-        assert (scores.exact_object_set, scores.object_precision, scores.object_recall) == (1.0, 1.0, 1.0)
+        # every caption that names objects names them all; `there are three shapes ...` names none
+        assert scores.exact_object_set == scores.informative_rate
+        assert scores.count_or_exact == scores.object_precision == 1.0
         assert scores.relation_count == 0 or scores.relation_accuracy == 1.0
         assert scores.images == 30 and scores.pointing_count == 0 and math.isnan(scores.pointing_accuracy)
         relations += scores.relation_count
@@ -130,26 +134,92 @@ def test_wrong_color_false_relation_and_missing_object():
         5: cap("there are three shapes on a dark background"),  # a right count, no names
     }
     scores = score_captions(truth, predictions)
-    assert scores.exact_object_set == pytest.approx(3 / 5)
-    # true positives 2 + 1 + 2 + 1 + 3, predicted 2 + 2 + 2 + 1 + 3, relevant 2 + 2 + 2 + 2 + 3
-    assert scores.object_precision == pytest.approx(9 / 10)
-    assert scores.object_recall == pytest.approx(9 / 11)
+    assert scores.exact_object_set == pytest.approx(2 / 5)  # 1 and 3: a count names nothing
+    assert scores.count_or_exact == pytest.approx(3 / 5)  # the lenient rule lets 5 pass
+    assert scores.informative_rate == pytest.approx(4 / 5)
+    # true positives 2 + 1 + 2 + 1 + 0, predicted 2 + 2 + 2 + 1 + 0, relevant 2 + 2 + 2 + 2 + 3
+    assert scores.object_precision == pytest.approx(6 / 7)
+    assert scores.object_recall == pytest.approx(6 / 11)
     assert (scores.relation_accuracy, scores.relation_count) == (0.5, 2)
 
 
 def test_counts_extra_objects_and_repeats():
     truth = {1: TWO, 2: TWO, 3: THREE}
     predictions = {
-        1: cap("there are three shapes on a gray background"),  # wrong count: 3 false predictions
+        1: cap("there are three shapes on a gray background"),  # a wrong count, and no names
         2: cap("a red circle and a blue square and a green triangle"),  # an object too many
         3: cap("three shapes a red circle a blue square and a red circle"),  # a repeat, one missed
     }
     scores = score_captions(truth, predictions)
-    assert scores.exact_object_set == 0.0
-    # true positives 0 + 2 + 2, predicted 3 + 3 + 2 (unique pairs), relevant 2 + 2 + 3
-    assert scores.object_precision == pytest.approx(4 / 8)
+    assert scores.exact_object_set == 0.0 and scores.count_or_exact == 0.0
+    # true positives 0 + 2 + 2, predicted 0 + 3 + 2 (unique pairs), relevant 2 + 2 + 3
+    assert scores.object_precision == pytest.approx(4 / 5)
     assert scores.object_recall == pytest.approx(4 / 7)
     assert math.isnan(scores.relation_accuracy) and scores.relation_count == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "exact"),
+    [
+        ("there are three shapes on a dark background", False),  # the right count, no names
+        ("three shapes a red circle a blue square", False),  # one object missing
+        ("a red circle a blue square a green triangle and a red square", False),  # one too many
+        ("a red circle and a blue circle and a green triangle", False),  # one colour or shape wrong
+        ("a red circle a blue square and a green triangle", True),
+        ("", False),
+    ],
+)
+def test_exact_object_set_requires_naming_exactly_the_objects(text, exact):
+    scores = score_captions({1: THREE}, {1: cap(text)})
+    assert scores.exact_object_set == float(exact)
+    assert scores.informative_rate == float("circle" in text or "square" in text)
+
+
+def test_two_objects_named_in_any_template_are_exact():
+    for text in ("a red circle to the left of a blue square", "two shapes a big red circle and a little blue square"):
+        assert score_captions({1: TWO}, {1: cap(text)}).exact_object_set == 1.0
+
+
+def test_count_or_exact_is_the_lenient_rule():
+    truth = {1: THREE, 2: TWO, 3: TWO}
+    predictions = {
+        1: cap("there are three shapes on a dark background"),  # passes only the lenient rule
+        2: cap("there are three shapes on a gray background"),  # the wrong count fails both
+        3: cap("a red circle and a blue square"),  # passes both
+    }
+    scores = score_captions(truth, predictions)
+    assert (scores.exact_object_set, scores.count_or_exact) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+
+
+def test_scores_by_number_of_objects():
+    truth = {1: TWO, 2: THREE, 3: THREE, 4: Scene("white", (GREEN_TRIANGLE,))}
+    predictions = {
+        1: cap("a red circle and a blue square"),
+        2: cap("there are three shapes on a dark background"),
+        3: cap("a red circle a blue square and a green triangle"),
+        4: cap("a small green triangle"),
+    }
+    groups = score_by_objects(truth, predictions)
+    assert sorted(groups) == [1, 2, 3]
+    assert [groups[n].images for n in (1, 2, 3)] == [1, 1, 2]
+    assert groups[3].exact_object_set == 0.5 and groups[3].informative_rate == 0.5
+    assert groups[1].exact_object_set == groups[2].exact_object_set == 1.0
+
+
+def test_held_out_recall_on_a_hand_made_example():
+    held_out = frozenset({("green", "triangle"), ("blue", "square")})
+    truth = {1: TWO, 2: THREE, 3: Scene("white", (RED_CIRCLE,)), 4: Scene("gray", (GREEN_TRIANGLE,))}
+    predictions = {
+        1: cap("a red circle to the left of a blue square"),  # its one held-out pair named: exact
+        2: cap("a red circle a blue circle and a green triangle"),  # 1 of 2 held-out pairs, not exact
+        3: cap("a blue square"),  # no held-out pair in the image: the claim is not recall
+        4: cap("a green diamond"),  # shape swapped for a seen pair: missed
+    }
+    scores = score_held_out(truth, predictions, held_out)
+    assert scores.images_with == 3
+    assert scores.held_out_recall == pytest.approx(2 / 4)  # pairs present: 1 + 2 + 1; named: 1 + 1 + 0
+    assert scores.exact_with == pytest.approx(1 / 3)
+    assert scores.exact_without == 0.0
 
 
 def test_a_stated_count_must_be_right_for_an_exact_set():
@@ -192,12 +262,13 @@ def test_pointing_hit(size, cell, hit):
     [((7, 7), (1, 1), (5, 5)), ((14, 14), (2, 2), (12, 12))],
 )
 def test_pointing_game_over_captions(size, circle_cell, square_cell):
-    """The circle's peak hits, the square's peak lands below its box; unknown objects are skipped."""
+    """The circle's peak hits, the square's peak lands below its box; a named object that is not in
+    the image is a miss."""
     text = "a red circle to the left of a blue square and a green diamond"
     tokens = text.split()
     grids = peaks(tokens, size, {2: circle_cell, 9: square_cell, 13: (0, 0)})
     scores = score_captions({1: TWO}, {1: cap(text, grids.tolist())})
-    assert (scores.pointing_accuracy, scores.pointing_count) == (0.5, 2)
+    assert (scores.pointing_accuracy, scores.pointing_count) == (pytest.approx(1 / 3), 3)
 
 
 def test_pointing_game_attention_checks():
