@@ -8,9 +8,12 @@ batches grow with the load, and a lone request on an idle server goes at once. J
 are identical share a batch. Of the free workers, the one freed last takes the batch, so under
 light load one worker does all the work with its caches warm; and a batch handed over while
 every other worker is idle, and has been for a second, may use all the cores (api.workers).
-Each worker has a thread here that minds it: it hands the worker its batch, resolves every
-job's future on its event loop, and frees the worker. A full queue is refused at once
-(`QueueFull`), so an overloaded server answers 503 instead of queueing without bound.
+Each worker has a thread here that minds it: it hands the worker its batch, frees the worker,
+then resolves every job's future on its event loop. Freed first, so the pool's state is true
+whenever a client sees its answer: a client that sends again at once finds its worker free (not
+counted busy, which would hold its request for more, nor passed over for a colder one). A full
+queue is refused at once (`QueueFull`), so an overloaded server answers 503 instead of queueing
+without bound.
 
 Should a worker die, or the dispatcher itself (an error outside a model call), the jobs held
 and those queued fail with `WorkerDead`, and so does every later submit: a dead worker is
@@ -21,6 +24,7 @@ dispatcher's stop mark and wait for nobody.
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import multiprocessing.connection
@@ -41,6 +45,8 @@ _STOP = object()
 QUIET_S = 1.0  # how long no two batches overlapped before a lone batch may use every core
 
 Worker = ThreadWorker | ProcessWorker
+Idle = tuple[float, int]  # on the idle queue: (minus when it was freed, the worker's index), the last freed first
+_DEATH: Idle = (-math.inf, -1)  # on the idle queue: a worker has died; first out, so a waiting dispatcher wakes
 
 
 class QueueFull(Exception):
@@ -84,6 +90,7 @@ class Batcher:
         queue_size: int = 64,
         busy_wait_ms: float = 5.0,
         on_batch: Callable[[int, float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.workers = list(workers)
         self.metrics = metrics
@@ -91,12 +98,16 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.busy_wait = max(max_wait_ms, busy_wait_ms) / 1000.0  # while another worker is busy
+        self.clock = clock  # the lone-batch rule's quiet second is on it (a test's fake one); waits are real
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._idle: queue.LifoQueue[Worker | None] = queue.LifoQueue()  # None: a worker has died
+        self._idle: queue.PriorityQueue[Idle] = queue.PriorityQueue()
+        self._freed = itertools.count()  # numbers each freeing: the idle queue gives the worker freed last
+        self._busy: set[int] = set()  # the workers running a batch, by index
+        self._pool_lock = threading.Lock()  # held to move a worker between busy and idle
         self._inboxes: list[queue.Queue] = [queue.Queue() for _ in self.workers]
         self._minders = [
-            threading.Thread(target=self._mind, args=(w, box), name=f"captioner-minder-{i}", daemon=True)
-            for i, (w, box) in enumerate(zip(self.workers, self._inboxes))
+            threading.Thread(target=self._mind, args=(i, box), name=f"captioner-minder-{i}", daemon=True)
+            for i, box in enumerate(self._inboxes)
         ]
         self._thread = threading.Thread(target=self._run, name="captioner-dispatcher", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="captioner-watcher", daemon=True)
@@ -124,9 +135,9 @@ class Batcher:
         """Start dispatching, once the workers are ready."""
         with self._lock:
             self._accepting = True
-        for worker, minder in zip(self.workers, self._minders):
+        for index, minder in enumerate(self._minders):
             minder.start()
-            self._idle.put(worker)
+            self._free(index)
         self._thread.start()
         if any(isinstance(worker, ProcessWorker) for worker in self.workers):
             self._watcher.start()
@@ -189,10 +200,9 @@ class Batcher:
             self._death = self._death or error
         if first:
             log.critical("a model worker died; the server cannot caption any more", exc_info=error)
-        for job in jobs:
-            _resolve(job, error=WorkerDead())
+        _fail(jobs, WorkerDead())
         self._fail_queued(WorkerDead())
-        self._idle.put(None)  # wakes the dispatcher if it waits for a worker
+        self._idle.put(_DEATH)  # wakes the dispatcher if it waits for a worker
 
     def _watch(self) -> None:
         """Wakes when a worker process ends: one that ends while the server accepts work has died,
@@ -215,31 +225,32 @@ class Batcher:
 
     def _serve(self) -> None:
         while True:
-            worker = self._idle.get()  # while all are busy, jobs wait in the queue and make bigger batches
-            if worker is None:
+            held = self._idle.get()  # while all are busy, jobs wait in the queue and make bigger batches
+            if held == _DEATH:
                 return
             first = self._queue.get()
             if first is _STOP:
                 return
-            worker = self._warmest(worker)
+            held = self._warmest(held)
             jobs, stop = self._gather(first)
-            self._hand_over(jobs, worker)
+            self._hand_over(jobs, held)
             self._current = []
             if stop:
                 return
 
-    def _warmest(self, worker: Worker) -> Worker:
-        """The worker freed last, if one was freed while `worker` waited for a job: under light
-        load one worker takes every batch, its caches warm, instead of the workers taking turns."""
+    def _warmest(self, held: Idle) -> Idle:
+        """`held`, or the worker freed last if one was freed while `held` waited for a job: under
+        light load one worker takes every batch, its caches warm, instead of the workers taking
+        turns. (A worker freed before `held` may be idle too: the queue's order tells them apart.)"""
         try:
-            newer = self._idle.get_nowait()
+            top = self._idle.get_nowait()  # of the idle workers, the one freed last
         except queue.Empty:
-            return worker
-        if newer is None:  # a worker has died: left for the dispatcher's next wait to see
-            self._idle.put(None)
-            return worker
-        self._idle.put(worker)
-        return newer
+            return held
+        if top == _DEATH or top > held:  # a death is left for the dispatcher's next wait to see
+            self._idle.put(top)
+            return held
+        self._idle.put(held)
+        return top
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
         """`first` and whatever else arrives within max_wait (busy_wait while another worker is
@@ -261,8 +272,8 @@ class Batcher:
                 size += len(job.uploads)
         return jobs, False
 
-    def _hand_over(self, jobs: list[Job], worker: Worker | None) -> None:
-        """Each group of jobs to a worker: the first to `worker`, the others to the next free ones."""
+    def _hand_over(self, jobs: list[Job], held: Idle) -> None:
+        """Each group of jobs to a worker: the first to `held`, the others to the next free ones."""
         groups: dict[object, list[Job]] = {}
         for job in jobs:
             if job.future.done():  # a request that timed out or whose client went away is not computed
@@ -270,53 +281,69 @@ class Batcher:
             else:
                 groups.setdefault(job.group, []).append(job)
         if not groups:
-            self._idle.put(worker)
+            self._idle.put(held)
             return
+        free: Idle | None = held
         for group in groups.values():
-            if worker is None:
-                worker = self._idle.get()
-            if worker is None:  # one has died: _die has answered the rest
-                for job in group:
-                    _resolve(job, error=WorkerDead())
-                continue
-            self._inboxes[self.workers.index(worker)].put((_batch(group), group, self._alone()))
-            worker = None
+            free = free or self._idle.get()
+            if free == _DEATH:  # one has died: _die has answered the rest; left for the next wait
+                self._idle.put(_DEATH)
+                _fail(group, WorkerDead())
+            else:
+                alone = self._alone()
+                index = free[1]
+                with self._pool_lock:
+                    self._busy.add(index)
+                self._inboxes[index].put((_batch(group), group, alone))
+            free = None
 
     def _alone(self) -> bool:
         """Whether the batch being handed over may use every core: no other worker is busy, and
         none was at a hand-over for QUIET_S. Under load a worker often frees while the next
         requests are still being read; its batch must not take the cores the others need."""
-        now = time.monotonic()
+        now = self.clock()
         if self._another_busy():
             self._crowded_at = now
         return now - self._crowded_at > QUIET_S
 
     def _another_busy(self) -> bool:
-        """Whether a worker other than the one the dispatcher holds is busy."""
-        return self._idle.qsize() < len(self.workers) - 1
+        """Whether a worker is running a batch (the one being handed a batch is not yet counted)."""
+        with self._pool_lock:
+            return bool(self._busy)
+
+    def _free(self, index: int) -> None:
+        """Worker `index` back in the pool: no longer busy, and the first the dispatcher takes."""
+        with self._pool_lock:
+            self._busy.discard(index)
+            self._idle.put((-next(self._freed), index))
 
     # A minder thread per worker: runs its batches and answers their jobs.
 
-    def _mind(self, worker: Worker, inbox: queue.Queue) -> None:
+    def _mind(self, index: int, inbox: queue.Queue) -> None:
+        """Runs the batches handed to worker `index` until told to stop (None), or the worker dies."""
         while (item := inbox.get()) is not None:
             batch, jobs, alone = item
             try:
-                started = time.perf_counter()
-                outcomes = worker.run(batch, alone)
-                seconds = time.perf_counter() - started
-            except WorkerGone as e:
+                self._run_batch(index, batch, jobs, alone)
+            except BaseException as e:  # WorkerGone, or worse
                 self._die(e, jobs)
                 return
-            except Exception as e:  # the model failing must fail these requests, not the worker
-                log.exception("captioning a batch of %d images failed", len(batch.uploads))
-                for job in jobs:
-                    _resolve(job, error=e)
-            except BaseException as e:
-                self._die(e, jobs)
-                return
-            else:
-                self._answer(jobs, outcomes, seconds)
-            self._idle.put(worker)
+
+    def _run_batch(self, index: int, batch: Batch, jobs: list[Job], alone: bool) -> None:
+        """The batch through the worker, the worker freed, then its jobs answered."""
+        started = time.perf_counter()
+        try:
+            outcomes = self.workers[index].run(batch, alone)
+        except WorkerGone:
+            raise
+        except Exception as e:  # the model failing must fail these requests, not the worker
+            self._free(index)
+            log.exception("captioning a batch of %d images failed", len(batch.uploads))
+            _fail(jobs, e)
+            return
+        seconds = time.perf_counter() - started
+        self._free(index)  # before the answers: see the module's docstring
+        self._answer(jobs, outcomes, seconds)
 
     def _answer(self, jobs: list[Job], outcomes: list[Outcome], seconds: float) -> None:
         if self.on_batch:
@@ -340,6 +367,11 @@ def _batch(group: list[Job]) -> Batch:
         keep_attention=first.keep_attention,
         overlay_size=first.overlay_size,
     )
+
+
+def _fail(jobs: list[Job], error: BaseException) -> None:
+    for job in jobs:
+        _resolve(job, error=error)
 
 
 def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:

@@ -8,7 +8,6 @@ Images are told apart by their widths, which every result carries.
 import asyncio
 import queue
 import threading
-import time
 
 import orjson
 import pytest
@@ -19,7 +18,7 @@ from api.workers import ThreadWorker
 from captioner.decoding import DecodeOptions
 from captioner.predictor import Predictor
 
-from .helpers import png
+from .helpers import png, wait_until
 
 GREEDY = DecodeOptions(method="greedy", max_length=4)
 BEAM = DecodeOptions(method="beam", beam_size=2, max_length=4)
@@ -300,35 +299,35 @@ def test_a_submit_racing_stop_is_answered_never_left_behind(make_predictor):
 
 
 def test_while_a_worker_is_busy_a_freed_one_waits_for_more_requests_and_an_idle_server_does_not(make_predictor):
+    """No clock decides it: a batch is full at two images, busy_wait is ten minutes, and each step
+    waits for the one before to be seen (the model entered, the dispatcher gathering). A batch
+    that waits shows it by holding two images; one that waited on an idle server would never come."""
     predictor = make_predictor()
     gate = threading.Event()
     recorder = Recorder(predictor, gate=gate)
-    batcher = Batcher([ThreadWorker(predictor), ThreadWorker(predictor)], Metrics(), 8, busy_wait_ms=2000)
+    workers = [ThreadWorker(predictor), ThreadWorker(predictor)]
+    batcher = Batcher(workers, Metrics(), max_batch_size=2, busy_wait_ms=600_000)
     batcher.start()
 
-    async def staggered(*groups: tuple[int, ...]) -> list:
-        """Each group of widths 0.2 s after the one before."""
+    def gathering(name: str) -> bool:
+        return [job.names for job in batcher._current] == [[name]]
 
-        async def later(i, group):
-            await asyncio.sleep(0.2 * i)
-            return await submit(batcher, group, GREEDY)
-
-        return await asyncio.gather(*(later(i, group) for i, group in enumerate(groups)))
+    async def main() -> list[dict]:
+        busy = asyncio.ensure_future(submit(batcher, (41,), GREEDY))
+        assert await asyncio.to_thread(recorder.entered.wait, 30)  # one worker holds (41,) until the gate opens
+        first = asyncio.ensure_future(submit(batcher, (42,), GREEDY))
+        await asyncio.to_thread(wait_until, lambda: gathering("42.png"), "the other worker's batch begun")
+        second = asyncio.ensure_future(
+            submit(batcher, (43,), GREEDY)
+        )  # after (42,) was taken: gathered only by waiting
+        gate.set()
+        await asyncio.gather(busy, first, second)
+        assert not batcher._busy  # a client has its answer only once its worker is free
+        return await asyncio.wait_for(submit(batcher, (44,), GREEDY), 60)  # both workers idle
 
     try:
-        busy = threading.Thread(target=asyncio.run, args=(submit(batcher, (41,), GREEDY),))
-        busy.start()
-        assert recorder.entered.wait(30)  # one worker holds (41,) until the gate opens
-        while_busy = threading.Thread(target=asyncio.run, args=(staggered((42,), (43,)),))
-        while_busy.start()
-        time.sleep(1.0)  # (42,) and then (43,) have reached the other worker's batch by now
-        gate.set()
-        busy.join(30)
-        while_busy.join(30)
-        calls_before = len(recorder.calls)
-        asyncio.run(staggered((44,), (45,)))  # both workers idle: each goes at once, alone
+        assert widths(asyncio.run(main())) == [44]
     finally:
         gate.set()
         batcher.stop()
-    assert sorted(w for w, _, _ in recorder.calls[:calls_before]) == [[41], [42, 43]]
-    assert sorted(w for w, _, _ in recorder.calls[calls_before:]) == [[44], [45]]
+    assert sorted(w for w, _, _ in recorder.calls) == [[41], [42, 43], [44]]

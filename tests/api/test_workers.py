@@ -6,6 +6,7 @@ Real forked processes of the real tiny model; a change made to the predictor bef
 """
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import threading
@@ -122,23 +123,29 @@ def test_a_worker_process_killed_while_idle_makes_the_service_dead_at_once(predi
 
 
 def test_a_worker_process_killed_inside_a_batch_fails_that_request_at_once(predictor):
-    real = predictor.caption_batch
+    """The model call never returns: the request can only be answered by the death being noticed."""
+    inside = multiprocessing.get_context("fork").Event()  # before the fork: shared with the child
 
-    def slow(images, options):
-        time.sleep(30)
-        return real(images, options)
+    def stuck(images, options):
+        inside.set()
+        threading.Event().wait()
 
-    predictor.caption_batch = slow
+    predictor.caption_batch = stuck
     workers = processes(predictor, 1)
     batcher = started(workers, max_wait_ms=0)
+
+    def kill_once_inside() -> None:
+        if inside.wait(60):
+            os.kill(workers[0].process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_inside)
+    killer.start()
     try:
-        killer = threading.Timer(1.0, os.kill, (workers[0].process.pid, signal.SIGKILL))
-        killer.start()
-        started_at = time.monotonic()
-        (failed,) = run(batcher, ([png()], BEAM))
-        assert isinstance(failed, WorkerDead) and time.monotonic() - started_at < 20
+        (failed,) = run(batcher, ([png()], BEAM), timeout=60)
+        assert isinstance(failed, WorkerDead)
         assert batcher.dead
     finally:
+        killer.join()
         batcher.stop()
 
 
@@ -153,6 +160,20 @@ def _reporting_threads_and_process(predictor: Predictor) -> None:
     predictor.caption_batch = reporting
 
 
+class FakeClock:
+    """The batcher's clock for the quiet period: time moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pictures(*widths: int) -> list[bytes]:
+    return [png((width, 30)) for width in widths]
+
+
 def test_a_batch_alone_gets_every_thread_and_batches_side_by_side_their_share(predictor):
     # This process leads an OpenMP team first: a worker forked from the thread that led it would
     # hang in its own first team (it forks from a fresh thread instead).
@@ -162,14 +183,16 @@ def test_a_batch_alone_gets_every_thread_and_batches_side_by_side_their_share(pr
     workers = [ProcessWorker(predictor, i, threads=1, threads_alone=2) for i in range(2)]
     for worker in workers:
         worker.start()
-    batcher = started(workers, max_wait_ms=300)  # the two jobs are gathered together
+    # A batch ends at 4 images, which every request here makes, never after max_wait: no timing.
+    clock = FakeClock()
+    batcher = started(workers, max_wait_ms=600_000, clock=clock)
     try:
-        (alone,) = run(batcher, ([png((40, 30))], BEAM), timeout=60)
+        (alone,) = run(batcher, (pictures(40, 41, 42, 43), BEAM), timeout=60)
         greedy = DecodeOptions(method="greedy", max_length=4, attention=True)
-        together = run(batcher, ([png((41, 30))], BEAM), ([png((42, 30))], greedy), timeout=60)  # two workers
-        (just_after,) = run(batcher, ([png((43, 30))], BEAM), timeout=60)
-        time.sleep(QUIET_S)
-        (quiet_again,) = run(batcher, ([png((44, 30))], BEAM), timeout=60)
+        together = run(batcher, (pictures(44, 45), BEAM), (pictures(46, 47), greedy), timeout=60)  # two workers
+        (just_after,) = run(batcher, (pictures(48, 49, 50, 51), BEAM), timeout=60)  # no time has passed
+        clock.now += 2 * QUIET_S
+        (quiet_again,) = run(batcher, (pictures(52, 53, 54, 55), BEAM), timeout=60)
     finally:
         batcher.stop()
     assert orjson.loads(alone[0])["threads"] == 2
