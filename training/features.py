@@ -5,12 +5,15 @@ fingerprint of the encoder's weights, of the preprocessing's version and of
 the image files (path, size, mtime), so every epoch and every later run
 reuses it, and a change to any makes a new one. The array is written under a
 temporary name and renamed when complete: an interrupted build never leaves a
-cache that looks finished.
+cache that looks finished. It is written with plain writes, batch after batch,
+and only read through a memory map: a page written through a map that the file
+system has no room for is SIGBUS, which kills the process without a word,
+where a write fails with ENOSPC, which the command reports (`runtime.files`).
 """
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +66,16 @@ class ImageFiles(Dataset):
 
 
 def _encode_into(
-    out: np.ndarray, encoder: Encoder, paths: Sequence[Path], batch_size: int, workers: int, device, desc: str | None
+    write: Callable[[np.ndarray], object],
+    encoder: Encoder,
+    paths: Sequence[Path],
+    batch_size: int,
+    workers: int,
+    device,
+    desc: str | None,
 ) -> None:
-    """Fill `out` (N, P, D) with the encoder's features of `paths`, images decoded by `workers` processes."""
+    """Hand `write` the encoder's features of `paths`, (B, P, D) fp16 a batch at a time and in order,
+    images decoded by `workers` processes."""
     preset = ImagePreset(encoder.image_size, encoder.mean, encoder.std)
     # its own generator: drawing the workers' seed from the global one would shift a training run's
     # dropout masks depending on whether its feature cache was built or found
@@ -74,14 +84,23 @@ def _encode_into(
     )
     was_training = encoder.training
     encoder.eval()
-    start = 0
     with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img", disable=desc is None) as bar:
         for images in loader:
             feats = encoder(images.to(device))  # (B, P, D)
-            out[start : start + len(feats)] = feats.to(torch.float16).cpu().numpy()
-            start += len(feats)
+            write(feats.to(torch.float16).cpu().numpy())
             bar.update(len(feats))
     encoder.train(was_training)
+
+
+class _Rows:
+    """Fills an array's rows in order, a batch at a time: `_encode_into`'s `write` for memory."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.filled = array, 0
+
+    def __call__(self, batch: np.ndarray) -> None:
+        self.array[self.filled : self.filled + len(batch)] = batch
+        self.filled += len(batch)
 
 
 def encode_images(
@@ -90,7 +109,7 @@ def encode_images(
     """Features (N, P, D) fp16 in memory, for an encoder whose weights are still changing."""
     h, w = encoder.grid
     out = np.empty((len(paths), h * w, encoder.dim), dtype=np.float16)
-    _encode_into(out, encoder, paths, batch_size, workers, device, None)
+    _encode_into(_Rows(out), encoder, paths, batch_size, workers, device, None)
     return out
 
 
@@ -110,10 +129,19 @@ def cached_features(
     if path.exists():
         return np.load(path, mmap_mode="r")
     h, w = encoder.grid
-    # a failed or interrupted build leaves neither a cache that looks finished nor a (possibly huge) temporary
-    with replacing(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), h * w, encoder.dim))
-        _encode_into(out, encoder, paths, batch_size, workers, device, f"features {name}" if progress else None)
-        out.flush()
-        del out
+    shape = (len(paths), h * w, encoder.dim)
+    # a failed or interrupted build (a full disk too) leaves neither a cache that looks finished nor a
+    # (possibly huge) temporary
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        _encode_into(
+            lambda batch: f.write(np.ascontiguousarray(batch).data),  # row-major (N, P, D), as the header says
+            encoder,
+            paths,
+            batch_size,
+            workers,
+            device,
+            f"features {name}" if progress else None,
+        )
     return np.load(path, mmap_mode="r")
