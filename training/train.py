@@ -48,7 +48,7 @@ from captioner.vocab import Vocabulary
 from runtime.allocator import keep_freed_memory
 from runtime.devices import DEVICES, resolve_device
 from runtime.distributed import Distributed, init_distributed, torchrun_restarts, torchrun_run_id
-from runtime.files import replacing, write_text
+from runtime.files import full_disk_is_an_error, replacing, write_text
 from runtime.flags import add_model_flags, model_from_flags
 from runtime.home import captioner_home
 from training.caption_metrics import cider
@@ -160,6 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser, ModelConfig, title="model (a resumed run keeps its own)")
 
 
+# after a full disk (the feature cache, best.safetensors, last.pt, history.json): each is replaced
+# whole, so the files there are the last ones saved, and --resume goes on from last.pt
+RERUN = "run the same command again with --resume to go on from the last saved state"
+
+
 def main(args: argparse.Namespace) -> int:
     keep_freed_memory()  # this process's allocator policy, before any thread or worker starts
     try:
@@ -174,7 +179,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"captioner train: error: {e}", file=sys.stderr)
         return 2
     try:
-        train(config, model_config)
+        with full_disk_is_an_error("captioner train", RERUN):
+            train(config, model_config)
     except BadImagesError as e:  # found before the long work: a message, not a traceback
         dist = Distributed.from_environment()
         if dist.main:
@@ -759,9 +765,11 @@ def save_resume_state(run: Run) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Atomically, so a crash mid-write leaves the previous state intact."""
-    with replacing(path) as tmp:
-        torch.save(state, tmp)
+    """Atomically, so a crash or a full disk mid-write leaves the previous state intact. Through a
+    Python file: torch's own writer, given a path, reports a full disk as "unexpected pos", with
+    no errno; a Python file's OSError stays behind torch's error, where `replacing` finds it."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_resume_state(config: TrainConfig, dist: Distributed) -> dict | None:
