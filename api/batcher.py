@@ -19,7 +19,8 @@ Should a worker die, or the dispatcher itself (an error outside a model call), t
 and those queued fail with `WorkerDead`, and so does every later submit: a dead worker is
 answered at once, never by a timeout. A lock makes "still accepting?" and "queue the job" one
 step, and stopping flips it in the same lock, so no job can slip into the queue behind the
-dispatcher's stop mark and wait for nobody.
+dispatcher's stop mark and wait for nobody. A batch whose answering fails (a metric, the
+`on_batch` callback) fails its requests and is logged; its minder goes on.
 """
 
 import asyncio
@@ -320,7 +321,9 @@ class Batcher:
     # A minder thread per worker: runs its batches and answers their jobs.
 
     def _mind(self, index: int, inbox: queue.Queue) -> None:
-        """Runs the batches handed to worker `index` until told to stop (None), or the worker dies."""
+        """Runs the batches handed to worker `index` until told to stop (None). It ends otherwise
+        only when the worker has died, or on what no `except Exception` catches, and `_die` makes
+        that loud: every job held and queued is answered, /healthz fails."""
         while (item := inbox.get()) is not None:
             batch, jobs, alone = item
             try:
@@ -330,7 +333,7 @@ class Batcher:
                 return
 
     def _run_batch(self, index: int, batch: Batch, jobs: list[Job], alone: bool) -> None:
-        """The batch through the worker, the worker freed, then its jobs answered."""
+        """The batch through the worker, the worker freed, then its jobs answered (or failed)."""
         started = time.perf_counter()
         try:
             outcomes = self.workers[index].run(batch, alone)
@@ -343,7 +346,11 @@ class Batcher:
             return
         seconds = time.perf_counter() - started
         self._free(index)  # before the answers: see the module's docstring
-        self._answer(jobs, outcomes, seconds)
+        try:
+            self._answer(jobs, outcomes, seconds)
+        except Exception as e:  # a metric or the callback: these requests fail, the minder goes on
+            log.exception("answering a batch of %d images failed", len(batch.uploads))
+            _fail(jobs, e)  # a job already answered keeps its answer
 
     def _answer(self, jobs: list[Job], outcomes: list[Outcome], seconds: float) -> None:
         if self.on_batch:

@@ -331,3 +331,39 @@ def test_while_a_worker_is_busy_a_freed_one_waits_for_more_requests_and_an_idle_
         gate.set()
         batcher.stop()
     assert sorted(w for w, _, _ in recorder.calls) == [[41], [42, 43], [44]]
+
+
+class BreaksOnce:
+    """A metric's or a callback's method that raises the first time it is called."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("answering broke")
+
+
+@pytest.mark.parametrize("broken", ["on_batch", "metric"])
+def test_a_batch_whose_answering_fails_fails_its_requests_and_the_next_is_answered(
+    make_predictor, caplog, monkeypatch, broken
+):
+    predictor = make_predictor()
+    breaks = BreaksOnce()
+    batcher, metrics = make_batcher(predictor, on_batch=breaks if broken == "on_batch" else None)
+    if broken == "metric":
+        monkeypatch.setattr(metrics.images, "inc", breaks)
+    batcher.start()
+
+    async def main():
+        with pytest.raises(RuntimeError, match="answering broke"):
+            await asyncio.wait_for(submit(batcher, (91,), GREEDY), 30)
+        return await asyncio.wait_for(submit(batcher, (92,), GREEDY), 30)
+
+    try:
+        assert widths(asyncio.run(main())) == [92]
+        assert breaks.calls == 2 and batcher.alive
+    finally:
+        batcher.stop()
+    assert "answering a batch of 1 images failed" in caplog.text
