@@ -55,6 +55,15 @@ def test_the_default_workdir_is_under_captioner_home(tiny_checkpoint, tmp_path, 
     assert str(tmp_path / "home" / "demo" / "model.safetensors") in capsys.readouterr().out
 
 
+def test_a_held_out_world_has_a_workdir_of_its_own(tiny_checkpoint, tmp_path, monkeypatch, no_build, no_exec, capsys):
+    monkeypatch.setenv("CAPTIONER_HOME", str(tmp_path / "home"))
+    workdir = tmp_path / "home" / "demo-hold-out-blue-circle_red-triangle"
+    workdir.mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, workdir / "model.safetensors")
+    assert cli.main(["demo", "--no-serve", "--hold-out", "red triangle, blue circle"]) == 0
+    assert str(workdir / "model.safetensors") in capsys.readouterr().out
+
+
 def test_serving_hands_over_to_the_serve_command(tiny_checkpoint, tmp_path, no_build, no_exec):
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -120,9 +129,13 @@ def test_demo_builds_evaluates_and_saves_the_default_model_then_reuses_it(
     assert model.config == small_model()
     assert card["name"] == "Shapes demo" and card["description"]
     assert card["training_data"]["train_images"] == 16
-    assert {"val_CIDEr", "test_CIDEr", "test_BLEU-4", "test_METEOR"} <= set(card["scores"])
-    assert card["train_config"]["epochs"] == 3
-    assert (workdir / "run" / "best.safetensors").is_file()
+    assert {"test_CIDEr", "test_BLEU-4", "test_exact_object_set", "test_informative_rate"} <= set(card["scores"])
+    assert "test_count_or_exact" not in card["scores"]  # the lenient rule is no headline
+    # cross-entropy for 3 epochs, then one epoch of SCST from its best
+    assert card["objective"] == "SCST" and card["train_config"]["epochs"] == 1
+    assert card["init_from"]["checkpoint"] == str((workdir / "run" / "best.safetensors").resolve())
+    assert card["init_from"]["objective"] == "cross-entropy"
+    assert (workdir / "scst" / "best.safetensors").is_file()
     assert list((workdir / "features").glob("*.npy"))
     assert sorted(p.name for p in (workdir / "shapes" / "images").iterdir()) == ["test", "train", "val"]
 
@@ -133,3 +146,13 @@ def test_demo_builds_evaluates_and_saves_the_default_model_then_reuses_it(
     assert cli.main(["demo", "--workdir", str(workdir)]) == 0  # the second run: straight to serving
     [(_, argv)] = no_exec
     assert argv[argv.index("--checkpoint") + 1] == str(workdir / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_scst_epochs_0_trains_the_cross_entropy_model_only(small_recipe, tmp_path, no_exec):
+    workdir = tmp_path / "work"
+    argv = ["demo", "--no-serve", "--no-progress", "--workdir", str(workdir), "--epochs", "1", "--scst-epochs", "0"]
+    assert cli.main(argv) == 0
+    _, card = load_checkpoint(workdir / "model.safetensors")
+    assert card["objective"] == "cross-entropy" and card["init_from"] is None
+    assert not (workdir / "scst").exists()
