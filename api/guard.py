@@ -94,8 +94,9 @@ class _Body:
     length), due whole by its deadline (408 beyond it), and remembered as complete or not.
 
     An answer sent before the whole body has arrived (a refusal, mostly) closes the connection:
-    the rest of the body is never read, instead of being drained from a client that may send it
-    as slowly as it likes."""
+    the rest of the body never reaches the app. Under `captioner serve` the connection first
+    lingers, reading and throwing away what the client still sends within the body's own limit
+    and deadline, so that the client reads the answer instead of a reset (api.connections)."""
 
     def __init__(self, receive: Receive, limit: int, expected: bool, deadline: float, timeout: float):
         self._receive, self.limit = receive, limit

@@ -11,6 +11,8 @@ On SIGTERM or Ctrl-C the server stops accepting, lets in-flight requests finish
 
 Slow clients are cut off: a request's head must come whole within
 --header-timeout-s (api.connections), its body within --body-timeout-s (api.guard).
+A client refused before its body has all arrived still gets its answer: the
+connection lingers within the body's bounds (api.connections).
 The model runs in --workers processes beside the server's (api.workers).
 """
 
@@ -51,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     if not settings.checkpoint.is_file():
         print(f"captioner serve: {missing_model_message(settings.checkpoint)}", file=sys.stderr)
         return 2
-    from .connections import MAX_HEAD_BYTES, head_deadline_protocol
+    from .connections import MAX_HEAD_BYTES, connection_protocol
 
     uvicorn.run(
         create_app(settings),
@@ -62,7 +64,9 @@ def main(args: argparse.Namespace) -> int:
         # uvicorn annotates int, but hands the seconds to asyncio.wait_for, which takes a float
         timeout_graceful_shutdown=cast(int, settings.timeout_graceful_shutdown),
         root_path=settings.root_path,
-        http=head_deadline_protocol(settings.header_timeout_s, settings.http),
+        http=connection_protocol(
+            settings.header_timeout_s, settings.body_timeout_s, settings.max_body_bytes, settings.http
+        ),
         loop="auto",  # uvloop where it is installed
         timeout_keep_alive=settings.timeout_keep_alive,
         limit_concurrency=settings.limit_concurrency,
