@@ -137,9 +137,13 @@ def single_run(folder: Path, out: Path, *flags) -> str:
     return out.read_text()
 
 
-def start_midway(command: list[str], out: Path) -> subprocess.Popen:
-    """The command, once it has written 5 lines; with Ctrl-C's default meaning even where this
-    test runs with SIGINT ignored (a background job of a shell does), which the command inherits."""
+def start_midway(command: list[str], out: Path, lines: int = 5) -> subprocess.Popen:
+    """The command, once `out` has `lines` lines, paused there: its process group (its worker
+    processes too) is sent SIGSTOP, so it stays midway whatever the test does next and however
+    slow the machine is (a run of 150 images takes a few seconds, as long as starting another
+    command). SIGKILL ends it as it is; `resume` lets it go on, to see a signal sent meanwhile.
+    With Ctrl-C's default meaning even where this test runs with SIGINT ignored (a background job
+    of a shell does), which the command inherits."""
     process = subprocess.Popen(
         command,
         stderr=subprocess.PIPE,
@@ -147,10 +151,16 @@ def start_midway(command: list[str], out: Path) -> subprocess.Popen:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < lines):
         assert process.poll() is None, process.stderr.read().decode()
         time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGSTOP)
     return process
+
+
+def resume(process: subprocess.Popen) -> None:
+    """Lets a command paused by start_midway go on."""
+    os.killpg(process.pid, signal.SIGCONT)
 
 
 def wait_for(process: subprocess.Popen) -> str:

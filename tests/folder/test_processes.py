@@ -10,7 +10,7 @@ import pytest
 
 from runtime.children import child_processes as children
 from tests.conftest import gone
-from tests.folder.conftest import BIN, many_images, single_run, start_midway, wait_for
+from tests.folder.conftest import BIN, many_images, resume, single_run, start_midway, wait_for
 
 
 @pytest.mark.slow
@@ -40,6 +40,7 @@ def test_ctrl_c_stops_the_run_and_its_workers_cleanly_and_it_resumes(slow_run):
     folder, flags, out, command = slow_run
     process = start_midway(command, out)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
+    resume(process)
     stderr = wait_for(process)
     assert process.returncode == 130, stderr
     assert "interrupted: " in stderr and "rerun the same command to go on" in stderr
@@ -95,6 +96,7 @@ def test_a_worker_that_dies_is_reported_and_the_rerun_finishes_the_job(slow_run)
     folder, flags, out, command = slow_run
     process = start_midway(command, out)
     os.kill(children(process.pid)[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    resume(process)
     stderr = wait_for(process)
     assert process.returncode == 1, stderr
     assert "error: a worker process died" in stderr and "Traceback" not in stderr

@@ -4,12 +4,21 @@ one line per file in run order, in every format, and a retry that was killed res
 import csv
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.folder.conftest import BIN, caption, many_images, picture, read_lines, single_run, slow_flags, wait_for
+from tests.folder.conftest import (
+    BIN,
+    caption,
+    many_images,
+    picture,
+    read_lines,
+    single_run,
+    slow_flags,
+    start_midway,
+    wait_for,
+)
 
 
 def break_image(path: Path) -> bytes:
@@ -91,11 +100,7 @@ def test_a_killed_retry_resumes_to_the_output_of_one_clean_run(tmp_path, tiny_ch
     for path, whole in wholes.items():
         path.write_bytes(whole)
 
-    retry = subprocess.Popen([*command, "--retry-failed"], stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and out.read_text().count("\n") < first + 5:
-        assert retry.poll() is None, retry.stderr.read().decode()
-        time.sleep(0.01)
+    retry = start_midway([*command, "--retry-failed"], out, lines=first + 5)
     retry.send_signal(signal.SIGKILL)
     wait_for(retry)
     retried = out.read_text().count("\n") - first
