@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,13 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from captioner.decoding import DecodeOptions
 from captioner.predictor import Predictor
 
-from .helpers import free_port, png
+from .helpers import free_port, png, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def server(tiny_checkpoint, tmp_path):
+def server(request, tiny_checkpoint, tmp_path):
+    """(base URL, process, log) of `captioner serve`; a batch waits `request.param` ms (400) for more."""
+    max_wait_ms = getattr(request, "param", "400")
     port = free_port()
     log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - the server writes it; closed in finally
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
@@ -43,7 +46,7 @@ def server(tiny_checkpoint, tmp_path):
             "--max-batch-size",
             "16",
             "--max-wait-ms",
-            "400",
+            max_wait_ms,
             "--threads",
             "2",
             "--timeout-graceful-shutdown",
@@ -80,13 +83,20 @@ def log_text(log) -> str:
     return log.read()[-4000:]
 
 
+def metrics(base: str) -> dict[tuple[str, str | None], float]:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return {(s.name, s.labels.get("le")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def batch_sizes(base: str) -> tuple[float, float]:
     """(number of model calls, number of calls with one image) from /metrics."""
-    text = httpx.get(base + "/metrics", timeout=10).text
-    values = {(s.name, s.labels.get("le")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    values = metrics(base)
     return values[("captioner_batch_size_count", None)], values[("captioner_batch_size_bucket", "1.0")]
 
 
+# A batch waits for more until it holds 16 images, or for 10 s (the most the settings allow): the
+# 16 requests sent at once make one batch unless the server takes seconds to read each.
+@pytest.mark.parametrize("server", ["10000"], indirect=True)
 def test_concurrent_requests_are_answered_right_and_batched(server, tiny_checkpoint):
     base, _process, _log = server
     sizes = [(40 + 7 * i, 90 - 3 * i) for i in range(16)]
@@ -131,8 +141,7 @@ def test_sigterm_lets_the_request_in_flight_finish(server):
     def body():
         yield head + picture[:100]
         uploading.set()
-        signalled.wait(30)
-        time.sleep(0.2)
+        signalled.wait(30)  # the rest is sent once the server is shutting down
         yield picture[100:] + tail
 
     def send():
@@ -149,8 +158,11 @@ def test_sigterm_lets_the_request_in_flight_finish(server):
     thread = threading.Thread(target=send)
     thread.start()
     assert uploading.wait(30)
-    time.sleep(0.5)  # the server has read the request's head: the request is in flight
+    in_flight = ("captioner_images_in_flight", None)
+    wait_until(lambda: metrics(base)[in_flight] == 1, "the server admitting the upload")  # the request is in flight
     process.send_signal(signal.SIGTERM)
+    # Read through a file of its own: log_text's seek would move the running server's write offset.
+    wait_until(lambda: "Shutting down" in Path(log.name).read_text(), "the server shutting down")
     signalled.set()
     thread.join(60)
     assert "error" not in answer, f"{answer.get('error')!r}\n{log_text(log)}"
