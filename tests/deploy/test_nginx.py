@@ -201,8 +201,10 @@ def test_a_client_trickling_its_request_head_is_cut_off(proxy):
             except (BrokenPipeError, ConnectionResetError):
                 closed = time.monotonic() - start
                 break
+    # Cut off while it still trickled (a per-read timeout never would), and not before its deadline;
+    # how late after it is the machine's load, not nginx's rule.
     assert closed is not None, f"still connected after {time.monotonic() - start:.1f} s"
-    assert limit - 1 <= closed <= limit + 3, f"cut off after {closed:.1f} s, client_header_timeout is {limit} s"
+    assert closed >= limit - 1, f"cut off after {closed:.1f} s, client_header_timeout is {limit} s"
 
 
 @needs_nginx
