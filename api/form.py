@@ -70,11 +70,7 @@ class _BoundedParser(MultiPartParser):
                 raise invalid_option(name, f"{name}: unknown file field; send the images as '{IMAGES}'")
             self.images += 1
             if self.images > self.max_images:
-                raise APIError(
-                    413,
-                    "too_many_files",
-                    f"more than {self.max_images} files sent; at most {self.max_images} per request",
-                )
+                raise _too_many_files(self.max_images)
             self.file_bytes = 0
             self.on_image()
         elif name == IMAGES:
@@ -123,6 +119,17 @@ async def read_caption_form(
     if not images:
         raise _missing_image()
     return CaptionForm(images, options)
+
+
+def _too_many_files(max_images: int) -> APIError:
+    """422, as for any request outside the schema (`images` has maxItems): the count of files is
+    no size, and a few small files over the count make no large body (413)."""
+    return APIError(
+        422,
+        "too_many_files",
+        f"more than {max_images} files sent; at most {max_images} per request",
+        option=IMAGES,
+    )
 
 
 def _missing_image() -> APIError:

@@ -168,20 +168,83 @@ class Status(BaseModel):
     status: str = Field(examples=["ok"])
 
 
-def _error_example(code: str, message: str, **extra) -> dict[str, Any]:
-    return {
-        "model": ErrorResponse,
-        "description": message,
-        "content": {"application/json": {"example": {"error": {"code": code, "message": message, **extra}}}},
-    }
+def _error(code: str, message: str, **extra: str) -> tuple[str, dict[str, Any]]:
+    """One named example of an error body."""
+    return code, {"value": {"error": {"code": code, "message": message, **extra}}}
 
 
+def _errors(
+    description: str, *examples: tuple[str, dict[str, Any]], plain: str | None = None, **more: Any
+) -> dict[str, Any]:
+    """A status as documented: the error's shape, and an example of every code it comes with; and
+    `plain`, the text/plain answer uvicorn itself may give with this status."""
+    content: dict[str, Any] = {"application/json": {"examples": dict(examples)}}
+    if plain is not None:
+        content["text/plain"] = {"schema": {"type": "string"}, "example": plain}
+    return {"model": ErrorResponse, "description": description, "content": content, **more}
+
+
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
+
+# Every status POST /v1/captions answers with, each with every code it comes with.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error_example("bad_request", "the multipart form cannot be read: Invalid multipart data."),
-    401: _error_example("unauthorized", "send the API key in the X-API-Key header"),
-    413: _error_example("too_many_pixels", "big.png: 20000x20000 is over the limit of 40000000 pixels", file="big.png"),
-    415: _error_example("unsupported_format", "notes.txt: not an image Pillow can identify", file="notes.txt"),
-    422: _error_example("invalid_option", "beam_size: Input should be less than or equal to 10", option="beam_size"),
-    503: _error_example("overloaded", "too many requests are waiting for the model; retry shortly"),
-    504: _error_example("timeout", "the model did not answer within 60 s"),
+    400: _errors(
+        "the multipart form cannot be read",
+        _error("bad_request", "the multipart form cannot be read: Invalid multipart data."),
+    ),
+    401: _errors(
+        "the API key is set and the request has not sent it",
+        _error("unauthorized", "send the API key in the X-API-Key header"),
+        headers={"WWW-Authenticate": {"description": "X-API-Key", "schema": {"type": "string"}}},
+    ),
+    408: _errors(
+        "the body did not arrive within body_timeout_s of the head; the connection is closed",
+        _error("body_timeout", "the request body did not arrive within 60 s"),
+    ),
+    413: _errors(
+        "the body is over the server's limit, a file over max_bytes, or an image, read from its header, "
+        "over max_pixels or max_decode_bytes",
+        _error("too_large", "big.png: the file is over 10485760 bytes", file="big.png"),
+        _error("too_many_pixels", "big.png: 20000x20000 is over the limit of 40000000 pixels", file="big.png"),
+        _error(
+            "too_much_memory",
+            "big.png: 6000x6000 in mode RGBA takes about 584 MiB to decode, over the limit of 512 MiB",
+            file="big.png",
+        ),
+    ),
+    415: _errors(
+        "a file is not an image in one of the accepted formats",
+        _error("unsupported_format", "notes.txt: not an image Pillow can identify", file="notes.txt"),
+    ),
+    422: _errors(
+        "the request is outside the schema (an option invalid, unknown or repeated; no file; more than "
+        "max_images files), its answer could be over max_response_bytes, or an image is corrupt",
+        _error("invalid_option", "beam_size: Input should be less than or equal to 10", option="beam_size"),
+        _error("missing_image", "send at least one file in the multipart form field 'images'"),
+        _error("too_many_files", "more than 16 files sent; at most 16 per request", option="images"),
+        _error(
+            "response_too_large",
+            "the answer could take 80.2 MiB, over the limit of 64.0 MiB: lower overlays (or num_captions, "
+            "max_length, the number of images)",
+            option="overlays",
+        ),
+        _error("corrupt_image", "a.png: cannot decode the image: image file is truncated", file="a.png"),
+    ),
+    500: _errors(
+        "the server failed (a bug): the error is in its log",
+        _error("internal_error", "the server failed; the error is in its log"),
+    ),
+    503: _errors(
+        "the server is full (come back after Retry-After), stopping, or its model worker has died; or, as "
+        "text/plain from uvicorn, it holds limit_concurrency connections already",
+        _error("overloaded", "64 images are in flight, the most this server holds is 64; retry after ..."),
+        _error("shutting_down", "the server is stopping"),
+        _error("model_worker_dead", "the model worker has died: this server cannot caption until it is restarted"),
+        plain="Service Unavailable",
+        headers=RETRY_AFTER,
+    ),
+    504: _errors(
+        "the model did not answer within request_timeout_s",
+        _error("timeout", "the model did not answer within 60 s"),
+    ),
 }

@@ -107,7 +107,7 @@ def test_one_file_too_many_is_refused_as_its_part_begins(small_server):
     sent = form_part("images", IMAGE, "a.png") + form_part("images", IMAGE, "b.png")
     sent += form_part("images", b"", "c.png")[:-2]  # the third part's head, none of its bytes
     status, _, error = refused_mid_body(small_server, 200_000, sent)
-    assert status == 413 and error["code"] == "too_many_files"
+    assert status == 422 and error["code"] == "too_many_files"
 
 
 def test_an_unknown_field_is_refused_as_its_part_begins(small_server):

@@ -2,6 +2,8 @@
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.errors import IMAGE_ERROR_STATUS
+
 from .helpers import png, upload
 
 
@@ -46,7 +48,8 @@ def test_openapi_documents_the_endpoints_with_examples(client):
     assert "multipart/form-data" in post["requestBody"]["content"]
     for status in ("200", "413", "415", "422", "503"):
         assert status in post["responses"], status
-    assert post["responses"]["415"]["content"]["application/json"]["example"]["error"]["code"] == "unsupported_format"
+    example = post["responses"]["415"]["content"]["application/json"]["examples"]["unsupported_format"]
+    assert example["value"]["error"]["code"] == "unsupported_format"
     components = schema["components"]["schemas"]
     assert components["CaptionResponse"]["examples"][0]["results"][0]["captions"]
     assert components["ModelCard"]["examples"][0]["limits"]
@@ -56,3 +59,18 @@ def test_openapi_documents_the_endpoints_with_examples(client):
         assert options[name].get("examples"), name
     assert options["beam_size"]["maximum"] == 10
     assert options["images"]["type"] == "array" and body["required"] == ["images"]
+
+
+def test_every_status_and_code_of_a_caption_request_is_documented(client):
+    """Each status POST /v1/captions answers with, and each error code under it (an image's own
+    from captioner.images; the rest raised by api), has its example in the OpenAPI responses."""
+    responses = client.get("/openapi.json").json()["paths"]["/v1/captions"]["post"]["responses"]
+    assert set(responses) == {"200", "400", "401", "408", "413", "415", "422", "500", "503", "504"}
+    codes = {int(s): set(r["content"]["application/json"]["examples"]) for s, r in responses.items() if s != "200"}
+    uploaded = {code: status for code, status in IMAGE_ERROR_STATUS.items() if code != "unreadable"}  # a path's only
+    raised = {"bad_request": 400, "unauthorized": 401, "body_timeout": 408, "invalid_option": 422, "missing_image": 422}
+    raised |= {"too_many_files": 422, "response_too_large": 422, "internal_error": 500, "overloaded": 503}
+    raised |= {"shutting_down": 503, "model_worker_dead": 503, "timeout": 504}
+    for code, status in {**uploaded, **raised}.items():
+        assert code in codes[status], (code, status)
+    assert "text/plain" in responses["503"]["content"]  # uvicorn's own, over limit_concurrency

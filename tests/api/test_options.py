@@ -124,7 +124,7 @@ def test_the_schema_requires_images_and_allows_only_the_options(tiny_server):
         ({}, 0, 422),  # the bug: no images was valid by the schema, refused by the server
         ({"method": "greedy"}, 0, 422),
         ({}, 1, 200),
-        ({}, 4, 413),  # over maxItems (3)
+        ({}, 4, 422),  # over maxItems (3)
         ({"beam_sise": 4}, 1, 422),
         ({"num_captions": 4}, 1, 422),  # beam_size 3 when not sent
         ({"beam_size": 5, "num_captions": 5}, 1, 200),
@@ -211,8 +211,18 @@ def filter_failure(context, failure, case, response):
 def test_schemathesis_finds_no_valid_request_refused_and_no_server_error(tiny_server, tmp_path):
     """Every mode (valid and invalid requests), every phase that applies (examples, coverage,
     fuzzing; not stateful, which needs links between operations) and every check, bounded: a fixed
-    seed, 150 fuzzed cases. Valid requests get 200 (or 415 for file bytes that are no image: a schema cannot
-    say that), invalid ones a 4xx (413 for too many files), none a 5xx, answers as documented."""
+    seed, 150 fuzzed cases. Valid requests get 200, invalid ones a 4xx (schemathesis' own list of
+    refusals, less its 5xx: no request is worth a server error), every answer as documented.
+
+    Excused, each for what no schema can express:
+    - a valid request answered 415: the schema can only say a file is bytes, and random bytes are
+      no image (a server that took them would be wrong);
+    - a valid request refused for its answer's size (422 response_too_large): the budget is over the
+      product of several options and the number of images; `tiny_server` is sized so that no valid
+      request reaches it, rather than being excused from it.
+    And one false report dropped, schemathesis' own (HOOKS): an "invalid" request the server accepted
+    whose form, as sent, the schema calls valid.
+    """
     (tmp_path / "request-schema.json").write_text(json.dumps(request_schema(tiny_server)))
     (tmp_path / "hooks.py").write_text(HOOKS)
     config = tmp_path / "schemathesis.toml"
@@ -220,7 +230,7 @@ def test_schemathesis_finds_no_valid_request_refused_and_no_server_error(tiny_se
         f'hooks = "{tmp_path / "hooks.py"}"\n'
         "[checks.positive_data_acceptance]\nexpected-statuses = [200, 415]\n"
         "[checks.negative_data_rejection]\n"
-        "expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]\n"
+        "expected-statuses = [400, 401, 403, 404, 405, 406, 409, 415, 422, 428, 429]\n"
     )
     r = subprocess.run(
         [

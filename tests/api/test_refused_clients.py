@@ -61,7 +61,7 @@ def test_http_client_gets_its_413_for_a_60_mb_upload_every_time(server):
 def test_http_client_gets_its_answer_for_100_files(server):
     body, headers = multipart(*(form_part("images", bytes(64 * 1024), f"{i}.png") for i in range(100)))
     status, error = post_whole(server, body, headers)
-    assert status == 413 and error["code"] == "too_many_files"
+    assert status == 422 and error["code"] == "too_many_files"
 
 
 def test_requests_gets_its_413_for_a_60_mb_upload(server):
