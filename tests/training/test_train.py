@@ -136,8 +136,8 @@ def test_save_state_leaves_the_previous_state_if_writing_fails(tmp_path, monkeyp
     path = tmp_path / "last.pt"
     save_state(path, {"step": 1, "weights": torch.ones(3)})
 
-    def crash(state, f):
-        Path(f).write_bytes(b"half a file")
+    def crash(state, f):  # save_state hands torch.save an open file
+        f.write(b"half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(train_module.torch, "save", crash)
