@@ -21,6 +21,7 @@ from pathlib import Path
 
 from captioner.config import ModelConfig
 from runtime.allocator import keep_freed_memory
+from runtime.files import full_disk_is_an_error
 from runtime.home import default_workdir
 from training.shapes import add_hold_out_argument
 from training.train import TrainConfig, save_model, train
@@ -183,7 +184,9 @@ def main(args: argparse.Namespace) -> int:
     if args.retrain or not model.exists():
         keep_freed_memory()  # training's allocator policy, before any thread starts (serving is another process)
         splits = {split: getattr(args, f"{split}_images") for split in DEMO_SPLITS}
-        model = build_default_model(workdir, args.epochs, splits, args.progress, args.scst_epochs, args.hold_out)
+        # what was finished is reused by the next run: the data, the feature cache and the saved model
+        with full_disk_is_an_error("captioner demo", "run the same command again"):
+            model = build_default_model(workdir, args.epochs, splits, args.progress, args.scst_epochs, args.hold_out)
     else:
         print(f"using the default model at {model} (--retrain to train it again)")
     if args.serve:
