@@ -1,5 +1,6 @@
 # make demo   build, train and serve the default Shapes model (http://127.0.0.1:8000)
 # make test   the whole test suite
+# make test-quick  every test not marked slow (under 3 minutes on 2 cores), for the edit-run loop
 # make bench    folder-captioning and training throughput, the service under load and a 5-minute soak
 #               (about 20 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (about 10 min), written to benchmarks/RESULTS.md
@@ -9,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo model test lint bench compare clean
+.PHONY: install demo model test test-quick lint bench compare clean
 
 $(BIN)/captioner: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ model: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-quick: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

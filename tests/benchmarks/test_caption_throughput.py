@@ -39,6 +39,7 @@ def test_the_tutorials_decoder_says_what_the_library_says_and_projects_the_image
     assert len(projections) >= 1 + max(len(h.token_ids) + 1 for h in ours)  # every word and <end> had its own
 
 
+@pytest.mark.slow  # about 30 s
 def test_the_benchmark_measures_every_contender_and_keeps_the_other_sections(benchmark, tiny_checkpoint, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text(

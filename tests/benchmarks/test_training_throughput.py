@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "training_throughput.py"
 
 
+@pytest.mark.slow  # about 8 s
 def test_quick_run_writes_its_section_and_json_and_keeps_the_others(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmarks\n\n## Another benchmark\n\nkept\n")

@@ -54,6 +54,7 @@ def test_it_applies_on_glibc_and_can_be_applied_again():
 
 
 @glibc
+@pytest.mark.slow  # about 15 s
 def test_freed_tensor_memory_is_reused_instead_of_faulting_in_again():
     default, kept = page_faults("default"), page_faults("kept")
     assert default > 20_000  # 4 KiB pages: the workload really does fault with glibc's defaults
