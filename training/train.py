@@ -100,6 +100,14 @@ class TrainConfig(BaseModel):
         description="weight of the doubly stochastic "
         "attention regulariser (every region looked at about once per caption)",
     )
+    word_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="cross-entropy only: each word the decoder reads is <unk> with this probability "
+        "(the words it must predict stay), so a word leans on the picture more than on the word before",
+    )
     min_word_count: int = Field(1, ge=1, description="rarer training words become <unk>")
     max_words: int = Field(20, ge=1, description="longer training captions are cut")
     val_limit: int = Field(0, ge=0, description="validate on the first N images only (0: all)")
@@ -479,11 +487,20 @@ def train_step(run: Run, inputs: torch.Tensor, captions: torch.Tensor) -> tuple[
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.progress.step, run.total_steps, config)
     inputs, captions = inputs.to(run.device, non_blocking=True), captions.to(run.device)
+    read = drop_words(captions, config.word_dropout) if config.word_dropout else captions  # (N, T)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=config.amp):
-        logits, alphas = run.learner(inputs, captions, config.captions_per_image)  # (N, T-1, V), (N, T-1, P)
+        logits, alphas = run.learner(inputs, read, config.captions_per_image)  # (N, T-1, V), (N, T-1, P)
         loss, ce = caption_loss(logits, alphas, captions, config.alpha_c)
     grad_norm = apply_gradients(run, loss)
     return loss, ce, grad_norm
+
+
+def drop_words(captions: torch.Tensor, p: float) -> torch.Tensor:
+    """(N, T) captions with each word after <start> replaced by <unk> with probability p (word
+    dropout, Bowman et al. 2016); padding stays padding. Drawn from the global RNG, as dropout is."""
+    dropped = (torch.rand(captions.shape, device=captions.device) < p) & (captions > Vocabulary.end_id)  # (N, T)
+    dropped[:, 0] = False
+    return captions.masked_fill(dropped, Vocabulary.unk_id)
 
 
 def scst_step(run: Run, inputs: torch.Tensor, indices: list[int], writer) -> tuple[torch.Tensor, ...]:

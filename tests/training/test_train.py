@@ -132,6 +132,33 @@ def test_caption_loss_ignores_padding_and_adds_the_attention_regulariser():
     assert caption_loss(logits, None, captions, 0.5)[0].item() == pytest.approx(expected_ce.item(), rel=1e-5)
 
 
+def test_word_dropout_hides_words_read_never_the_start_the_end_or_padding():
+    torch.manual_seed(0)
+    captions = torch.randint(4, 50, (400, 12))  # (N, T) words
+    captions[:, 0], captions[:, 9], captions[:, 10:] = Vocabulary.start_id, Vocabulary.end_id, Vocabulary.pad_id
+    read = train_module.drop_words(captions, 0.25)
+    dropped = read != captions
+    assert (read[dropped] == Vocabulary.unk_id).all()
+    assert not dropped[:, [0, 9, 10, 11]].any()  # <start>, <end> and padding stay as they are
+    assert dropped[:, 1:9].float().mean().item() == pytest.approx(0.25, abs=0.02)
+    assert torch.equal(train_module.drop_words(captions, 0.0), captions)
+
+
+def test_word_dropout_leaves_the_targets_whole(shapes_root, tmp_path, monkeypatch):
+    """The decoder reads the dropped words, the loss is taken against the captions as they are."""
+    seen = []
+    monkeypatch.setattr(train_module, "caption_loss", lambda *a: seen.append(a[2]) or caption_loss(*a))
+    read = []
+    config = train_config(shapes_root, tmp_path / "run", epochs=1, word_dropout=0.5)
+    run = train_module.setup(config, small_model())
+    run.model.decoder.register_forward_pre_hook(lambda _, args: read.append(args[1].clone()))  # (N, T) read
+    batch = next(iter(run.batches.epoch(0, 0)))
+    inputs = torch.stack([run.images[i] for i in batch.indices])
+    train_module.train_step(run, inputs, batch.captions)
+    assert torch.equal(seen[0], batch.captions)
+    assert (read[0] == Vocabulary.unk_id).any() and (read[0] != batch.captions).any()
+
+
 def test_save_state_leaves_the_previous_state_if_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_state(path, {"step": 1, "weights": torch.ones(3)})
