@@ -5,6 +5,9 @@ captioner serve --checkpoint model.safetensors
 """
 
 import logging
+import os
+import signal
+import sys
 from contextlib import asynccontextmanager
 
 import anyio
@@ -15,6 +18,7 @@ from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 
 from captioner.predictor import Predictor
+from runtime.children import RestartBudget
 
 from .admission import Admission
 from .batcher import Batcher
@@ -30,6 +34,8 @@ from .settings import Settings, get_settings
 from .workers import ProcessWorker, ThreadWorker, load_predictor, uses_processes
 
 log = logging.getLogger("captioner.api")
+
+GAVE_UP_STATUS = 1  # the exit status of a server whose model workers died beyond the restart budget
 
 
 @asynccontextmanager
@@ -48,6 +54,8 @@ async def lifespan(app: FastAPI):
         settings.queue_size,
         settings.busy_wait_ms,
         on_batch=app.state.admission.record,
+        restarts=RestartBudget(settings.max_worker_restarts, settings.restart_window_s),
+        on_give_up=_shut_down,
     )
     app.state.predictor, app.state.batcher = predictor, batcher
     summary = ModelSummary.model_validate(describe_model(predictor, settings))
@@ -66,6 +74,25 @@ async def lifespan(app: FastAPI):
     finally:
         await anyio.to_thread.run_sync(batcher.stop)
         log.info("model workers stopped")
+        if batcher.gave_up is not None:
+            _exit_failed(batcher.gave_up)
+
+
+def _shut_down(why: str) -> None:
+    """The batcher gave up: the server shuts down as on SIGTERM (uvicorn's handler), answering
+    what it holds, and the lifespan's end exits with GAVE_UP_STATUS."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit_failed(why: str) -> None:
+    """uvicorn ends a shutdown with status 0, or by raising SIGTERM again, which systemd counts as
+    a clean stop: neither tells a supervisor to start the server afresh. So it exits here, once
+    its requests are answered and its workers stopped."""
+    log.critical("exiting with status %d: %s", GAVE_UP_STATUS, why)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(GAVE_UP_STATUS)
 
 
 def start_workers(settings: Settings, predictor: Predictor) -> list[ProcessWorker] | list[ThreadWorker]:

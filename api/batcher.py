@@ -15,20 +15,26 @@ counted busy, which would hold its request for more, nor passed over for a colde
 queue is refused at once (`QueueFull`), so an overloaded server answers 503 instead of queueing
 without bound.
 
-Should a worker die, or the dispatcher itself (an error outside a model call), the jobs held
-and those queued fail with `WorkerDead`, and so does every later submit: a dead worker is
-answered at once, never by a timeout. A lock makes "still accepting?" and "queue the job" one
-step, and stopping flips it in the same lock, so no job can slip into the queue behind the
-dispatcher's stop mark and wait for nobody. A batch whose answering fails (a metric, the
-`on_batch` callback) fails its requests and is logged; its minder goes on.
+A worker that dies is replaced by its minder: the jobs of the batch it held fail with
+`WorkerLost` (captioning has no side effects, so the client may simply retry), the worker is
+forked again (api.workers) and goes back in the pool; every other job is unaffected. A worker
+process that dies while idle is reported by the thread that forked it, and replaced at once; one
+found dead as it is handed a batch is replaced before it runs it. Deaths are counted against a
+`RestartBudget`: beyond it, or should the dispatcher itself fail (an error outside a model call),
+the batcher gives up: the jobs held and queued fail with `WorkerDead`, and so does every later
+submit, and `on_give_up` is called so that the server exits and whatever supervises it starts it
+afresh. A lock makes "still accepting?" and "queue the job" one step, and stopping flips it in
+the same lock, so no job can slip into the queue behind the dispatcher's stop mark and wait for
+nobody. A batch whose answering fails (a metric, the `on_batch` callback) fails its requests and
+is logged; its minder goes on.
 """
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
-import multiprocessing.connection
 import queue
 import threading
 import time
@@ -36,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from captioner.decoding import DecodeOptions
+from runtime.children import RestartBudget
 
 from .metrics import Metrics
 from .workers import Batch, Outcome, ProcessWorker, ThreadWorker, WorkerGone
@@ -47,7 +54,8 @@ QUIET_S = 1.0  # how long no two batches overlapped before a lone batch may use 
 
 Worker = ThreadWorker | ProcessWorker
 Idle = tuple[float, int]  # on the idle queue: (minus when it was freed, the worker's index), the last freed first
-_DEATH: Idle = (-math.inf, -1)  # on the idle queue: a worker has died; first out, so a waiting dispatcher wakes
+_DEATH: Idle = (-math.inf, -1)  # on the idle queue: the batcher gave up; first out, so a waiting dispatcher wakes
+_CHECK = object()  # in a minder's inbox: its worker may have died, to be replaced before anything else
 
 
 class QueueFull(Exception):
@@ -58,8 +66,13 @@ class ShuttingDown(Exception):
     pass
 
 
+class WorkerLost(Exception):
+    """The worker died while it held this job's batch: a retry goes to its replacement."""
+
+
 class WorkerDead(Exception):
-    pass
+    """The batcher has given up (workers dying beyond the restart budget, or the dispatcher
+    failed): the server is exiting."""
 
 
 @dataclass(eq=False)
@@ -92,10 +105,14 @@ class Batcher:
         busy_wait_ms: float = 5.0,
         on_batch: Callable[[int, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        restarts: RestartBudget | None = None,
+        on_give_up: Callable[[str], None] | None = None,
     ):
         self.workers = list(workers)
         self.metrics = metrics
         self.on_batch = on_batch  # told (images, seconds per image the server takes) after each batch
+        self.restarts = restarts or RestartBudget(5, 60.0)  # how many worker deaths it survives
+        self.on_give_up = on_give_up  # told why, once, when it gives up
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.busy_wait = max(max_wait_ms, busy_wait_ms) / 1000.0  # while another worker is busy
@@ -111,37 +128,43 @@ class Batcher:
             for i, box in enumerate(self._inboxes)
         ]
         self._thread = threading.Thread(target=self._run, name="captioner-dispatcher", daemon=True)
-        self._watcher = threading.Thread(target=self._watch, name="captioner-watcher", daemon=True)
-        self._lock = threading.Lock()  # held to change _accepting, and to check it and queue a job
+        self._lock = threading.Lock()  # held to change _accepting and gave_up, and to check them and queue a job
         self._accepting = False
-        self._death: BaseException | None = None  # what killed a worker or the dispatcher, if anything did
+        self.gave_up: str | None = None  # why the batcher gave up, if it did
         self._current: list[Job] = []  # the jobs the dispatcher holds (gathered, not yet handed over)
         self._crowded_at = -math.inf  # when a batch was last handed over while another worker was busy
         metrics.queue_depth.set_function(self._queue.qsize)
+        metrics.workers_alive.set_function(lambda: self.workers_alive)
 
     @property
     def alive(self) -> bool:
-        return self._accepting and self._thread.is_alive() and not self.dead
+        """Ready for work: accepting, and at least one worker can take it."""
+        return self._accepting and self._thread.is_alive() and not self.dead and self.workers_alive > 0
 
     @property
     def dead(self) -> bool:
-        """A worker or the dispatcher ended without being asked to (a worker process killed while
-        idle counts at once): nothing will be captioned any more."""
-        if self._death is not None:
+        """The batcher gave up, or its dispatcher ended without being asked to: nothing will be
+        captioned any more (a dead worker is not this: it is replaced)."""
+        if self.gave_up is not None:
             return True
         started = self._accepting and self._thread.ident is not None
-        return started and (not self._thread.is_alive() or not all(w.alive for w in self.workers))
+        return started and not self._thread.is_alive()
+
+    @property
+    def workers_alive(self) -> int:
+        return sum(worker.alive for worker in self.workers)
 
     def start(self) -> None:
         """Start dispatching, once the workers are ready."""
         with self._lock:
             self._accepting = True
-        for index, minder in enumerate(self._minders):
+        for index, (worker, minder) in enumerate(zip(self.workers, self._minders)):
+            if isinstance(worker, ProcessWorker):
+                worker.on_end = functools.partial(self._ended, index)
             minder.start()
             self._free(index)
+            self._inboxes[index].put(_CHECK)  # one that died before its end was watched for
         self._thread.start()
-        if any(isinstance(worker, ProcessWorker) for worker in self.workers):
-            self._watcher.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new jobs, finish the queued ones, then end the dispatcher and the workers."""
@@ -195,26 +218,32 @@ class Batcher:
             if job is not _STOP:
                 _resolve(job, error=error)
 
-    def _die(self, error: BaseException, jobs: list[Job]) -> None:
+    def _give_up(self, why: str, jobs: list[Job]) -> None:
+        """Nothing more will be captioned: the jobs held, those queued and every later one fail
+        with WorkerDead, and on_give_up is told why (the server exits on it)."""
         with self._lock:
-            first = self._death is None
-            self._death = self._death or error
-        if first:
-            log.critical("a model worker died; the server cannot caption any more", exc_info=error)
+            first = self.gave_up is None
+            self.gave_up = self.gave_up or why
         _fail(jobs, WorkerDead())
         self._fail_queued(WorkerDead())
         self._idle.put(_DEATH)  # wakes the dispatcher if it waits for a worker
+        if not first:
+            return
+        log.critical("%s: giving up, so that whatever supervises the server starts it afresh", why)
+        if self.on_give_up is not None:
+            try:
+                self.on_give_up(why)
+            except Exception:
+                log.exception("telling the server that the model workers gave up failed")
 
-    def _watch(self) -> None:
-        """Wakes when a worker process ends: one that ends while the server accepts work has died,
-        busy or idle, and the service with it."""
-        processes = [worker for worker in self.workers if isinstance(worker, ProcessWorker)]
-        ended = multiprocessing.connection.wait([worker.process.sentinel for worker in processes])
+    def _ended(self, index: int) -> None:
+        """Told by a worker's fork thread that its process ended: while the server accepts work,
+        its minder replaces it, idle or busy (a busy one's minder sees it first, and this is then
+        a no-op)."""
         with self._lock:
             accepting = self._accepting
         if accepting:
-            gone = next(worker for worker in processes if worker.process.sentinel in ended)
-            self._die(WorkerGone(gone.death()), [])
+            self._inboxes[index].put(_CHECK)
 
     # The dispatcher thread: gathers jobs into batches and hands them to free workers.
 
@@ -222,7 +251,8 @@ class Batcher:
         try:
             self._serve()
         except BaseException as e:  # the dispatcher is gone: say so to everyone waiting, and to all who come
-            self._die(e, self._current)
+            log.critical("the model dispatcher failed", exc_info=e)
+            self._give_up(f"the model dispatcher failed: {type(e).__name__}: {e}", self._current)
 
     def _serve(self) -> None:
         while True:
@@ -287,7 +317,7 @@ class Batcher:
         free: Idle | None = held
         for group in groups.values():
             free = free or self._idle.get()
-            if free == _DEATH:  # one has died: _die has answered the rest; left for the next wait
+            if free == _DEATH:  # given up: _give_up has answered the rest; left for the next wait
                 self._idle.put(_DEATH)
                 _fail(group, WorkerDead())
             else:
@@ -312,37 +342,81 @@ class Batcher:
         with self._pool_lock:
             return bool(self._busy)
 
-    def _free(self, index: int) -> None:
-        """Worker `index` back in the pool: no longer busy, and the first the dispatcher takes."""
+    def _free(self, index: int, only_if_busy: bool = False) -> None:
+        """Worker `index` back in the pool: no longer busy, and the first the dispatcher takes.
+        `only_if_busy`: not if it was freed already (twice in the pool, it would be handed two
+        batches at once)."""
         with self._pool_lock:
+            if only_if_busy and index not in self._busy:
+                return
             self._busy.discard(index)
             self._idle.put((-next(self._freed), index))
 
-    # A minder thread per worker: runs its batches and answers their jobs.
+    # A minder thread per worker: runs its batches, answers their jobs, replaces the worker.
 
     def _mind(self, index: int, inbox: queue.Queue) -> None:
-        """Runs the batches handed to worker `index` until told to stop (None). It ends otherwise
-        only when the worker has died, or on what no `except Exception` catches, and `_die` makes
-        that loud: every job held and queued is answered, /healthz fails."""
+        """Runs the batches handed to worker `index` until told to stop (None), replacing the
+        worker first whenever it has died. An error of its own fails the jobs involved and is
+        logged; it goes on. After the batcher gives up it fails whatever it is handed."""
         while (item := inbox.get()) is not None:
-            batch, jobs, alone = item
             try:
-                self._run_batch(index, batch, jobs, alone)
-            except BaseException as e:  # WorkerGone, or worse
-                self._die(e, jobs)
-                return
+                self._handle(index, item)
+            except Exception as e:
+                log.exception("minding model worker %d failed", index)
+                if item is not _CHECK:
+                    _fail(item[1], e)
+                    self._free(index, only_if_busy=True)
+
+    def _handle(self, index: int, item) -> None:
+        """`item`: _CHECK, or a batch with its jobs."""
+        if not self._worker_ready(index):
+            if item is not _CHECK:
+                _fail(item[1], WorkerDead())
+            return
+        if item is not _CHECK:
+            self._run_batch(index, *item)
+
+    def _worker_ready(self, index: int) -> bool:
+        """Worker `index` alive, replaced if it had died; False once the batcher has given up."""
+        if self.gave_up is not None:
+            return False
+        worker = self.workers[index]
+        return worker.alive or self._replace(index, worker.death())
+
+    def _replace(self, index: int, why: str) -> bool:
+        """Worker `index` started again, if the restart budget allows (a start that fails counts
+        as another death); False when it does not, and the batcher has given up."""
+        while self.gave_up is None:
+            if not self.restarts.allow():
+                budget = self.restarts.describe()
+                self._give_up(f"{why}; model workers died {budget} (max_worker_restarts, restart_window_s)", [])
+                return False
+            log.error("%s; starting a new one", why)
+            try:
+                self.workers[index].restart()
+            except Exception as e:
+                why = f"model worker {index} could not be started again: {type(e).__name__}: {e}"
+                continue
+            self.metrics.worker_restarts.inc()
+            return True
+        return False
 
     def _run_batch(self, index: int, batch: Batch, jobs: list[Job], alone: bool) -> None:
         """The batch through the worker, the worker freed, then its jobs answered (or failed)."""
         started = time.perf_counter()
         try:
             outcomes = self.workers[index].run(batch, alone)
-        except WorkerGone:
-            raise
+        except WorkerGone as e:
+            self._lost(index, jobs, str(e))
+            return
         except Exception as e:  # the model failing must fail these requests, not the worker
             self._free(index)
             log.exception("captioning a batch of %d images failed", len(batch.uploads))
             _fail(jobs, e)
+            return
+        except BaseException as e:  # what `except Exception` misses ends a model call in a thread
+            log.error("a model call ended by %r", e, exc_info=e)
+            self._lost(index, jobs, f"{self.workers[index].death()}: {type(e).__name__}: {e}")
             return
         seconds = time.perf_counter() - started
         self._free(index)  # before the answers: see the module's docstring
@@ -351,6 +425,13 @@ class Batcher:
         except Exception as e:  # a metric or the callback: these requests fail, the minder goes on
             log.exception("answering a batch of %d images failed", len(batch.uploads))
             _fail(jobs, e)  # a job already answered keeps its answer
+
+    def _lost(self, index: int, jobs: list[Job], why: str) -> None:
+        """Worker `index` died holding these jobs: they fail (to be retried), and the worker is
+        replaced and back in the pool."""
+        _fail(jobs, WorkerLost(why))
+        if self._replace(index, why):
+            self._free(index)
 
     def _answer(self, jobs: list[Job], outcomes: list[Outcome], seconds: float) -> None:
         if self.on_batch:

@@ -72,11 +72,25 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return APIError(exc.status_code, code, message, getattr(exc, "headers", None)).response()
 
 
+RETRY_AFTER = {"Retry-After": "1"}  # a replacement (of a worker, of the server) is moments away
+
+
 def worker_dead() -> APIError:
     return APIError(
         503,
         "model_worker_dead",
-        "the model worker has died: this server cannot caption until it is restarted (its /healthz fails)",
+        "the model workers keep dying: this server is exiting, for its supervisor to start it afresh "
+        "(its /healthz fails)",
+        RETRY_AFTER,
+    )
+
+
+def worker_lost() -> APIError:
+    return APIError(
+        503,
+        "model_worker_lost",
+        "the model worker captioning this request died; another has taken its place: send it again",
+        RETRY_AFTER,
     )
 
 

@@ -40,6 +40,16 @@ class Metrics:
             "images never captioned: their client had gone (or stopped waiting) before the model got to them",
             registry=self.registry,
         )
+        self.worker_restarts = Counter(
+            "captioner_worker_restarts",
+            "model workers started again after dying (killed, out of memory, crashed)",
+            registry=self.registry,
+        )
+        self.workers_alive = Gauge(
+            "captioner_workers_alive",
+            "model workers running (the pool's size but while one is replaced)",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "captioner_images_in_flight",
             "images admitted and not yet answered (being received, decoded, waiting for or in the model)",

@@ -168,6 +168,13 @@ class Status(BaseModel):
     status: str = Field(examples=["ok"])
 
 
+class Health(Status):
+    workers: int | None = Field(None, description="model workers the server keeps", examples=[2])
+    workers_alive: int | None = Field(
+        None, description="of them, those running (fewer only while a dead one is replaced)", examples=[2]
+    )
+
+
 def _error(code: str, message: str, **extra: str) -> tuple[str, dict[str, Any]]:
     """One named example of an error body."""
     return code, {"value": {"error": {"code": code, "message": message, **extra}}}
@@ -235,11 +242,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         _error("internal_error", "the server failed; the error is in its log"),
     ),
     503: _errors(
-        "the server is full (come back after Retry-After), stopping, or its model worker has died; or, as "
-        "text/plain from uvicorn, it holds limit_concurrency connections already",
+        "the server is full (come back after Retry-After), stopping, the model worker captioning the request "
+        "died (it has been replaced: send it again), or the workers keep dying and the server is exiting; or, "
+        "as text/plain from uvicorn, it holds limit_concurrency connections already",
         _error("overloaded", "64 images are in flight, the most this server holds is 64; retry after ..."),
         _error("shutting_down", "the server is stopping"),
-        _error("model_worker_dead", "the model worker has died: this server cannot caption until it is restarted"),
+        _error(
+            "model_worker_lost",
+            "the model worker captioning this request died; another has taken its place: send it again",
+        ),
+        _error(
+            "model_worker_dead",
+            "the model workers keep dying: this server is exiting, for its supervisor to start it afresh",
+        ),
         plain="Service Unavailable",
         headers=RETRY_AFTER,
     ),

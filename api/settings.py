@@ -45,6 +45,16 @@ class Settings(BaseSettings):
         description="model worker processes, each with the model and its share of the threads (default: "
         "one a core, at most 4); on a GPU, or at 1, a thread of the server instead",
     )
+    max_worker_restarts: int = Field(
+        5,
+        ge=0,
+        description="model workers that die (killed, out of memory, crashed) are started again, at most this "
+        "many times within restart_window_s; one more death and the server exits with status 1, for its "
+        "supervisor (Docker, systemd, Kubernetes) to start it afresh",
+    )
+    restart_window_s: float = Field(
+        60.0, gt=0, description="the window of seconds in which max_worker_restarts are counted"
+    )
     max_batch_size: int = Field(16, ge=1, le=512, description="images per model call")
     max_wait_ms: float = Field(
         0.0,

@@ -14,8 +14,9 @@ worker a core) while others are busy too, and all of them for a batch it runs al
 batcher judges it): an idle server answers a lone request with every core, as the same call
 would in-process, and under load the workers do not oversubscribe the cores.
 
-A worker process that dies (the kernel's OOM killer, say) is fatal: its batch fails, and the
-batcher answers every request 503 and fails /healthz until the server is restarted.
+A worker process that dies (the kernel's OOM killer, say) is replaced: the thread that forked it
+forks a new one (the same fork-safety rules), and the batcher (api.batcher) fails only the batch
+it held, and gives up only when workers die faster than its restart budget allows.
 """
 
 import contextlib
@@ -24,10 +25,11 @@ import multiprocessing.connection
 import os
 import signal
 import sys
-import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import orjson
@@ -38,7 +40,7 @@ from captioner.decoding import DecodeOptions
 from captioner.images import ImageError, ImageLimits
 from captioner.overlay import drop_attention, heatmap_overlay, png_data_uri, prepare_with_picture
 from captioner.predictor import Predictor
-from runtime.children import close_files, die_with_parent, open_files
+from runtime.children import ForkThread, close_files, die_with_parent, open_files
 
 from .settings import Settings
 
@@ -48,7 +50,7 @@ class ModelMissing(RuntimeError):
 
 
 class WorkerGone(Exception):
-    """The worker process ended: its batch and every later one cannot be captioned."""
+    """The worker process ended: its batch cannot be captioned; a new process can take the next."""
 
 
 def missing_model_message(path: Path) -> str:
@@ -125,62 +127,87 @@ class ThreadWorker:
     def __init__(self, predictor: Predictor):
         self.predictor = predictor
 
-    alive = True  # it dies with the minder thread, which the batcher watches
+    alive = True  # what kills a model call in a thread leaves the model as it was: nothing to replace
 
     def run(self, batch: Batch, alone: bool = False) -> list[Outcome]:
         return caption_uploads(self.predictor, batch)  # torch threads: the server's, set once
+
+    def restart(self) -> None:
+        pass
+
+    def death(self) -> str:
+        return "the model worker thread's call failed"
 
     def stop(self, timeout: float) -> None:
         pass
 
 
 class ProcessWorker:
-    """A forked process with the server's model, fed batches through a pipe, one at a time."""
+    """A forked process with the server's model, fed batches through a pipe, one at a time; when
+    it dies, restart() forks another in its place, from the same thread."""
 
     def __init__(self, predictor: Predictor, index: int, threads: int = 1, threads_alone: int | None = None):
         self.predictor, self.threads = predictor, threads  # its share of the cores
         self.threads_alone = threads_alone or threads  # for a batch while the other workers are idle
         self.name = f"captioner-worker-{index}"
+        self._forks = ForkThread(self.name)  # forks, keeps and watches the process: see ForkThread
+        self.process: BaseProcess | None = None
+        self._connection: Connection | None = None
+
+    @property
+    def on_end(self) -> Callable[[], None]:
+        """Called, on the fork thread, when the process ends: the batcher's cue to replace it."""
+        return self._forks.on_end
+
+    @on_end.setter
+    def on_end(self, callback: Callable[[], None]) -> None:
+        self._forks.on_end = callback
 
     def start(self) -> None:
-        """Fork, from a thread of its own that lives as long as the process does. Its end is the
-        child's parent-death signal (see die_with_parent); and it has never led an OpenMP team,
-        so the child can start one. A child forked from a thread that has (the server's main
-        thread, embedded in a process that ran the model) waits forever for that team's threads."""
-        forked = threading.Event()
-        failed: list[BaseException] = []
-        keeper = threading.Thread(target=self._fork_and_keep, args=(forked, failed), name=self.name, daemon=True)
-        keeper.start()
-        forked.wait()
-        if failed:
-            raise failed[0]
+        self._forks.fork(self._fork)
 
-    def _fork_and_keep(self, forked: threading.Event, failed: list[BaseException]) -> None:
+    def restart(self) -> None:
+        """A new process in place of the one that ended (reaped, and its pipe closed, first)."""
+        self._forks.fork(self._fork_again)
+
+    def _fork_again(self) -> BaseProcess:
+        self._close()
+        return self._fork()
+
+    def _fork(self) -> BaseProcess:
+        """On the fork thread: the child gets the model and its end of a pipe, and closes what else
+        it inherited (see runtime.children.close_files)."""
+        context = multiprocessing.get_context("fork")
+        connection, child_end = context.Pipe()
+        inherited = open_files() - {child_end.fileno()}  # the parent's, to close in the child
+        process = context.Process(
+            target=_serve_batches,
+            args=(child_end, self.predictor, os.getpid(), inherited),
+            name=self.name,
+            daemon=True,
+        )
         try:
-            context = multiprocessing.get_context("fork")
-            self._connection, child_end = context.Pipe()
-            inherited = open_files() - {child_end.fileno()}  # the parent's, to close in the child
-            self.process = context.Process(
-                target=_serve_batches,
-                args=(child_end, self.predictor, os.getpid(), inherited),
-                name=self.name,
-                daemon=True,
-            )
-            self.process.start()
-            child_end.close()  # the child holds it now: its death closes the pipe
-        except BaseException as e:
-            failed.append(e)
-            return
+            process.start()
+        except BaseException:
+            connection.close()
+            raise
         finally:
-            forked.set()
-        multiprocessing.connection.wait([self.process.sentinel])  # until the process ends
+            child_end.close()  # the child holds it now: its death closes the pipe
+        self.process, self._connection = process, connection
+        return process
 
     @property
     def alive(self) -> bool:
-        return self.process.is_alive()
+        """Whether the process runs: its sentinel is not readable. Any thread may ask; unlike
+        is_alive() it reaps nothing, which is left to the minder that replaces the process."""
+        try:
+            return self.process is not None and not multiprocessing.connection.wait([self.process.sentinel], 0)
+        except (ValueError, OSError):  # closed by a restart under way
+            return False
 
     def run(self, batch: Batch, alone: bool = False) -> list[Outcome]:
         """The batch's outcomes; `alone`: no other worker is busy, so this one may use every core."""
+        assert self._connection is not None, "start() the worker first"
         try:
             self._connection.send((batch, self.threads_alone if alone else self.threads))
         except (OSError, EOFError) as e:
@@ -194,23 +221,35 @@ class ProcessWorker:
         return reply
 
     def stop(self, timeout: float) -> None:
-        if self.process.is_alive():
+        if self.process is not None and self.process.is_alive():
             with contextlib.suppress(OSError, EOFError):  # it died meanwhile
-                self._connection.send(None)
+                self._connection.send(None)  # type: ignore[union-attr]  # set with the process
             self.process.join(timeout)
-        if self.process.is_alive():
+        if self.process is not None and self.process.is_alive():
             self.process.kill()
             self.process.join()
-        self._connection.close()
+        if self._connection is not None:
+            self._connection.close()
+        self._forks.stop()  # after the process: the thread's end would kill it
+
+    def _close(self) -> None:
+        """The ended process reaped and its pipe and sentinel closed (a restart's first step)."""
+        if self._connection is not None:
+            self._connection.close()
+        if self.process is not None:
+            self.process.join(1.0)
+            with contextlib.suppress(ValueError):  # still running: left to the garbage collector
+                self.process.close()
 
     def _receive(self):
         try:
-            return self._connection.recv()
+            return self._connection.recv()  # type: ignore[union-attr]  # set with the process
         except (OSError, EOFError) as e:
             raise WorkerGone(self.death()) from e
 
     def death(self) -> str:
         """How the process ended, in words."""
+        assert self.process is not None
         self.process.join(1.0)
         code = self.process.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
@@ -224,7 +263,7 @@ def _serve_batches(connection: Connection, predictor: Predictor, parent: int, in
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's graceful-shutdown handler
     die_with_parent(parent)
-    close_files(inherited)
+    close_files(inherited, keep=frozenset({connection.fileno()}))
     while (message := connection.recv()) is not None:
         batch, threads = message
         if threads != torch.get_num_threads():

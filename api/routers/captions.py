@@ -15,16 +15,14 @@ from captioner.images import ImageError
 from captioner.predictor import Predictor
 from captioner.vocab import SPECIALS
 
-from ..batcher import QueueFull, ShuttingDown, WorkerDead
+from ..batcher import QueueFull, ShuttingDown, WorkerDead, WorkerLost
 from ..deps import AdmissionDep, BatcherDep, CaptionFormDep, PredictorDep, SettingsDep
-from ..errors import APIError, ClientGone, invalid_option, worker_dead
+from ..errors import RETRY_AFTER, APIError, ClientGone, invalid_option, worker_dead, worker_lost
 from ..schemas import ERROR_RESPONSES, CaptionOptions, CaptionResponse
 from ..settings import Settings
 from ..workers import Outcome
 
 router = APIRouter(prefix="/v1", tags=["captions"])
-
-RETRY_AFTER = {"Retry-After": "1"}  # a stopping server: its replacement is moments away
 
 
 @router.post(
@@ -63,6 +61,8 @@ async def create_captions(
         raise admission.overloaded() from None
     except ShuttingDown:
         raise APIError(503, "shutting_down", "the server is stopping", RETRY_AFTER) from None
+    except WorkerLost:
+        raise worker_lost() from None
     except WorkerDead:
         raise worker_dead() from None
     except asyncio.TimeoutError:

@@ -12,11 +12,12 @@ import threading
 import orjson
 import pytest
 
-from api.batcher import Batcher, Job, QueueFull, ShuttingDown, WorkerDead
+from api.batcher import Batcher, Job, QueueFull, ShuttingDown, WorkerDead, WorkerLost
 from api.metrics import Metrics
 from api.workers import ThreadWorker
 from captioner.decoding import DecodeOptions
 from captioner.predictor import Predictor
+from runtime.children import RestartBudget
 
 from .helpers import png, wait_until
 
@@ -224,7 +225,9 @@ class Fatal(BaseException):
     """What kills a thread that `except Exception` would not catch."""
 
 
-def test_a_dead_worker_fails_its_jobs_and_every_later_one_at_once(make_predictor):
+def test_a_model_call_ended_in_a_worker_thread_fails_its_batch_to_be_retried_and_the_next_is_answered(
+    make_predictor,
+):
     predictor = make_predictor()
     real = predictor.caption_batch
 
@@ -234,20 +237,49 @@ def test_a_dead_worker_fails_its_jobs_and_every_later_one_at_once(make_predictor
         return real(images, options)
 
     predictor.caption_batch = dies_on_width_13
-    batcher, _ = start(predictor, max_wait_ms=0)
+    batcher, metrics = start(predictor, max_wait_ms=0)
 
     async def main():
         assert widths(await submit(batcher, (12,), GREEDY)) == [12]
-        with pytest.raises(WorkerDead):
+        with pytest.raises(WorkerLost):
             await asyncio.wait_for(submit(batcher, (13,), GREEDY), 30)
+        return await asyncio.wait_for(submit(batcher, (14,), GREEDY), 30)
+
+    try:
+        assert widths(asyncio.run(main())) == [14]
+        assert batcher.alive and not batcher.dead
+    finally:
+        batcher.stop()
+    assert metrics.registry.get_sample_value("captioner_worker_restarts_total") == 1
+
+
+def test_deaths_beyond_the_restart_budget_give_up_once_and_fail_every_later_job_at_once(make_predictor):
+    predictor = make_predictor()
+    real = predictor.caption_batch
+
+    def dies_on_width_13(images, options):
+        if any(image.width == 13 for image in images):
+            raise Fatal()
+        return real(images, options)
+
+    predictor.caption_batch = dies_on_width_13
+    reasons: list[str] = []
+    batcher, _ = start(predictor, max_wait_ms=0, restarts=RestartBudget(1, 600), on_give_up=reasons.append)
+
+    async def main():
+        with pytest.raises(WorkerLost):
+            await asyncio.wait_for(submit(batcher, (13,), GREEDY), 30)  # the one restart the budget allows
+        with pytest.raises(WorkerLost):
+            await asyncio.wait_for(submit(batcher, (13,), GREEDY), 30)  # beyond it
         with pytest.raises(WorkerDead):
-            await asyncio.wait_for(submit(batcher, (14,), GREEDY), 30)
+            await asyncio.wait_for(submit(batcher, (12,), GREEDY), 30)
 
     try:
         asyncio.run(main())
         assert batcher.dead and not batcher.alive
     finally:
         batcher.stop()
+    assert len(reasons) == 1 and "more than 1 times within 600 s" in reasons[0], reasons
 
 
 class PausingQueue(queue.Queue):

@@ -70,7 +70,7 @@ def test_every_status_and_code_of_a_caption_request_is_documented(client):
     uploaded = {code: status for code, status in IMAGE_ERROR_STATUS.items() if code != "unreadable"}  # a path's only
     raised = {"bad_request": 400, "unauthorized": 401, "body_timeout": 408, "invalid_option": 422, "missing_image": 422}
     raised |= {"too_many_files": 422, "response_too_large": 422, "internal_error": 500, "overloaded": 503}
-    raised |= {"shutting_down": 503, "model_worker_dead": 503, "timeout": 504}
+    raised |= {"shutting_down": 503, "model_worker_lost": 503, "model_worker_dead": 503, "timeout": 504}
     for code, status in {**uploaded, **raised}.items():
         assert code in codes[status], (code, status)
     assert "text/plain" in responses["503"]["content"]  # uvicorn's own, over limit_concurrency

@@ -37,7 +37,8 @@ def test_model_card_describes_the_model_its_training_and_limits(make_client, tin
 
 
 def test_health_and_readiness(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["workers_alive"] == health["workers"] >= 1
     assert client.get("/readyz").json() == {"status": "ready"}
 
 

@@ -1,5 +1,6 @@
 """Model worker processes: the same answers as the worker thread, a bad upload failing only its
-own request, a failing model call failing only its batch, and a killed worker handled.
+own request, a failing model call failing only its batch, a killed worker replaced (failing only
+the batch it held), and deaths beyond the restart budget giving up.
 
 Real forked processes of the real tiny model; a change made to the predictor before the fork
 (a failing call) is the child's too, as it would be in the server.
@@ -10,20 +11,20 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 
 import orjson
 import pytest
 import torch
 
-from api.batcher import QUIET_S, Batcher, WorkerDead
+from api.batcher import QUIET_S, Batcher, WorkerDead, WorkerLost
 from api.metrics import Metrics
 from api.workers import ProcessWorker, ThreadWorker
 from captioner.decoding import DecodeOptions
 from captioner.images import ImageError
 from captioner.predictor import Predictor
+from runtime.children import RestartBudget
 
-from .helpers import png
+from .helpers import png, wait_until
 
 BEAM = DecodeOptions(method="beam", beam_size=2, max_length=4, attention=True)
 
@@ -103,50 +104,85 @@ def test_a_failing_model_call_fails_its_batch_and_the_worker_process_goes_on(pre
     finally:
         batcher.stop()
     assert isinstance(failed, RuntimeError) and "the model broke" in str(failed)
-    assert orjson.loads(answered[0])["width"] == 61 and not batcher.dead, repr(batcher._death)
+    assert orjson.loads(answered[0])["width"] == 61 and not batcher.dead, batcher.gave_up
 
 
-def test_a_worker_process_killed_while_idle_makes_the_service_dead_at_once(predictor):
+def restarts(batcher: Batcher) -> float:
+    return batcher.metrics.registry.get_sample_value("captioner_worker_restarts_total") or 0.0
+
+
+def test_a_worker_process_killed_while_idle_is_replaced_and_the_pool_serves_on(predictor):
+    _reporting_threads_and_process(predictor)
     workers = processes(predictor)
     batcher = started(workers, max_wait_ms=0)
     try:
-        assert orjson.loads(run(batcher, ([png((41, 40))], BEAM))[0][0])["width"] == 41
-        os.kill(workers[1].process.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not batcher.dead and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert batcher.dead
-        (refused,) = run(batcher, ([png()], BEAM))
-        assert isinstance(refused, WorkerDead)
+        killed = workers[1].process.pid
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: restarts(batcher) == 1, "the killed worker replaced")
+        assert batcher.workers_alive == 2 and batcher.alive and not batcher.dead
+        assert workers[1].process.pid != killed and workers[1].process.name == "captioner-worker-1"
+        answers = run(batcher, *[([png((41 + i, 40))], BEAM) for i in range(6)], timeout=60)
     finally:
         batcher.stop()
+    assert [orjson.loads(outcomes[0])["width"] for outcomes in answers] == [41, 42, 43, 44, 45, 46]
+    assert killed not in {orjson.loads(outcomes[0])["pid"] for outcomes in answers}
 
 
-def test_a_worker_process_killed_inside_a_batch_fails_that_request_at_once(predictor):
-    """The model call never returns: the request can only be answered by the death being noticed."""
+def test_a_worker_process_killed_inside_a_batch_fails_that_batch_to_be_retried_and_its_replacement_answers(predictor):
+    """The model call for a picture 13 pixels wide never returns: that request can only be
+    answered by the death being noticed."""
     inside = multiprocessing.get_context("fork").Event()  # before the fork: shared with the child
+    real = predictor.caption_batch
 
-    def stuck(images, options):
-        inside.set()
-        threading.Event().wait()
+    def stuck_on_width_13(images, options):
+        if any(image.width == 13 for image in images):
+            inside.set()
+            threading.Event().wait()
+        return real(images, options)
 
-    predictor.caption_batch = stuck
+    predictor.caption_batch = stuck_on_width_13
     workers = processes(predictor, 1)
     batcher = started(workers, max_wait_ms=0)
+    held = workers[0].process.pid
 
     def kill_once_inside() -> None:
         if inside.wait(60):
-            os.kill(workers[0].process.pid, signal.SIGKILL)
+            os.kill(held, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_once_inside)
     killer.start()
     try:
-        (failed,) = run(batcher, ([png()], BEAM), timeout=60)
-        assert isinstance(failed, WorkerDead)
-        assert batcher.dead
+        (failed,) = run(batcher, ([png((13, 20))], BEAM), timeout=60)
+        assert isinstance(failed, WorkerLost) and f"pid {held}" in str(failed), repr(failed)
+        (answered,) = run(batcher, ([png((12, 20))], BEAM), timeout=60)  # the replacement, once ready
+        assert orjson.loads(answered[0])["width"] == 12
+        assert restarts(batcher) == 1 and not batcher.dead
     finally:
         killer.join()
         batcher.stop()
+
+
+def test_worker_processes_dying_beyond_the_restart_budget_give_up_and_say_why(predictor):
+    workers = processes(predictor)
+    gave_up = threading.Event()
+    reasons: list[str] = []
+
+    def give_up(why: str) -> None:
+        reasons.append(why)
+        gave_up.set()
+
+    batcher = started(workers, max_wait_ms=0, restarts=RestartBudget(1, 600), on_give_up=give_up)
+    try:
+        os.kill(workers[0].process.pid, signal.SIGKILL)
+        wait_until(lambda: restarts(batcher) == 1, "the first death replaced")
+        os.kill(workers[1].process.pid, signal.SIGKILL)
+        assert gave_up.wait(60)
+        (refused,) = run(batcher, ([png()], BEAM), timeout=60)
+        assert isinstance(refused, WorkerDead) and batcher.dead and restarts(batcher) == 1
+    finally:
+        batcher.stop()
+    assert reasons == [batcher.gave_up] and "killed by signal 9" in reasons[0], reasons
+    assert "more than 1 times within 600 s" in reasons[0]
 
 
 def _reporting_threads_and_process(predictor: Predictor) -> None:
