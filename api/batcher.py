@@ -43,9 +43,10 @@ from dataclasses import dataclass
 
 from captioner.decoding import DecodeOptions
 from runtime.children import RestartBudget
+from runtime.workers import WorkerDied
 
 from .metrics import Metrics
-from .workers import Batch, Outcome, ProcessWorker, ThreadWorker, WorkerGone
+from .workers import Batch, Outcome, ProcessWorker, ThreadWorker
 
 log = logging.getLogger("captioner.api")
 
@@ -406,7 +407,7 @@ class Batcher:
         started = time.perf_counter()
         try:
             outcomes = self.workers[index].run(batch, alone)
-        except WorkerGone as e:
+        except WorkerDied as e:
             self._lost(index, jobs, str(e))
             return
         except Exception as e:  # the model failing must fail these requests, not the worker
