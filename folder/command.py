@@ -266,7 +266,7 @@ class Outputs:
 
 
 def main(args: argparse.Namespace) -> int:
-    keep_freed_memory()  # this process's malloc policy, set before any lane thread or fork exists
+    keep_freed_memory()  # this process's malloc policy, set before any worker thread or fork exists
     throughput = _throughput(args)
     try:
         options = model_from_flags(DecodeOptions, args, attention=args.attention or bool(args.overlays))
@@ -470,18 +470,16 @@ def _caption(
     show_progress: bool = True,
 ) -> int:
     """Caption `todo` into `output` and say how it went; returns how many images failed."""
-    from concurrent.futures.process import BrokenProcessPool
-
     from tqdm import tqdm
 
-    from .pipeline import PipelineConfig, caption_entries
+    from .pipeline import BatchLost, PipelineConfig, caption_entries
 
     cpus = cpus_per_local_rank()
     workers = throughput.workers or cpus
     config = PipelineConfig(
         throughput.batch_size,
-        lanes=workers,
-        threads_per_lane=throughput.threads or max(1, cpus // workers),
+        workers=workers,
+        threads_per_worker=throughput.threads or max(1, cpus // workers),
         overlays=args.overlays,
         keep_attention=args.attention,
     )
@@ -503,11 +501,12 @@ def _caption(
                 file=sys.stderr,
             )
             raise SystemExit(130) from None
-        except BrokenProcessPool:
+        except BatchLost as e:
             bar.close()
             print(
-                f"{label}error: a worker process died (out of memory?); {output} holds every finished batch; "
-                f"rerun the same command to go on, with fewer --workers or a smaller --batch-size",
+                f"{label}error: a worker process died (out of memory?) captioning {_some(e.files)}: {e.why}. "
+                f"{output} holds every batch before them; rerun the same command to caption them and the rest, "
+                "with fewer --workers or a smaller --batch-size",
                 file=sys.stderr,
             )
             raise SystemExit(1) from None
@@ -521,6 +520,12 @@ def _caption(
         file=sys.stderr,
     )
     return tally.failed
+
+
+def _some(files: list[str], shown: int = 3) -> str:
+    """The first few of `files`, and how many more."""
+    more = f" and {len(files) - shown} more" if len(files) > shown else ""
+    return ", ".join(files[:shown]) + more
 
 
 def _finish(outputs: Outputs, failed: int | None = None, label: str = "") -> int:

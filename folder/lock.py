@@ -4,7 +4,7 @@ would cut the other's half-written last line as torn).
 
 The lock is a POSIX record lock (`fcntl.lockf`) on a file beside the output. The kernel releases
 it when its holder dies, even by SIGKILL, so a lock file that a killed run left behind holds
-nothing. It is a record lock rather than a `flock` because forked lanes (`pipeline`) do not
+nothing. It is a record lock rather than a `flock` because forked workers (`pipeline`) do not
 inherit it: they cannot keep an output locked after the run that forked them is gone. It works
 across machines on NFS, as torchrun's ranks on several nodes need.
 """

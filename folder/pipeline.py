@@ -1,27 +1,25 @@
-"""Captioning many files fast: lanes caption whole batches side by side, and results come out in order.
+"""Captioning many files fast: workers caption whole batches side by side, and results come out in order.
 
-A lane reads and decodes its batch's images, runs the encoder and the
+A worker reads and decodes its batch's images, runs the encoder and the
 decoding, writes the overlays and formats the output lines; the calling thread
-writes every batch, in order, as soon as it is done, with at most `lanes + 1`
+writes every batch, in order, as soon as it is done, with at most `workers + 1`
 batches submitted ahead, so memory stays bounded whatever the folder's size.
 
-On a CPU under Linux the lanes are forked processes of one torch thread each.
-Decoding is thousands of small operators a second, and every one of them hands
-Python's lock over: lanes that were threads of one process slowed each other
-by a tenth (measured: README, "Benchmarks"). Forked lanes share the model's
-weights with the parent and start in milliseconds. On a GPU, or where there is
-no safe fork, the lanes are threads.
+On a CPU under Linux the workers are forked processes of one torch thread each,
+forked and handled as the server's are (runtime.workers: why, how, and what a
+dead one means): workers that were threads of one process slowed each other by a
+tenth (measured: README, "Benchmarks"). On a GPU, or where there is no safe
+fork, the workers are threads. A worker process that dies stops the run with
+`BatchLost`, naming the files it held: the journal holds every batch before
+them, and the same command run again captions those files and the rest.
 """
 
-import multiprocessing
-import os
-import signal
-import sys
-import threading
+import queue
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,8 +29,8 @@ from captioner.decoding import DecodeOptions
 from captioner.images import ImageError
 from captioner.overlay import caption_sheet, drop_attention, prepare_with_picture
 from captioner.predictor import Predictor
-from runtime.children import die_with_parent
 from runtime.files import replacing
+from runtime.workers import ForkedWorker, ThreadWorker, Worker, WorkerDied, can_fork
 
 from .files import SKIP_CODES, Entry
 from .journal import result_line
@@ -44,11 +42,19 @@ MIN_TAIL_BATCH = 4  # the shortest batch near the end: smaller ones cost more pe
 @dataclass(frozen=True)
 class PipelineConfig:
     batch_size: int = 8  # images per encoder and decoder call
-    lanes: int = 2  # batches captioned at once
-    threads_per_lane: int = 1  # torch threads of each lane
-    processes: bool = True  # lanes as forked processes where that is safe and useful (see above)
+    workers: int = 2  # batches captioned at once
+    threads_per_worker: int = 1  # torch threads of each worker
+    processes: bool = True  # workers as forked processes where that is safe and useful (see above)
     overlays: Path | None = None  # folder for one PNG sheet per image
     keep_attention: bool = True  # attention in the output lines (decoding may need it only for overlays)
+
+
+class BatchLost(Exception):
+    """A worker process died while it captioned `files`: the run stops there."""
+
+    def __init__(self, why: str, files: list[str]):
+        super().__init__(why)
+        self.why, self.files = why, files
 
 
 @dataclass
@@ -71,68 +77,90 @@ def caption_entries(
     write: Callable[[list[str]], None],
     progress: Callable[[int], object] = lambda n: None,
 ) -> Tally:
-    """One output line per entry, handed to `write` a batch at a time in entry order."""
+    """One output line per entry, handed to `write` a batch at a time in entry order. A worker
+    that dies raises BatchLost; nothing after the batch it held is written."""
     tally = Tally()
-    lanes = _start_lanes(predictor, config)
-    in_flight: deque[Future] = deque()
+    workers = _Workers(_make_workers(predictor, options, config))
+    in_flight: deque[tuple[list[Entry], Future]] = deque()
 
-    def finish(outcome: Future) -> None:
-        lines, segment_tally = outcome.result()
+    def finish(segment: list[Entry], outcome: Future) -> None:
+        try:
+            lines, segment_tally = outcome.result()
+        except WorkerDied as e:
+            raise BatchLost(str(e), [entry.file for entry in segment]) from None
         write(lines)
         tally.add(segment_tally)
         progress(segment_tally.captioned + segment_tally.failed)  # images, not files skipped by design
 
     try:
-        for segment in _segments(entries, config.batch_size, config.lanes):
-            in_flight.append(lanes.submit(_caption_segment, segment, options, config.overlays, config.keep_attention))
-            if len(in_flight) > config.lanes + 1:
-                finish(in_flight.popleft())
+        for segment in _segments(entries, config.batch_size, config.workers):
+            in_flight.append((segment, workers.submit(segment)))
+            if len(in_flight) > config.workers + 1:
+                finish(*in_flight.popleft())
         while in_flight:
-            finish(in_flight.popleft())
+            finish(*in_flight.popleft())
     finally:
-        lanes.shutdown(cancel_futures=True)
+        workers.shutdown()
     return tally
 
 
-def lanes_are_processes(device: torch.device, config: PipelineConfig) -> bool:
-    """Fork only on Linux (macOS's system libraries are not fork-safe), only on a CPU (CUDA cannot
-    be forked once started), and only for more than one lane."""
-    return config.processes and config.lanes > 1 and device.type == "cpu" and sys.platform.startswith("linux")
+def workers_are_processes(device: torch.device, config: PipelineConfig) -> bool:
+    """Forked workers where runtime.workers.can_fork says they are safe and useful."""
+    return config.processes and can_fork(device.type, config.workers)
 
 
-def _start_lanes(predictor: Predictor, config: PipelineConfig) -> Executor:
-    if lanes_are_processes(predictor.device, config):
-        return ProcessPoolExecutor(
-            config.lanes,
-            mp_context=multiprocessing.get_context("fork"),
-            initializer=_start_lane,
-            initargs=(predictor, config.threads_per_lane, os.getpid()),
-        )
-    return ThreadPoolExecutor(
-        config.lanes, "lane", initializer=_start_lane, initargs=(predictor, config.threads_per_lane)
-    )
+def _make_workers(predictor: Predictor, options: DecodeOptions, config: PipelineConfig) -> list[Worker]:
+    caption = partial(_caption_segment, predictor, options, config.overlays, config.keep_attention)
+    if workers_are_processes(predictor.device, config):
+        threads = config.threads_per_worker
+        return [ForkedWorker(caption, f"captioner-worker-{i}", threads) for i in range(config.workers)]
+    torch.set_num_threads(config.threads_per_worker)  # the process's, which its worker threads share
+    return [ThreadWorker(caption, f"worker-{i}") for i in range(config.workers)]
 
 
-_lane = threading.local()  # the predictor of the lane running in this thread
+class _Workers:
+    """The run's workers, each captioning one segment at a time: submit() hands a segment to a
+    thread here, which takes whichever worker is free."""
+
+    def __init__(self, workers: list[Worker]):
+        self._workers: list[Worker] = []
+        self._free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+        try:
+            for worker in workers:
+                worker.start()
+                self._workers.append(worker)
+                self._free.put(worker)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._threads = ThreadPoolExecutor(len(workers), "worker")
+
+    def submit(self, segment: list[Entry]) -> Future:
+        return self._threads.submit(self._run, segment)
+
+    def _run(self, segment: list[Entry]) -> tuple[list[str], "Tally"]:
+        worker = self._free.get()
+        try:
+            return worker.call(segment)
+        finally:
+            self._free.put(worker)  # a dead one too: its next call fails at once
+
+    def shutdown(self) -> None:
+        """Drop the segments not begun, finish those under way, then stop the workers."""
+        if hasattr(self, "_threads"):
+            self._threads.shutdown(cancel_futures=True)
+        for worker in self._workers:
+            worker.stop(timeout=30)
 
 
-def _start_lane(predictor: Predictor, threads: int, parent: int | None = None) -> None:
-    """Runs once in each lane; `parent` is the pid a forked lane came from."""
-    _lane.predictor = predictor
-    torch.set_num_threads(threads)
-    if parent is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-        die_with_parent(parent)  # `caption_entries` starts the lanes from its own thread and stops them itself
-
-
-def _segments(entries: list[Entry], batch_size: int, lanes: int) -> Iterator[list[Entry]]:
+def _segments(entries: list[Entry], batch_size: int, workers: int) -> Iterator[list[Entry]]:
     """Runs of entries holding `batch_size` images each (files skipped by design ride along),
-    shorter near the end so that the lanes finish together: a lane that took the last full
+    shorter near the end so that the workers finish together: a worker that took the last full
     batch would run on alone while the others wait (guided self-scheduling)."""
     remaining = sum(entry.skip is None for entry in entries)
 
     def next_size() -> int:
-        return max(min(batch_size, -(-remaining // (2 * lanes))), min(batch_size, MIN_TAIL_BATCH))
+        return max(min(batch_size, -(-remaining // (2 * workers))), min(batch_size, MIN_TAIL_BATCH))
 
     segment, images, size = [], 0, next_size()
     for entry in entries:
@@ -147,10 +175,9 @@ def _segments(entries: list[Entry], batch_size: int, lanes: int) -> Iterator[lis
 
 
 def _caption_segment(
-    segment: list[Entry], options: DecodeOptions, overlays: Path | None, keep_attention: bool
+    predictor: Predictor, options: DecodeOptions, overlays: Path | None, keep_attention: bool, segment: list[Entry]
 ) -> tuple[list[str], Tally]:
-    """In a lane: the output line of every entry, in order, and how they went."""
-    predictor: Predictor = _lane.predictor
+    """In a worker: the output line of every entry, in order, and how they went."""
     results: list[dict] = [{} for _ in segment]
     pictures: list[Image.Image | None] = [None] * len(segment)
     prepared, positions = [], []
@@ -192,7 +219,7 @@ def _error(e: ImageError) -> dict:
 
 def _write_sheet(picture: Image.Image, result: dict, path: Path) -> None:
     """Replaced whole (`replacing`): a full disk leaves no half-drawn sheet under its name, and its
-    DiskFullError, naming the sheet, reaches the run from a forked lane too."""
+    DiskFullError, naming the sheet, reaches the run from a forked worker too."""
     best = result["captions"][0]
     sheet = caption_sheet(picture, best["tokens"], best.get("attention", []), tile=OVERLAY_TILE)
     with replacing(path) as tmp:

@@ -539,10 +539,10 @@ def test_merging_missing_or_foreign_parts_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_batches_shrink_near_the_end_so_the_lanes_finish_together(tmp_path):
+def test_batches_shrink_near_the_end_so_the_workers_finish_together(tmp_path):
     skipped = ImageError("not_an_image", "a text file")
     entries = [Entry(f"{i}.jpg", tmp_path / f"{i}.jpg", skipped if i % 7 == 3 else None) for i in range(400)]
-    segments = list(_segments(entries, batch_size=32, lanes=2))
+    segments = list(_segments(entries, batch_size=32, workers=2))
 
     assert [e for segment in segments for e in segment] == entries  # every entry once, in order
     sizes = [sum(e.skip is None for e in segment) for segment in segments]

@@ -1,6 +1,7 @@
 """`captioner caption` as real processes: killed midway and resumed, and split across torchrun ranks."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -100,6 +101,8 @@ def test_a_worker_that_dies_is_reported_and_the_rerun_finishes_the_job(slow_run)
     stderr = wait_for(process)
     assert process.returncode == 1, stderr
     assert "error: a worker process died" in stderr and "Traceback" not in stderr
+    assert re.search(r"captioning set\d/img_\d{4}\.png.*: model worker captioner-worker-\d", stderr), stderr
+    assert "killed by signal 9" in stderr and "rerun the same command to caption them and the rest" in stderr
     assert out.read_text().count("\n") < 151
 
     resumed = subprocess.run(command, capture_output=True, text=True)
