@@ -15,6 +15,12 @@ the image's greedy caption (`captioner.decoding.greedy`), and the loss is
 -mean(advantage * log p(sampled caption)). Captions the model would not say at test
 time are pushed down, better ones up, with no learned critic.
 
+With `reference_weight` w > 0 the loss is the mixed objective of Paulus et al. (2017):
+SCST's plus w times the cross-entropy (per word) of the image's reference captions, both
+from one teacher-forced pass. CIDEr-D alone can be gamed by captions no reference would
+say (a count from one template before the objects of another); the references' likelihood
+keeps the captions in their language.
+
 Both decodings run without gradient; the sampled captions are then scored again by
 teacher forcing (`Decoder.forward`, one batched pass through `Decoder.step`), which
 gives the same log-probabilities with gradient. That holds exactly when dropout is off
@@ -56,13 +62,17 @@ def scst_loss(
     max_length: int = 16,
     seed: int | None = None,
     learner: torch.nn.Module | None = None,
+    reference_ids: list[list[int]] | None = None,
+    reference_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The SCST loss of a batch of images, and its mean rewards.
 
     features (B, P, D); references: each image's reference captions (raw text is fine:
     CiderD tokenises); seed makes the samples repeatable (None: fresh ones); learner: what
     re-scores the samples with gradient, `decoder` itself or its DistributedDataParallel
-    wrapper (None: the decoder)."""
+    wrapper (None: the decoder). reference_ids: with reference_weight > 0, the same number of
+    reference captions per image as word ids (no <start>, no <end>), image i's after image
+    i-1's, whose cross-entropy is added with that weight."""
     B, K = features.size(0), num_samples
     with torch.no_grad():
         memory = decoder.prepare(features)
@@ -74,13 +84,23 @@ def scst_loss(
     baseline_rewards = cider.scores(text(baseline), references)  # (B,)
     advantage = sample_rewards.reshape(B, K) - baseline_rewards[:, None]  # (B, K)
 
+    refs = reference_ids if reference_ids and reference_weight > 0 else []
+    C = len(refs) // B  # reference rows per image
+    rows = [h.token_ids for h in samples]
+    if C:  # one teacher-forced pass: each image's K samples, then its C references
+        rows = [r for i in range(B) for r in rows[i * K : (i + 1) * K] + refs[i * C : (i + 1) * C]]
     rescorer = decoder if learner is None else learner
-    log_probs = caption_log_probs(rescorer, features, [h.token_ids for h in samples], K)  # (B*K,)
-    advantage_t = torch.from_numpy(advantage.reshape(-1)).to(log_probs)  # (B*K,), a constant
-    loss = -(advantage_t * log_probs).mean()
+    log_probs = caption_log_probs(rescorer, features, rows, K + C).view(B, K + C)  # (B, K+C)
+    advantage_t = torch.from_numpy(advantage).to(log_probs)  # (B, K), a constant
+    loss = -(advantage_t * log_probs[:, :K]).mean()
     stats = {
         "sample_reward": float(np.mean(sample_rewards)),
         "greedy_reward": float(np.mean(baseline_rewards)),
         "sample_words": float(np.mean([len(h.token_ids) for h in samples])),
     }
+    if C:
+        words = sum(len(r) + 1 for r in refs)  # each caption's words and its <end>
+        cross_entropy = -log_probs[:, K:].sum() / words
+        loss = loss + reference_weight * cross_entropy
+        stats["reference_cross_entropy"] = float(cross_entropy)
     return loss, stats

@@ -54,7 +54,7 @@ from runtime.home import captioner_home
 from training.caption_metrics import cider
 from training.cider_d import CiderD
 from training.coco import CaptionSplit, load_split
-from training.data import CaptionBatches, encode_captions
+from training.data import Batch, CaptionBatches, encode_captions
 from training.evaluate import truth_scores
 from training.features import ImageFiles, cached_features, encode_images
 from training.image_check import BadImagesError, find_bad_images, skipped_note, usable_split
@@ -149,6 +149,14 @@ class TrainConfig(BaseModel):
         "only (no --fine-tune-blocks)",
     )
     scst_samples: int = Field(5, ge=1, description="with --scst: captions sampled per image and step")
+    scst_reference_weight: float = Field(
+        0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="with --scst: add this times the cross-entropy of each image's captions_per_image "
+        "reference captions (a mixed objective), which keeps captions in the references' language "
+        "while CIDEr-D is pursued",
+    )
     progress: bool = Field(True, description="progress bars")
 
     @model_validator(mode="after")
@@ -503,16 +511,18 @@ def drop_words(captions: torch.Tensor, p: float) -> torch.Tensor:
     return captions.masked_fill(dropped, Vocabulary.unk_id)
 
 
-def scst_step(run: Run, inputs: torch.Tensor, indices: list[int], writer) -> tuple[torch.Tensor, ...]:
-    """One optimizer step of self-critical sequence training on (B, P, D) features of the training
-    images `indices`: (loss, loss detached, gradient norm before clipping). Rewards go to `writer`."""
+def scst_step(run: Run, inputs: torch.Tensor, batch: Batch, writer) -> tuple[torch.Tensor, ...]:
+    """One optimizer step of self-critical sequence training on (B, P, D) features of the batch's
+    images (their (N, T) captions are the references of the mixed objective): (loss, loss detached,
+    gradient norm before clipping). Rewards go to `writer`."""
     config, progress = run.config, run.progress
     assert run.cider is not None  # the loop calls scst_step only when run.cider is set (--scst)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(progress.step, run.total_steps, config)
     run.learner.eval()  # dropout off: the re-scoring pass gives the sampled captions' own log-probabilities
     features = inputs.to(run.device, non_blocking=True)
-    references = [run.train_split.captions[i] for i in indices]
+    references = [run.train_split.captions[i] for i in batch.indices]
+    reference_ids = [strip_specials(row) for row in batch.captions.tolist()] if config.scst_reference_weight else None
     # samples of their own per rank and step, the same again when a run is resumed
     seed = int(np.random.SeedSequence([config.seed, run.dist.rank, progress.step]).generate_state(1)[0])
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=config.amp):
@@ -527,12 +537,20 @@ def scst_step(run: Run, inputs: torch.Tensor, indices: list[int], writer) -> tup
             config.max_words,
             seed,
             learner=run.learner,
+            reference_ids=reference_ids,
+            reference_weight=config.scst_reference_weight,
         )
     grad_norm = apply_gradients(run, loss)
     if writer and progress.step % 10 == 0:
         for name, value in stats.items():
             writer.add_scalar(f"scst/{name}", value, progress.step)
     return loss, loss.detach(), grad_norm
+
+
+def strip_specials(row: list[int]) -> list[int]:
+    """A padded `<start> words <end>` row's words."""
+    words = row[1:]
+    return words[: words.index(Vocabulary.end_id)] if Vocabulary.end_id in words else words
 
 
 def apply_gradients(run: Run, loss: torch.Tensor) -> torch.Tensor:
@@ -573,7 +591,7 @@ def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
         if run.cider is None:
             loss, ce, grad_norm = train_step(run, inputs, batch.captions)
         else:  # then `ce` is SCST's loss, and the rewards are logged
-            loss, ce, grad_norm = scst_step(run, inputs, batch.indices, writer)
+            loss, ce, grad_norm = scst_step(run, inputs, batch, writer)
         progress.batch, progress.last_loss = batch_index + 1, ce.item()
         if writer and progress.step % 10 == 0:
             writer.add_scalar("train/loss", loss.item(), progress.step)

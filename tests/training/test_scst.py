@@ -147,6 +147,26 @@ def test_gradient_is_minus_advantage_times_the_sampled_log_probs_only():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_mixed_objective_adds_the_references_cross_entropy_per_word():
+    model = talkative_tiny_model()
+    decoder, features, K = model.decoder, region_features(model, 2), 3
+    references = [[c] for c in TINY_CAPTIONS[:2]]
+    reference_ids = [[4, 5, 6], [7, 8], [5], [6, 7, 8, 4]]  # two per image: image 0's, then image 1's
+    cider = CiderD([[c] for c in TINY_CAPTIONS])
+    args = (decoder, features, references, cider, model.vocab, K, 8, 7)
+    scst_only, _ = scst_loss(*args)
+    mixed, stats = scst_loss(*args, reference_ids=reference_ids, reference_weight=0.5)
+
+    words = sum(len(r) + 1 for r in reference_ids)  # with each caption's <end>
+    by_hand = -sum(step_log_prob(decoder, features[i // 2], r) for i, r in enumerate(reference_ids)) / words
+    assert stats["reference_cross_entropy"] == pytest.approx(by_hand.item(), abs=1e-5)
+    assert mixed.item() == pytest.approx(scst_only.item() + 0.5 * by_hand.item(), abs=1e-5)
+    for a, b in zip(grads(mixed, decoder), grads(scst_only + 0.5 * by_hand, decoder), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    unweighted, plain_stats = scst_loss(*args, reference_ids=reference_ids, reference_weight=0.0)
+    assert unweighted.item() == pytest.approx(scst_only.item()) and "reference_cross_entropy" not in plain_stats
+
+
 def test_zero_advantage_gives_zero_gradient():
     model = talkative_tiny_model()
     nothing_in_common = [["zebra crossing"]] * 2  # every caption, sampled or greedy, scores 0
