@@ -36,7 +36,23 @@ VARIANTS = {
     "soft attention, vanilla tanh RNN": {"cell": "rnn"},
     "soft attention, LSTM, no positions": {"positional": False},
 }
-COLUMNS = ("exact_object_set", "relation_accuracy", "pointing_accuracy", "BLEU-4", "CIDEr")
+COLUMNS = (
+    "exact_object_set",
+    "exact_object_set_3_objects",
+    "informative_rate",
+    "relation_accuracy",
+    "relation_count",
+    "pointing_accuracy",
+    "BLEU-4",
+    "CIDEr",
+)
+
+
+def cell(value: float | int | None) -> str:
+    """A score to 3 decimals, a count as it is, n/a for one not measured (None or NaN)."""
+    if isinstance(value, int):
+        return str(value)
+    return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Shapes world, {DEMO_SPLITS['train']} training images, {args.epochs} epochs each, the default "
         f"recipe otherwise; test split ({len(test)} images), beam size 3. "
+        "Strict truth metrics; relation_count is the number of relation phrases scored. "
         "Pointing game: n/a without attention. Training time is wall-clock time on the machine "
         "that ran it (the epochs only, validation included), which other jobs may have shared.",
         "",
@@ -83,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|" + "---|" * (len(COLUMNS) + 1),
     ]
     for name, scores, minutes in rows:
-        cells = [f"{scores[c]:.3f}" if c in scores and scores[c] == scores[c] else "n/a" for c in COLUMNS]
+        cells = [cell(scores.get(c)) for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes:.1f} min |")
     write_section(args.out, SECTION, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -10,7 +10,8 @@ phase continues from it as arm B does) and train --epochs more epochs on the
 demo's data and feature cache with the demo's settings otherwise, at one learning rate
 (--lr, no warm-up, cosine decay to a tenth):
 (A) with cross-entropy, `captioner train --init-from MODEL`;
-(B) with self-critical sequence training, `captioner train --scst --init-from MODEL`.
+(B) with self-critical sequence training, `captioner train --scst --init-from MODEL
+--scst-reference-weight W` (the demo's W unless --reference-weight says otherwise).
 Each keeps its best epoch by validation CIDEr (greedy, 300 images), as any run does. Both
 arms are then scored on the test split with beam size 3 by training.evaluate.evaluate:
 CIDEr and BLEU-4 (pycocoevalcap) and the Shapes world's strict truth metrics, as is the
@@ -40,7 +41,7 @@ from captioner.predictor import Predictor
 from runtime.home import default_workdir
 from training.caption_metrics import CocoScorer
 from training.coco import load_split
-from training.demo import DEMO_SEED, DEMO_SPLITS, DEMO_TRAINING
+from training.demo import DEMO_SCST_REFERENCE_WEIGHT, DEMO_SEED, DEMO_SPLITS, DEMO_TRAINING
 from training.evaluate import evaluate
 from training.train import BEST_MODEL, TrainConfig, train
 
@@ -68,7 +69,9 @@ def cpu_name() -> str:
     return platform.processor() or "an unknown CPU"
 
 
-def continue_training(start: Path, workdir: Path, out: Path, epochs: int, lr: float, scst: bool) -> tuple[Path, float]:
+def continue_training(
+    start: Path, workdir: Path, out: Path, epochs: int, lr: float, scst: bool, reference_weight: float
+) -> tuple[Path, float]:
     """`epochs` more epochs from `start` with the demo's settings: (best checkpoint, minutes)."""
     config = TrainConfig(
         **{
@@ -84,6 +87,7 @@ def continue_training(start: Path, workdir: Path, out: Path, epochs: int, lr: fl
             "progress": False,
             "init_from": str(start),
             "scst": scst,
+            "scst_reference_weight": reference_weight if scst else 0.0,
         }
     )
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a stale resume
@@ -105,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=default_workdir(), help="the demo's (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=1, help="extra epochs for each arm (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-4, help="both arms' learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--reference-weight",
+        type=float,
+        default=DEMO_SCST_REFERENCE_WEIGHT,
+        help="arm B's weight of the references' cross-entropy (default: the demo's, %(default)s; 0: SCST alone)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     args = parser.parse_args(argv)
 
@@ -121,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     with CocoScorer() as scorer:
         rows.append(("start: the default recipe's cross-entropy phase", score_on_test(start, test, scorer), None, None))
         for name, scst in arms.items():
+            out = runs / ("scst" if scst else "ce")
             best, minutes = continue_training(
-                start, args.workdir, runs / ("scst" if scst else "ce"), args.epochs, args.lr, scst
+                start, args.workdir, out, args.epochs, args.lr, scst, args.reference_weight
             )
             if not (best.parent / "history.json").exists():  # written by a run that finished
                 print(f"{name} stopped before it finished: no table written", file=sys.stderr)
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         SECTION,
         "",
-        f"`.venv/bin/python benchmarks/scst_shapes.py --epochs {args.epochs} --lr {args.lr:g}`",
+        f"`.venv/bin/python benchmarks/scst_shapes.py --epochs {args.epochs} --lr {args.lr:g} "
+        f"--reference-weight {args.reference_weight:g}`",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}; shared with other work, so "
@@ -148,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         f"batches of its {DEMO_SPLITS['train']} training images at lr {args.lr:g} (no warm-up, cosine to a "
         "tenth), keeping the best epoch by validation CIDEr (greedy, 300 images): (A) cross-entropy "
         "(`--init-from`), "
-        "(B) SCST (`--scst --init-from`, 5 samples per image, greedy baseline, CIDEr-D reward with the "
+        f"(B) SCST (`--scst --init-from --scst-reference-weight {args.reference_weight:g}`, 5 samples per "
+        "image, greedy baseline, CIDEr-D reward with the "
         f"training references' document frequencies, dropout off). Test split ({len(test)} images), beam "
         "size 3.",
         "",
