@@ -102,5 +102,5 @@ def scst_loss(
         words = sum(len(r) + 1 for r in refs)  # each caption's words and its <end>
         cross_entropy = -log_probs[:, K:].sum() / words
         loss = loss + reference_weight * cross_entropy
-        stats["reference_cross_entropy"] = float(cross_entropy)
+        stats["reference_cross_entropy"] = cross_entropy.item()
     return loss, stats
