@@ -65,6 +65,13 @@ class DecodeOptions(BaseModel):
         examples=[0.7],
         description="captions rank by log_prob / (words + 1) ** length_penalty",
     )
+    no_repeat_ngram_size: int = Field(
+        3,
+        ge=0,
+        le=MAX_LENGTH,
+        examples=[3],
+        description="no run of this many words appears twice in a caption (0: no such rule)",
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, examples=[7], description="sampling only: repeatable samples")
     attention: bool = Field(False, description="return each word's attention grid (h x w, sums to 1)")
 
@@ -107,12 +114,19 @@ def rank_score(log_prob: float, num_words: int, length_penalty: float) -> float:
 
 def decode(decoder: Decoder, memory: Memory, options: DecodeOptions) -> list[list[Hypothesis]]:
     """The captions of every image in `memory`, best first."""
+    no_repeat = options.no_repeat_ngram_size
     if options.method == "beam":
         return beam_search(
-            decoder, memory, options.beam_size, options.num_captions, options.max_length, options.length_penalty
+            decoder,
+            memory,
+            options.beam_size,
+            options.num_captions,
+            options.max_length,
+            options.length_penalty,
+            no_repeat,
         )
     if options.method == "greedy":
-        return [[h] for h in greedy(decoder, memory, options.max_length, options.length_penalty)]
+        return [[h] for h in greedy(decoder, memory, options.max_length, options.length_penalty, no_repeat)]
     return sample(
         decoder,
         memory,
@@ -122,6 +136,7 @@ def decode(decoder: Decoder, memory: Memory, options: DecodeOptions) -> list[lis
         options.top_k,
         options.seed,
         options.length_penalty,
+        no_repeat,
     )
 
 
@@ -142,7 +157,29 @@ def _next_word_log_probs(logits: torch.Tensor, last_step: bool) -> torch.Tensor:
     return log_probs
 
 
-def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float, choose) -> list[Hypothesis]:
+def ban_repeats(log_probs: torch.Tensor, said: list[list[int]], n: int) -> torch.Tensor:
+    """`log_probs` (N, V) with -inf for each word that would make row i's last n words a run of
+    words `said[i]` already holds (no_repeat_ngram_size); n = 0: unchanged. A row still saying its
+    caption has no <end> in `said`, so <end> is never banned and every row keeps a word to say."""
+    if n == 0:
+        return log_probs
+    rows, words = [], []
+    for row, history in enumerate(said):
+        if len(history) < n - 1:
+            continue
+        prefix = history[len(history) - n + 1 :]
+        for start in range(len(history) - n + 1):
+            if history[start : start + n - 1] == prefix:
+                rows.append(row)
+                words.append(history[start + n - 1])
+    if rows:
+        log_probs = log_probs.index_put((torch.tensor(rows), torch.tensor(words)), torch.tensor(float("-inf")))
+    return log_probs
+
+
+def _decode_paths(
+    decoder: Decoder, memory: Memory, max_length: int, length_penalty: float, choose, no_repeat: int = 0
+) -> list[Hypothesis]:
     """One caption per row of `memory`, each next word picked by `choose(log_probs) -> (N,)`."""
     N = memory.rows
     device = memory.regions.device
@@ -151,14 +188,17 @@ def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_pena
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     log_probs = torch.zeros(N, device=device)
     steps, alphas = [], []
+    said: list[list[int]] = [[] for _ in range(N)]  # each row's words so far
     for t in range(max_length + 1):
         logits, state, alpha = decoder.step(words, state, memory)
-        step_log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (N, V)
+        step_log_probs = ban_repeats(_next_word_log_probs(logits, last_step=t == max_length), said, no_repeat)
         words = choose(step_log_probs)  # (N,)
         word_log_prob = step_log_probs.gather(1, words.unsqueeze(1)).squeeze(1)  # (N,)
         log_probs += torch.where(finished, 0.0, word_log_prob)
         words = torch.where(finished, Vocabulary.pad_id, words)
         steps.append(words)
+        for history, word in zip(said, words.tolist()):
+            history.append(word)
         if alpha is not None:  # None every step, or never: decoder.has_attention
             alphas.append(alpha)
         finished |= words == Vocabulary.end_id
@@ -179,8 +219,10 @@ def _decode_paths(decoder: Decoder, memory: Memory, max_length: int, length_pena
 
 
 @torch.no_grad()
-def greedy(decoder: Decoder, memory: Memory, max_length: int, length_penalty: float = 0.7) -> list[Hypothesis]:
-    return _decode_paths(decoder, memory, max_length, length_penalty, lambda log_probs: log_probs.argmax(1))
+def greedy(
+    decoder: Decoder, memory: Memory, max_length: int, length_penalty: float = 0.7, no_repeat: int = 0
+) -> list[Hypothesis]:
+    return _decode_paths(decoder, memory, max_length, length_penalty, lambda log_probs: log_probs.argmax(1), no_repeat)
 
 
 @torch.no_grad()
@@ -193,6 +235,7 @@ def sample(
     top_k: int = 0,
     seed: int | None = None,
     length_penalty: float = 0.7,
+    no_repeat: int = 0,
 ) -> list[list[Hypothesis]]:
     """`num_samples` captions per image drawn from softmax(logits / temperature) over the top_k words.
 
@@ -217,7 +260,7 @@ def sample(
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         return torch.multinomial(scaled.softmax(1), 1, generator=generator).squeeze(1)
 
-    paths = _decode_paths(decoder, memory.repeat(num_samples), max_length, length_penalty, choose)
+    paths = _decode_paths(decoder, memory.repeat(num_samples), max_length, length_penalty, choose, no_repeat)
     return [sorted(paths[b * num_samples : (b + 1) * num_samples], key=lambda h: -h.score) for b in range(B)]
 
 
@@ -239,6 +282,7 @@ def beam_search(
     num_captions: int = 1,
     max_length: int = 20,
     length_penalty: float = 0.7,
+    no_repeat: int = 0,
 ) -> list[list[Hypothesis]]:
     """Beam search over all images at once, K beams each.
 
@@ -268,11 +312,13 @@ def beam_search(
     read: list[list[int]] = []  # read[t][r]: the word row r of step t+1 reads
     alphas: list[torch.Tensor] = []  # alphas[t]: (rows of step t, P)
     finished: list[list[_Finished]] = [[] for _ in range(B)]
+    said: list[list[int]] = [[] for _ in range(B)]  # each row's words so far
     for t in range(max_length + 1):
         n = active.numel()
         rows_per_image = 1 if t == 0 else K
         logits, state, alpha = decoder.step(words, state, memory.repeat(rows_per_image))
         log_probs = _next_word_log_probs(logits, last_step=t == max_length)  # (n*rows_per_image, V)
+        log_probs = ban_repeats(log_probs, said, no_repeat)
         V = log_probs.size(1)
         candidates = scores.view(n, -1, 1) + log_probs.view(n, rows_per_image, V)  # (n, K, V) at t=0 too
         top_scores, top_index = candidates.view(n, K * V).topk(min(2 * K, K * V), dim=1)  # (n, 2K)
@@ -305,6 +351,8 @@ def beam_search(
         state = state.index_select(rows)
         came_from.append(rows.tolist())
         read.append(words.tolist())
+        if no_repeat:
+            said = [said[r] + [w] for r, w in zip(came_from[-1], read[-1])]
     return [
         [_read_back(f, came_from, read, alphas) for f in sorted(done, key=lambda f: -f.score)[:num_captions]]
         for done in finished

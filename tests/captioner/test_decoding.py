@@ -9,6 +9,7 @@ from captioner.decoding import (
     DecodeOptions,
     Hypothesis,
     _next_word_log_probs,
+    ban_repeats,
     beam_search,
     decode,
     distinct_captions,
@@ -243,10 +244,11 @@ def test_batched_decoding_equals_decoding_each_image_alone(make_model, strategy)
 
 @torch.no_grad()
 def textbook_beam_search(
-    decoder, features: torch.Tensor, beam_size: int, max_length: int, length_penalty: float
+    decoder, features: torch.Tensor, beam_size: int, max_length: int, length_penalty: float, no_repeat: int = 0
 ) -> list[Hypothesis]:
     """One image, one beam at a time, no shortcuts: every step ranks all continuations of the
-    live beams; ends among the first K finish, the first K others live on; until K have finished."""
+    live beams (none repeating a run of `no_repeat` words); ends among the first K finish, the
+    first K others live on; until K have finished."""
     memory = decoder.prepare(features.unsqueeze(0))
     beams = [(0.0, [Vocabulary.start_id], decoder.init_state(memory))]
     finished = []
@@ -254,7 +256,8 @@ def textbook_beam_search(
         candidates = []
         for log_prob, tokens, state in beams:
             logits, next_state, _ = decoder.step(torch.tensor(tokens[-1:]), state, memory)
-            step_log_probs = _next_word_log_probs(logits, last_step=t == max_length)[0]
+            step_log_probs = _next_word_log_probs(logits, last_step=t == max_length)
+            step_log_probs = ban_repeats(step_log_probs, [tokens[1:]], no_repeat)[0]
             candidates += [
                 (log_prob + float(lp), tokens + [w], next_state) for w, lp in enumerate(step_log_probs) if lp.isfinite()
             ]
@@ -272,8 +275,8 @@ def textbook_beam_search(
     return sorted(finished, key=lambda h: -h.score)
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 0.7, 2.0])
-def test_beam_search_returns_what_the_textbook_search_returns(make_model, length_penalty):
+@pytest.mark.parametrize(("length_penalty", "no_repeat"), [(0.0, 0), (0.7, 0), (2.0, 0), (0.7, 2), (0.0, 3)])
+def test_beam_search_returns_what_the_textbook_search_returns(make_model, length_penalty, no_repeat):
     """Batched, stopping an image once no live beam can overtake its best, one row per image at the
     first step: none of these shortcuts changes a returned caption or its log-probability."""
     model = make_model()
@@ -281,12 +284,46 @@ def test_beam_search_returns_what_the_textbook_search_returns(make_model, length
     varied(model, features, 8)
     for beam_size, num_captions in [(2, 1), (3, 1), (4, 2), (5, 5)]:
         batched = decode_features(
-            model, features, beam_size=beam_size, num_captions=num_captions, max_length=8, length_penalty=length_penalty
+            model,
+            features,
+            beam_size=beam_size,
+            num_captions=num_captions,
+            max_length=8,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat,
         )
         for image in range(6):
-            textbook = textbook_beam_search(model.decoder, features[image], beam_size, 8, length_penalty)[:num_captions]
+            search = textbook_beam_search(model.decoder, features[image], beam_size, 8, length_penalty, no_repeat)
+            textbook = search[:num_captions]
             assert [h.token_ids for h in batched[image]] == [h.token_ids for h in textbook]
             assert [h.log_prob for h in batched[image]] == pytest.approx([h.log_prob for h in textbook], abs=1e-5)
+
+
+def test_ban_repeats_bans_the_word_that_would_say_a_run_twice():
+    log_probs = torch.zeros(3, 10)  # (N, V)
+    said = [[4, 5, 6, 4, 5], [4, 5, 4], [7]]
+    banned = ban_repeats(log_probs, said, 3)
+    assert banned[0].isinf().nonzero().flatten().tolist() == [6]  # "4 5 6" again
+    assert not banned[1].isinf().any() and not banned[2].isinf().any()  # "5 4 ..." and "7 ..." are new
+    assert ban_repeats(log_probs, said, 2)[1].isinf().nonzero().flatten().tolist() == [5]  # "4 5" again
+    assert ban_repeats(log_probs, said, 1)[2].isinf().nonzero().flatten().tolist() == [7]  # no word twice
+    assert ban_repeats(log_probs, said, 0) is log_probs
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_no_caption_says_a_run_of_words_twice(make_model, strategy):
+    model = make_model()
+    features = region_features(model, 6)
+    varied(model, features, 12)
+
+    def repeats(n: int, no_repeat: int) -> int:
+        """Captions with a run of n words twice."""
+        options = {**all_strategies()[strategy], "max_length": 12, "no_repeat_ngram_size": no_repeat}
+        hyps = [h for hs in decode_features(model, features, **options) for h in hs]
+        return sum(len(set(zip(*(h.token_ids[i:] for i in range(n))))) < len(h.token_ids) - n + 1 for h in hyps)
+
+    assert repeats(2, 0) > 0  # this model repeats itself when let
+    assert repeats(2, 2) == repeats(3, 3) == 0
 
 
 def test_beam_n_best_are_distinct_and_sorted_by_normalised_score(make_model):
