@@ -616,7 +616,10 @@ def decode_features(
 ) -> dict[int, dict]:
     """image id -> the best caption's {"tokens", "attention": (T, h, w)} from its features, row i of
     `features` being image_ids[i]'s."""
-    options = DecodeOptions(method="beam" if beam_size > 1 else "greedy", beam_size=beam_size, attention=True)
+    # the model's own captions: no repeat blocking, which is a choice of the applications' decoding
+    options = DecodeOptions(
+        method="beam" if beam_size > 1 else "greedy", beam_size=beam_size, attention=True, no_repeat_ngram_size=0
+    )
     device = next(model.parameters()).device
     h, w = model.grid
     model.eval()
