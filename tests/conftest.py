@@ -3,6 +3,7 @@ what the tests of real processes ask of /proc; and a file-size limit that makes 
 part-way, as a full disk does, without privileges."""
 
 import resource
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,3 +64,17 @@ def file_size_limit(size: int) -> Callable[[], None]:
     past it fails with EFBIG once the child ignores SIGXFSZ, as a full disk fails one with ENOSPC.
     Unlike a small tmpfs it needs no privileges."""
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def run_command(
+    command: list[str], limit: int | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """A command's run, its output captured, under a file size limit of `limit` bytes if given."""
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        preexec_fn=None if limit is None else file_size_limit(limit),
+    )

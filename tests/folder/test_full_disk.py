@@ -10,21 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import file_size_limit
+from tests.conftest import run_command
 from tests.folder.conftest import BIN, many_images, read_lines, single_run
 
 TOO_LARGE = "file too large writing {}: raise the file size limit (ulimit -f) or write to another file system"
 RERUN = "run the same command again to resume"
-
-
-def run(command: list[str], limit: int | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=None if limit is None else file_size_limit(limit),
-    )
 
 
 def assert_reported(run: subprocess.CompletedProcess, path: Path) -> None:
@@ -41,12 +31,12 @@ def test_a_full_journal_is_one_line_and_the_rerun_captions_every_image_once(tmp_
     out = tmp_path / "captions.jsonl"
     command = [str(BIN / "captioner"), "caption", str(folder), "--out", str(out), *map(str, flags)]
 
-    full = run(command, limit=len(reference.encode()) // 2)  # the journal fills up halfway
+    full = run_command(command, limit=len(reference.encode()) // 2)  # the journal fills up halfway
     assert_reported(full, out)
     whole = out.read_bytes().count(b"\n")
     assert 0 < whole < 61, "the run did not stop part-way"
 
-    resumed = run(command)
+    resumed = run_command(command)
     assert resumed.returncode == 0, resumed.stderr
     assert f"already done {whole}" in resumed.stderr  # the torn last line, if any, was cut and redone
     assert out.read_text() == reference
@@ -60,11 +50,11 @@ def test_a_full_disk_met_by_an_overlay_in_a_worker_leaves_no_half_sheet(tmp_path
     command = [str(BIN / "captioner"), "caption", str(folder), "--out", str(out), "--overlays", str(sheets)]
     command += map(str, flags)
 
-    full = run(command, limit=20_000)  # a sheet is larger; the journal's lines and the settings are not
+    full = run_command(command, limit=20_000)  # a sheet is larger; the journal's lines and the settings are not
     assert_reported(full, sheets / "set0" / "img_0000.png.png")  # the first image's, from a forked lane
     assert [p for p in sheets.rglob("*") if not p.is_dir()] == [], "a half-written sheet or temporary was left"
 
-    resumed = run(command)
+    resumed = run_command(command)
     assert resumed.returncode == 0, resumed.stderr
     names = [line["file"] for line in read_lines(out)]
     images = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))

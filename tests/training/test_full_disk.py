@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from captioner.checkpoint import load_checkpoint
-from tests.conftest import file_size_limit
+from tests.conftest import run_command
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,7 @@ def train_command(data: Path, out: Path, cache: Path, *flags: str) -> list[str]:
 
 
 def run(command: list[str], limit: int | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        preexec_fn=None if limit is None else file_size_limit(limit),
-    )
+    return run_command(command, limit, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def reported_path(run: subprocess.CompletedProcess) -> Path:
