@@ -1,6 +1,8 @@
 # make demo   build, train and serve the default Shapes model (http://127.0.0.1:8000)
 # make test   the whole test suite
 # make test-quick  every test not marked slow (under 3 minutes on 2 cores), for the edit-run loop
+# make test-busy   the whole suite with the second core kept busy (a test of the suite's own timing)
+# make test-random the whole suite in a random order (pytest-random-order; the seed is printed to rerun it)
 # make bench    folder-captioning and training throughput, the service under load and a 5-minute soak
 #               (about 20 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (about 10 min), written to benchmarks/RESULTS.md
@@ -10,7 +12,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo model test test-quick lint bench compare clean
+.PHONY: install demo model test test-quick test-busy test-random lint bench compare clean
 
 $(BIN)/captioner: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +33,12 @@ test: install
 
 test-quick: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+test-busy: install
+	$(BIN)/python -c "while True: pass" & busy=$$!; trap "kill $$busy" EXIT; $(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-random: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider --random-order
 
 lint: install
 	$(BIN)/ruff check .
