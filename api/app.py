@@ -63,9 +63,10 @@ async def lifespan(app: FastAPI):
     try:
         batcher.start()
         log.info(
-            "serving %s (encoder %s) on %s with %d model worker %s",
+            "serving %s (encoder %s on %s) on %s with %d model worker %s",
             settings.checkpoint,
             predictor.model.config.encoder,
+            "{backend}, {precision}".format(**predictor.runtime),
             settings.device,
             len(workers),
             "processes" if uses_processes(settings) else "thread",

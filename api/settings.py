@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         description="mixed-precision encoder: bf16 on a CPU (fast where it has AMX), "
         "fp16 on a GPU; captions may differ slightly",
     )
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="what runs the encoder: onnxruntime (a checkpoint made by `captioner export`, on a CPU), "
+        "torch, or auto: onnxruntime where the checkpoint has its graph and the device is a CPU without amp",
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     threads: int = Field(

@@ -56,7 +56,12 @@ def load_predictor(settings: Settings) -> Predictor:
         rle_bmp=False,
     )
     return Predictor.from_checkpoint(
-        settings.checkpoint, settings.device, limits=limits, max_batch_size=settings.max_batch_size, amp=settings.amp
+        settings.checkpoint,
+        settings.device,
+        settings.backend,
+        limits=limits,
+        max_batch_size=settings.max_batch_size,
+        amp=settings.amp,
     )
 
 

@@ -1,5 +1,6 @@
 """Checkpoints: one safetensors file holding the weights, with the config, the
-vocabulary and the model card as JSON in its header.
+vocabulary and the model card as JSON in its header, and, once `captioner export` has
+made one, the encoder as an ONNX graph (a uint8 tensor, described in the header).
 
 Loading never unpickles anything, and the model is rebuilt from the file alone.
 """
@@ -11,20 +12,27 @@ import torch
 
 from .config import ModelConfig
 from .model import CaptionModel, build_model
+from .onnx_encoder import OnnxGraph, encoder_fingerprint
 from .vocab import Vocabulary
 
 FORMAT = "captioner"
 FORMAT_VERSION = 1
+ONNX_KEY = "onnx_encoder"  # the tensor of the graph's bytes, and the header entry saying what it is
 
 
 class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(model: CaptionModel, path: str | Path, card: dict | None = None) -> None:
+def save_checkpoint(
+    model: CaptionModel, path: str | Path, card: dict | None = None, onnx_encoder: OnnxGraph | None = None
+) -> None:
     """A plain write to `path`, owner-only as safetensors creates it. A caller that wants atomic
     replacement (readers see the old file or the new one, never half of one) or a file other
-    users can read writes to a temporary path and renames it, as training does."""
+    users can read writes to a temporary path and renames it, as training does.
+
+    `onnx_encoder` must have been exported from this model's encoder weights, which the header
+    records so that loading can tell."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -37,6 +45,16 @@ def save_checkpoint(model: CaptionModel, path: str | Path, card: dict | None = N
         "vocab": json.dumps(model.vocab.to_json()),
         "card": json.dumps(card or {}),
     }
+    if onnx_encoder is not None:
+        tensors[ONNX_KEY] = torch.frombuffer(bytearray(onnx_encoder.model), dtype=torch.uint8)
+        metadata[ONNX_KEY] = json.dumps(
+            {
+                "precision": onnx_encoder.precision,
+                "sha256": onnx_encoder.sha256,
+                "encoder_sha256": encoder_fingerprint(model.encoder),
+                **onnx_encoder.info,
+            }
+        )
     save_file(tensors, path, metadata=metadata)
 
 
@@ -74,6 +92,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     config, vocab, card = read_header(path)
     model = build_model(config, vocab, pretrained=False)
     tensors = load_file(str(path))
+    tensors.pop(ONNX_KEY, None)  # read_onnx_encoder's
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -87,3 +106,31 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path} does not match its config: " + "; ".join(details))
     model.load_state_dict(tensors)
     return model.to(device).eval(), card
+
+
+def read_onnx_encoder(path: str | Path, model: CaptionModel) -> OnnxGraph | None:
+    """The checkpoint's ONNX encoder, if it has one; CheckpointError if its bytes are not the ones
+    exported, or it was exported from other encoder weights than `model`'s (loaded from `path`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        described = (f.metadata() or {}).get(ONNX_KEY)
+        if described is None:
+            return None
+        if ONNX_KEY not in set(f.keys()):  # a safe_open handle has no `in`
+            raise CheckpointError(f"{path} describes an ONNX encoder but holds none")
+        data = f.get_tensor(ONNX_KEY).numpy().tobytes()
+    try:
+        info = json.loads(described)
+        precision, sha256, encoder_sha256 = info.pop("precision"), info.pop("sha256"), info.pop("encoder_sha256")
+        graph = OnnxGraph(data, precision, info)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} has a broken ONNX encoder entry: {e}") from e
+    if graph.sha256 != sha256:
+        raise CheckpointError(f"{path}: its ONNX encoder is damaged (the bytes are not the ones exported)")
+    if encoder_fingerprint(model.encoder) != encoder_sha256:
+        raise CheckpointError(
+            f"{path}: its ONNX encoder was exported from other encoder weights than the checkpoint's; "
+            "export it again (captioner export)"
+        )
+    return graph

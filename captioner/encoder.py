@@ -57,8 +57,14 @@ def run_front(front: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
     a CPU (README, "Benchmarks"). A GPU wants whole batches, and training does
     too: BatchNorm's statistics are the batch's.
     """
-    if training or isinstance(images, torch.fx.Proxy) or images.device.type != "cpu" or images.size(0) <= 1:
-        return front(images)  # under torch.fx (`conv_bn_pairs`) too: the same layers, one call
+    if (
+        training
+        or isinstance(images, torch.fx.Proxy)
+        or torch.compiler.is_exporting()
+        or images.device.type != "cpu"
+        or images.size(0) <= 1
+    ):
+        return front(images)  # traced (`conv_bn_pairs`) or exported (ONNX) too: the same layers, one call
     return torch.cat([front(image) for image in images.split(1)])
 
 

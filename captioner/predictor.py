@@ -4,18 +4,27 @@ load (`from_checkpoint`), preprocess (`prepare`: decode and resize one image,
 safe to run in worker threads or processes), infer (`caption_batch`: one
 batch through the encoder, then batched decoding), and postprocess into the
 public result format that the folder CLI and the HTTP API share.
+
+The encoder runs on one of two backends: torch, or ONNX Runtime on a CPU when the checkpoint
+holds an exported graph (captioner.onnx_encoder). The decoder and decoding are always torch's.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_onnx_encoder
 from .decoding import DecodeOptions, Hypothesis
 from .encoder import fold_batch_norms
 from .images import ImageLimits, ImageSource, open_image, stack_pixels
 from .model import CaptionModel
+from .onnx_encoder import OnnxEncoder
+
+Backend = Literal["auto", "torch", "onnxruntime"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "onnxruntime")
 
 DEFAULT_LIMITS = ImageLimits()  # frozen: one instance serves every default
 DEFAULT_OPTIONS = DecodeOptions()  # frozen too
@@ -38,8 +47,14 @@ class Predictor:
         max_batch_size: int = 32,
         encoder_batch_size: int | None = None,
         amp: bool = False,
+        onnx_encoder: OnnxEncoder | None = None,
     ):
+        """`onnx_encoder`: run the encoder on ONNX Runtime (CPU only) instead of `model.encoder`."""
+        if onnx_encoder is not None and (torch.device(device).type != "cpu" or amp):
+            raise ValueError("the onnxruntime backend runs on the CPU, in its own precision: no --device or --amp")
         self.model = model.to(device).eval()
+        self.onnx_encoder = onnx_encoder
+        self.encoder: Callable[[torch.Tensor], torch.Tensor] = onnx_encoder or self.model.encoder
         self.card = card or {}
         self.device = torch.device(device)
         self.limits = limits
@@ -56,11 +71,36 @@ class Predictor:
         self.preset = model.preset
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> "Predictor":
-        """The model at `path`, served on `device` (one the caller has checked this machine has)."""
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", backend: Backend = "auto", **kwargs
+    ) -> "Predictor":
+        """The model at `path`, served on `device` (one the caller has checked this machine has).
+
+        backend "auto": the checkpoint's ONNX encoder if it has one and runs on a CPU without
+        --amp, else torch; "onnxruntime" insists (CheckpointError if there is none to run)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         model, card = load_checkpoint(path, device)
+        graph = None if backend == "torch" else read_onnx_encoder(path, model)  # before folding changes the weights
+        if backend == "onnxruntime" and graph is None:
+            raise CheckpointError(f"{path} has no ONNX encoder; make one with `captioner export {path} --out NEW`")
+        if backend == "auto" and (torch.device(device).type != "cpu" or kwargs.get("amp")):
+            graph = None
+        onnx_encoder = None
+        if graph is not None:
+            encoder = model.encoder
+            onnx_encoder = OnnxEncoder(graph, encoder.image_size, encoder.grid, encoder.dim)
+            onnx_encoder.check()
         fold_batch_norms(model.encoder)  # this model only serves
-        return cls(model, card, device, **kwargs)
+        return cls(model, card, device, onnx_encoder=onnx_encoder, **kwargs)
+
+    @property
+    def runtime(self) -> dict:
+        """Which backend runs the encoder, in which precision (the decoder is torch's, in fp32)."""
+        if self.onnx_encoder is not None:
+            return {"backend": "onnxruntime", "precision": self.onnx_encoder.graph.precision}
+        amp = {"cpu": "bf16", "cuda": "fp16"}.get(self.device.type, "fp32") if self.amp else "fp32"
+        return {"backend": "torch", "precision": amp, "device": str(self.device)}
 
     def info(self) -> dict:
         """What the model is: the basis of a model card."""
@@ -74,6 +114,7 @@ class Predictor:
             "attention_grid": list(self.model.grid),
             "image_size": self.preset.size,
             "config": c.to_dict(),
+            "runtime": self.runtime,
             **self.card,
         }
 
@@ -103,7 +144,7 @@ class Predictor:
         go as 9 and 9, not 16 and an expensive 2."""
         calls = -(-pixels.size(0) // self.encoder_batch_size)
         with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp):
-            features = torch.cat([self.model.encoder(part) for part in pixels.tensor_split(calls)])  # (B, P, D)
+            features = torch.cat([self.encoder(part) for part in pixels.tensor_split(calls)])  # (B, P, D)
         return features.float()
 
     def caption(self, sources: list[ImageSource], options: DecodeOptions = DEFAULT_OPTIONS) -> list[dict]:

@@ -10,6 +10,7 @@ imports training code or FastAPI.
     captioner demo
     captioner serve --checkpoint runs/shapes/best.safetensors
     captioner caption photos/ --out captions.jsonl
+    captioner export runs/shapes/best.safetensors --out runs/shapes/model-onnx.safetensors
 """
 
 import argparse
@@ -25,6 +26,7 @@ COMMANDS = {
     "demo": ("training.demo", "build, train and serve the default Shapes model"),
     "serve": ("api.serve", "serve a model over HTTP with its web page"),
     "caption": ("folder.command", "caption image files and folders into JSON lines, CSV or COCO results"),
+    "export": ("training.export", "add an ONNX encoder (fp32 or int8) to a checkpoint, for fast CPU inference"),
 }
 
 

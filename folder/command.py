@@ -435,13 +435,12 @@ class _ModelUnavailable(Exception):
 
 def _load(checkpoint: Path, args: argparse.Namespace, batch_size: int, device: torch.device):
     """The predictor on `device`, loaded with the CPUs available."""
-    from captioner.checkpoint import CheckpointError
     from captioner.predictor import Predictor
 
     torch.set_num_threads(cpus_per_local_rank())
     try:
-        return Predictor.from_checkpoint(checkpoint, device, max_batch_size=batch_size, amp=args.amp)
-    except (OSError, CheckpointError) as e:
+        return Predictor.from_checkpoint(checkpoint, device, args.backend, max_batch_size=batch_size, amp=args.amp)
+    except (OSError, ValueError) as e:  # a checkpoint or ONNX encoder that cannot be used (CheckpointError, ...)
         hint = "" if args.checkpoint else "; train it with `captioner demo` or give --checkpoint"
         raise _ModelUnavailable(f"cannot load the model: {e}{hint}") from e
 
@@ -455,6 +454,7 @@ def _settings(checkpoint: Path, args: argparse.Namespace, options: DecodeOptions
         **options.model_dump(),
         "attention": args.attention,
         "amp": args.amp,
+        "backend": args.backend,
     }
 
 

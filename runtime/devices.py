@@ -34,7 +34,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def add_device_arguments(parser) -> None:
-    """--device and --amp for the commands that run a trained model."""
+    """--device, --amp and --backend for the commands that run a trained model."""
     parser.add_argument(
         "--device", default="cpu", help=f"{DEVICES} (default cpu); under torchrun, cuda is each process's own GPU"
     )
@@ -43,4 +43,11 @@ def add_device_arguments(parser) -> None:
         action="store_true",
         help="run the encoder in mixed precision: bf16 on a CPU (fast where it has AMX), "
         "fp16 on a GPU; captions may differ slightly from float32's",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime"),
+        default="auto",
+        help="what runs the encoder: onnxruntime (on a CPU, for a checkpoint made by `captioner export`), torch, "
+        "or auto (default): onnxruntime where the checkpoint has its graph and --device is cpu without --amp",
     )

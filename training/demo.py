@@ -151,6 +151,7 @@ def build_default_model(
     """Data, features, training, evaluation on the test split: the saved default model's path."""
     from captioner.checkpoint import load_checkpoint
     from captioner.decoding import DecodeOptions
+    from captioner.onnx_encoder import export_encoder
     from captioner.predictor import Predictor
     from training.coco import load_split
     from training.evaluate import evaluate, format_scores
@@ -181,7 +182,7 @@ def build_default_model(
         "minutes_to_train": round(trained / 60, 1),
     }
     path = workdir / "model.safetensors"
-    save_model(model, path, card)
+    save_model(model, path, card, export_encoder(model.encoder))  # served on ONNX Runtime: the same features, faster
     print(f"saved the default model to {path} in {(time.time() - started) / 60:.1f} min")
     print(f"test split, {len(test)} images, beam size 3:")
     print(format_scores(scores))

@@ -217,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
         size = model_from_flags(EvaluationSize, args)
         options = model_from_flags(DecodeOptions, args)
         predictor = Predictor.from_checkpoint(
-            args.checkpoint, resolve_device(args.device), max_batch_size=size.batch_size, amp=args.amp
+            args.checkpoint, resolve_device(args.device), args.backend, max_batch_size=size.batch_size, amp=args.amp
         )
     except ValueError as e:
         print(f"captioner evaluate: error: {e}", file=sys.stderr)

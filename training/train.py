@@ -44,6 +44,7 @@ from captioner.checkpoint import CheckpointError, load_checkpoint, read_header, 
 from captioner.config import ModelConfig
 from captioner.decoding import MAX_BEAM_SIZE, DecodeOptions
 from captioner.model import CaptionModel, build_model
+from captioner.onnx_encoder import OnnxGraph
 from captioner.vocab import Vocabulary
 from runtime.allocator import keep_freed_memory
 from runtime.devices import DEVICES, resolve_device
@@ -742,11 +743,11 @@ def train_epochs(run: Run, writer, stop: list[int]) -> bool:
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_model(model: CaptionModel, path: Path, card: dict) -> None:
-    """The model as a checkpoint, replaced whole (a server may be reading the old one) and
-    readable by other users (a server in a container runs as one)."""
+def save_model(model: CaptionModel, path: Path, card: dict, onnx_encoder: OnnxGraph | None = None) -> None:
+    """The model as a checkpoint (with its encoder's ONNX graph, if given), replaced whole (a
+    server may be reading the old one) and readable by other users (a server in a container runs as one)."""
     with replacing(path) as tmp:
-        save_checkpoint(model, tmp, card)
+        save_checkpoint(model, tmp, card, onnx_encoder)
 
 
 def model_card(run: Run, scores: dict[str, float]) -> dict:
