@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from contextlib import asynccontextmanager
+from typing import NoReturn
 
 import anyio
 import torch
@@ -36,6 +37,7 @@ from .workers import ProcessWorker, ThreadWorker, load_predictor, uses_processes
 log = logging.getLogger("captioner.api")
 
 GAVE_UP_STATUS = 1  # the exit status of a server whose model workers died beyond the restart budget
+UNSERVABLE_STATUS = 2  # ... of one whose checkpoint cannot be served (a usage error, as the command's others)
 
 
 @asynccontextmanager
@@ -44,7 +46,10 @@ async def lifespan(app: FastAPI):
     # Loaded here, and the worker processes forked (each from a thread of its own: api.workers)
     # before the server serves. With them, the server itself computes nothing: one torch thread.
     torch.set_num_threads(1 if uses_processes(settings) else settings.threads)
-    predictor = load_predictor(settings)
+    try:
+        predictor = load_predictor(settings)
+    except ValueError as e:  # a checkpoint or ONNX encoder that cannot be served: said in one line
+        _exit_failed(f"cannot serve {settings.checkpoint}: {e}", UNSERVABLE_STATUS)
     workers = start_workers(settings, predictor)
     batcher = Batcher(
         workers,
@@ -85,15 +90,15 @@ def _shut_down(why: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _exit_failed(why: str) -> None:
+def _exit_failed(why: str, status: int = GAVE_UP_STATUS) -> NoReturn:
     """uvicorn ends a shutdown with status 0, or by raising SIGTERM again, which systemd counts as
-    a clean stop: neither tells a supervisor to start the server afresh. So it exits here, once
-    its requests are answered and its workers stopped."""
-    log.critical("exiting with status %d: %s", GAVE_UP_STATUS, why)
+    a clean stop, and a failed start-up with a traceback: neither tells a supervisor, or a user,
+    what happened. So it exits here, once its requests are answered and its workers stopped."""
+    log.critical("exiting with status %d: %s", status, why)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(GAVE_UP_STATUS)
+    os._exit(status)
 
 
 def start_workers(settings: Settings, predictor: Predictor) -> list[ProcessWorker] | list[ThreadWorker]:

@@ -26,6 +26,10 @@ class Encoder(nn.Module):
     std: tuple[float, float, float]
     grid: tuple[int, int]  # (h, w)
     dim: int  # D
+    # Layers int8 export keeps in fp32 (prefixes of their weights' names): the stem, which reads raw
+    # pixels, and the last stage, whose output is the features; quantizing them costs the captions
+    # the most for the least time saved (README, "Performance").
+    keep_fp32_in_int8: tuple[str, ...] = ()
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -157,6 +161,7 @@ class EfficientNetLite0(Encoder):
 
     image_size, mean, std = 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     grid, dim = (7, 7), 1280
+    keep_fp32_in_int8 = ("net.conv_stem", "net.blocks.6", "net.conv_head")
 
     def __init__(self, pretrained: bool = True):
         super().__init__()
@@ -183,6 +188,7 @@ class EfficientNetLite0S16(Encoder):
 
     image_size, mean, std = 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     grid, dim = (14, 14), 112 + 320
+    keep_fp32_in_int8 = ("stem", "blocks.6")
 
     def __init__(self, pretrained: bool = True):
         super().__init__()
@@ -209,6 +215,7 @@ class ResNet(Encoder):
 
     image_size, mean, std = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     grid, dim = (7, 7), 2048
+    keep_fp32_in_int8 = ("body.0", "body.7")  # conv1, layer4
 
     def __init__(self, depth: int, pretrained: bool = True, weights_path: str | Path | None = None):
         super().__init__()

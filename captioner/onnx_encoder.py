@@ -109,8 +109,9 @@ def quantize_encoder(
 ) -> OnnxGraph:
     """A static int8 graph: QDQ, per-channel int8 weights, uint8 activations in a reduced range
     (on CPUs without VNNI, int8 x int8 products would saturate the 16-bit sums ONNX Runtime uses),
-    ranges from the batches of `calibration` (normalised pixels, (B, 3, S, S)). Nodes whose names
-    start with one of `keep_fp32` stay in fp32."""
+    ranges from the batches of `calibration` (normalised pixels, (B, 3, S, S)). Convolutions whose
+    weights are named (as in the torch encoder) with one of the prefixes `keep_fp32` stay in fp32:
+    ("stem", "blocks.6") keeps EfficientNet's first and last stages."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -136,7 +137,11 @@ def quantize_encoder(
         fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         fp32.write_bytes(graph.model)
         quant_pre_process(str(fp32), str(prepared))
-        names = [node.name for node in _nodes(prepared)]
+        convs = [node for node in _nodes(prepared) if node.op_type == "Conv"]
+        unknown = [p for p in keep_fp32 if not any(_named(node.input[1], (p,)) for node in convs)]
+        if unknown:
+            raise ValueError(f"no convolution of the encoder is named {', '.join(unknown)} (keep_fp32)")
+        kept = [node.name for node in convs if _named(node.input[1], keep_fp32)]
         quantize_static(
             str(prepared),
             str(int8),
@@ -147,11 +152,15 @@ def quantize_encoder(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
-            nodes_to_exclude=[n for n in names if n.startswith(tuple(keep_fp32))] if keep_fp32 else [],
+            nodes_to_exclude=kept,
             extra_options={"CalibTensorRangeSymmetric": False},
         )
         model = int8.read_bytes()
     return OnnxGraph(model, "int8", {**graph.info, "calibration": method, "kept_fp32": list(keep_fp32)})
+
+
+def _named(weight: str, prefixes: Sequence[str]) -> bool:
+    return any(weight == p or weight.startswith(p + ".") for p in prefixes)
 
 
 def _nodes(path: Path) -> list:

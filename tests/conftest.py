@@ -51,6 +51,35 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx_checkpoint(tmp_path_factory):
+    """The tiny checkpoint with its encoder exported to ONNX (fp32), as `captioner export` writes it."""
+    from captioner.onnx_encoder import export_encoder
+
+    model = talkative_tiny_model()
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny-onnx.safetensors"
+    save_checkpoint(model, path, {"training_data": "tests"}, onnx_encoder=export_encoder(model.encoder))
+    return path
+
+
+def assert_same_captions(results: list[dict], expected: list[dict], tolerance: float = 1e-3) -> None:
+    """The same captions, word for word, for the same files, with log-probabilities and attention
+    equal to within `tolerance`: what two backends that compute the same features to float32's
+    rounding must give (their last digits may differ)."""
+    import numpy as np
+
+    assert len(results) == len(expected)
+    for result, reference in zip(results, expected):
+        assert {k: v for k, v in result.items() if k != "captions"} == {
+            k: v for k, v in reference.items() if k != "captions"
+        }
+        assert [c["text"] for c in result["captions"]] == [c["text"] for c in reference["captions"]]
+        for caption, other in zip(result["captions"], reference["captions"]):
+            assert caption["log_prob"] == pytest.approx(other["log_prob"], abs=tolerance)
+            if "attention" in other:
+                np.testing.assert_allclose(caption["attention"], other["attention"], atol=tolerance)
+
+
 def gone(pid: int) -> bool:
     """Ended: no such process, or a zombie waiting to be reaped."""
     try:

@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="minmax",
         help="how activation ranges are set from them (default: %(default)s)",
     )
+    parser.add_argument(
+        "--keep-fp32",
+        nargs="*",
+        metavar="LAYER",
+        help="layers (prefixes of their weights' names) left in fp32 by --int8 (default: the encoder's stem "
+        "and last stage; give none to quantize every layer)",
+    )
 
 
 def calibration_files(root: Path, count: int) -> list[Path]:
@@ -68,8 +75,8 @@ def calibration_batches(predictor: Predictor, files: list[Path]) -> list[torch.T
 def _usage_error(args: argparse.Namespace) -> str | None:
     if args.int8 and args.calibration is None:
         return "--int8 needs --calibration DIR: int8 ranges are set on images like the ones the model will caption"
-    if args.calibration is not None and not args.int8:
-        return "--calibration is for --int8"
+    if (args.calibration is not None or args.keep_fp32 is not None) and not args.int8:
+        return "--calibration and --keep-fp32 are for --int8"
     if args.calibration is not None and not args.calibration.is_dir():
         return f"no folder at {args.calibration}"
     if args.calibration_images < 1:
@@ -86,7 +93,8 @@ def export(args: argparse.Namespace) -> OnnxGraph:
         files = calibration_files(args.calibration, args.calibration_images)
         batches = calibration_batches(Predictor(model, card), files)
         print(f"captioner export: calibrating int8 on {sum(len(b) for b in batches)} images", file=sys.stderr)
-        graph = quantize_encoder(graph, batches, method=args.calibration_method)
+        keep = model.encoder.keep_fp32_in_int8 if args.keep_fp32 is None else tuple(args.keep_fp32)
+        graph = quantize_encoder(graph, batches, method=args.calibration_method, keep_fp32=keep)
     save_model(model, args.out, card, graph)
     return graph
 

@@ -23,6 +23,7 @@ from captioner.onnx_encoder import (
 )
 from captioner.predictor import Predictor
 from tests.captioner.conftest import random_images
+from tests.conftest import assert_same_captions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,16 +82,19 @@ def test_int8_is_quantized_and_stays_close_to_fp32(tiny_model, tiny_graph):
     assert similarity.min() > 0.95
 
 
-def test_nodes_kept_in_fp32_are_not_quantized(tiny_graph):
+def test_convolutions_kept_in_fp32_are_not_quantized(tiny_graph):
     import onnx
 
-    int8 = quantize_encoder(tiny_graph, random_images(8, seed=1).split(8), keep_fp32=("node_conv",))
+    int8 = quantize_encoder(tiny_graph, random_images(8, seed=1).split(8), keep_fp32=("body.0",))
     graph = onnx.load_from_string(int8.model).graph
-    # a quantized convolution reads a DequantizeLinear's output; a kept one reads a plain tensor
+    # a quantized convolution reads its weight from a DequantizeLinear; a kept one reads it as stored
     made_by = {output: node.op_type for node in graph.node for output in node.output}
-    convs = [node for node in graph.node if node.op_type == "Conv"]
-    assert convs and all(made_by.get(node.input[1]) != "DequantizeLinear" for node in convs)
-    assert int8.info["kept_fp32"] == ["node_conv"]
+    weights = {node.input[1]: made_by.get(node.input[1]) for node in graph.node if node.op_type == "Conv"}
+    assert weights["body.0.weight"] is None
+    assert len(weights) == 3 and list(weights.values()).count("DequantizeLinear") == 2
+    assert int8.info["kept_fp32"] == ["body.0"]
+    with pytest.raises(ValueError, match="no convolution of the encoder is named body.9, stem"):
+        quantize_encoder(tiny_graph, random_images(8, seed=1).split(8), keep_fp32=("body.0", "body.9", "stem"))
 
 
 @pytest.mark.parametrize("damage", ["not onnx", "wrong grid"])
@@ -166,7 +170,7 @@ def test_the_predictor_picks_its_backend_and_says_which(onnx_checkpoint, tiny_ch
     }
     files = [image_files[name] for name in ("jpeg_RGB", "png_RGBA", "bmp")]
     options = DecodeOptions(method="beam", beam_size=3, attention=True)
-    assert auto.caption(files, options) == torch_backend.caption(files, options)
+    assert_same_captions(auto.caption(files, options), torch_backend.caption(files, options))
 
 
 def test_asking_for_onnxruntime_without_a_graph_or_off_the_cpu_is_an_error(onnx_checkpoint, tiny_checkpoint):
