@@ -3,8 +3,8 @@
 # make test-quick  every test not marked slow (under 3 minutes on 2 cores), for the edit-run loop
 # make test-busy   the whole suite with the second core kept busy (a test of the suite's own timing)
 # make test-random the whole suite in a random order (pytest-random-order; the seed is printed to rerun it)
-# make bench    folder-captioning and training throughput, the service under load and a 5-minute soak
-#               (about 20 min), written to benchmarks/RESULTS.md
+# make bench    folder-captioning throughput, the encoder's backends, training throughput, the service
+#               under load and a 5-minute soak (about 35 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (about 10 min), written to benchmarks/RESULTS.md
 # make lint     ruff (lint and format), mypy over the packages, hadolint on the Dockerfiles
 
@@ -48,6 +48,7 @@ lint: install
 
 bench: model
 	$(BIN)/python benchmarks/caption_throughput.py --out benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/backends.py --out benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/training_throughput.py --out benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/service_load.py --out benchmarks/RESULTS.md
 

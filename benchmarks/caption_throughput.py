@@ -85,7 +85,7 @@ def draw_images(folder: Path, count: int, seed: int = 0) -> None:
         image.save(folder / f"bench_{i:06d}.jpg", quality=90)
 
 
-def encode_share(encoder: torch.nn.Module, batches: list[torch.Tensor], ready, times) -> None:
+def encode_share(encoder: Callable, batches: list[torch.Tensor], ready, times) -> None:
     """One of (a)'s processes: warmed up on its first batch, it starts when all the others are ready."""
     torch.set_num_threads(1)
     try:
@@ -101,18 +101,19 @@ def encode_share(encoder: torch.nn.Module, batches: list[torch.Tensor], ready, t
     times.put((start, time.perf_counter(), time.process_time() - cpu))
 
 
-def encoder_rates(checkpoint: Path, paths: list[Path], processes: int) -> dict[str, dict]:
-    """(a) at each batch size, the batches shared among forked processes as (c)'s are."""
-    predictor = Predictor.from_checkpoint(checkpoint)
+def encoder_rates(
+    checkpoint: Path, paths: list[Path], processes: int, backend: str = "auto", sizes=ENCODER_BATCH_SIZES
+) -> dict[str, dict]:
+    """(a) at each batch size, the batches shared among forked processes as (c)'s are, on the
+    encoder `backend` gives (captioner.predictor)."""
+    predictor = Predictor.from_checkpoint(checkpoint, backend=backend)
     pixels = stack_pixels([predictor.prepare(p).pixels for p in paths])  # (N, 3, S, S)
     fork, rates = multiprocessing.get_context("fork"), {}
-    for size in ENCODER_BATCH_SIZES:
+    for size in sizes:
         batches = pixels.split(size)
         shares = [batches[i::processes] for i in range(min(processes, len(batches)))]
         ready, times = fork.Barrier(len(shares)), fork.SimpleQueue()
-        workers = [
-            fork.Process(target=encode_share, args=(predictor.model.encoder, share, ready, times)) for share in shares
-        ]
+        workers = [fork.Process(target=encode_share, args=(predictor.encoder, share, ready, times)) for share in shares]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -308,12 +309,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             rounds.append(rates)
-        c = Predictor.from_checkpoint(args.checkpoint).model.config
+        predictor = Predictor.from_checkpoint(args.checkpoint)
+        c, runtime = predictor.model.config, predictor.runtime
         results = {
             "command": "python benchmarks/caption_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine(),
             "setup": {
-                "model": f"{args.checkpoint} ({c.encoder} encoder, {c.cell} decoder, hidden {c.hidden_dim})",
+                "model": f"{args.checkpoint} ({c.encoder} encoder on {runtime['backend']} {runtime['precision']}, "
+                f"{c.cell} decoder, hidden {c.hidden_dim})",
                 "images": len(paths),
                 "max_length": args.max_length,
                 "threads": threads,
