@@ -26,7 +26,7 @@ from PIL import Image
 
 from captioner.decoding import DecodeOptions
 from captioner.images import ImageError, ImageLimits
-from captioner.overlay import drop_attention, heatmap_overlay, png_data_uri, prepare_with_picture
+from captioner.overlay import caption_with_pictures, drop_attention, heatmap_overlay, png_data_uri
 from captioner.predictor import Predictor
 from runtime.workers import ForkedWorker, can_fork
 from runtime.workers import ThreadWorker as CallingThreadWorker
@@ -84,25 +84,20 @@ Outcome = bytes | ImageError  # an image's result as JSON, or why it could not b
 
 def caption_uploads(predictor: Predictor, batch: Batch) -> list[Outcome]:
     """Every upload's outcome, in order: the readable ones captioned in one call."""
-    outcomes: list[Outcome | None] = [None] * len(batch.uploads)
-    prepared, pictures, positions = [], [], []
-    for i, data in enumerate(batch.uploads):
-        try:
-            image, picture = prepare_with_picture(predictor, data, batch.overlay_size)
-        except ImageError as e:
-            outcomes[i] = e
+    outcomes: list[Outcome] = []
+    for name, outcome in zip(
+        batch.names, caption_with_pictures(predictor, batch.uploads, batch.options, batch.overlay_size)
+    ):
+        if isinstance(outcome, ImageError):
+            outcomes.append(outcome)
             continue
-        prepared.append(image)
-        pictures.append(picture)
-        positions.append(i)
-    if prepared:
-        for i, picture, result in zip(positions, pictures, predictor.caption_batch(prepared, batch.options)):
-            if picture is not None:
-                _add_overlays(result, picture)
-            if not batch.keep_attention:
-                drop_attention(result)
-            outcomes[i] = orjson.dumps({"file": batch.names[i], **result})
-    return outcomes  # type: ignore[return-value]  # every position is filled by now
+        result, picture = outcome
+        if picture is not None:
+            _add_overlays(result, picture)
+        if not batch.keep_attention:
+            drop_attention(result)
+        outcomes.append(orjson.dumps({"file": name, **result}))
+    return outcomes
 
 
 def _add_overlays(result: dict, picture: Image.Image) -> None:

@@ -3,11 +3,13 @@ the picture and the grids that drawing them needs."""
 
 import base64
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import ImageSource, open_image
+from .decoding import DecodeOptions
+from .images import ImageError, ImageSource, open_image
 from .predictor import Predictor, PreparedImage
 
 
@@ -24,6 +26,25 @@ def prepare_with_picture(
     prepared = predictor.prepare(picture)
     picture.thumbnail((picture_size, picture_size))
     return prepared, picture
+
+
+Captioned = tuple[dict, Image.Image | None]  # an image's result, and its picture when overlays are drawn
+
+
+def caption_with_pictures(
+    predictor: Predictor, sources: Sequence[ImageSource], options: DecodeOptions, picture_size: int | None
+) -> list[Captioned | ImageError]:
+    """Each source's result and picture (`prepare_with_picture`), or the ImageError that made it
+    unusable, in order; the usable ones captioned in one call, so a bad image costs the others nothing."""
+    readied: list[tuple[PreparedImage, Image.Image | None] | ImageError] = []
+    for source in sources:
+        try:
+            readied.append(prepare_with_picture(predictor, source, picture_size))
+        except ImageError as e:
+            readied.append(e)
+    usable = [r for r in readied if not isinstance(r, ImageError)]
+    results = iter(predictor.caption_batch([image for image, _ in usable], options))
+    return [r if isinstance(r, ImageError) else (next(results), r[1]) for r in readied]
 
 
 def drop_attention(result: dict) -> None:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from captioner.decoding import DecodeOptions
 from captioner.images import ImageError
-from captioner.overlay import caption_sheet, drop_attention, prepare_with_picture
+from captioner.overlay import caption_sheet, caption_with_pictures, drop_attention
 from captioner.predictor import Predictor
 from runtime.files import replacing
 from runtime.workers import ForkedWorker, ThreadWorker, Worker, WorkerDied, can_fork
@@ -178,32 +178,22 @@ def _caption_segment(
     predictor: Predictor, options: DecodeOptions, overlays: Path | None, keep_attention: bool, segment: list[Entry]
 ) -> tuple[list[str], Tally]:
     """In a worker: the output line of every entry, in order, and how they went."""
-    results: list[dict] = [{} for _ in segment]
-    pictures: list[Image.Image | None] = [None] * len(segment)
-    prepared, positions = [], []
-    for i, entry in enumerate(segment):
-        if entry.skip is not None:
-            results[i] = _error(entry.skip)
-            continue
-        try:
-            image, pictures[i] = prepare_with_picture(predictor, entry.path, OVERLAY_TILE if overlays else None)
-        except ImageError as e:
-            results[i] = _error(e)
-            continue
-        prepared.append(image)
-        positions.append(i)
-    if prepared:
-        for i, result in zip(positions, predictor.caption_batch(prepared, options)):
-            results[i] = result
-
+    readable = [entry for entry in segment if entry.skip is None]
+    captioned = caption_with_pictures(
+        predictor, [entry.path for entry in readable], options, OVERLAY_TILE if overlays else None
+    )
+    outcomes = dict(zip((entry.file for entry in readable), captioned))  # names are unique in a run
     tally, lines = Tally(), []
-    for entry, result, picture in zip(segment, results, pictures):
-        if "error" in result:
-            if result["error"]["code"] in SKIP_CODES:
+    for entry in segment:
+        outcome = entry.skip or outcomes[entry.file]
+        if isinstance(outcome, ImageError):
+            result = _error(outcome)
+            if outcome.code in SKIP_CODES:
                 tally.skipped += 1
             else:
                 tally.failed += 1
         else:
+            result, picture = outcome
             tally.captioned += 1
             if overlays is not None and picture is not None:  # the sheet exists before its line says it is done
                 _write_sheet(picture, result, overlays / f"{entry.file}.png")

@@ -93,7 +93,7 @@ def test_convolutions_kept_in_fp32_are_not_quantized(tiny_graph):
     assert weights["body.0.weight"] is None
     assert len(weights) == 3 and list(weights.values()).count("DequantizeLinear") == 2
     assert int8.info["kept_fp32"] == ["body.0"]
-    with pytest.raises(ValueError, match="no convolution of the encoder is named body.9, stem"):
+    with pytest.raises(ValueError, match=r"no convolution of the encoder is named body\.9, stem"):
         quantize_encoder(tiny_graph, random_images(8, seed=1).split(8), keep_fp32=("body.0", "body.9", "stem"))
 
 
