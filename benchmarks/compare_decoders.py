@@ -21,7 +21,7 @@ from captioner.predictor import Predictor
 from runtime.home import default_workdir
 from training.coco import load_split
 from training.demo import DEMO_MODEL, DEMO_SEED, DEMO_SPLITS, DEMO_TRAINING
-from training.evaluate import evaluate
+from training.evaluate import caption_and_score
 from training.shapes import generate
 from training.train import TrainConfig, train
 
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         history = json.loads((Path(config.out) / "history.json").read_text())
         minutes = history[-1]["seconds"] / 60  # the epochs' own clock: the first variant also builds the feature cache
         model, card = load_checkpoint(best)
-        _, scores = evaluate(Predictor(model, card), test, DecodeOptions(method="beam", beam_size=3), batch_size=64)
+        _, scores = caption_and_score(
+            Predictor(model, card), test, DecodeOptions(method="beam", beam_size=3), batch_size=64
+        )
         rows.append((name, scores, minutes))
         print(name, {k: round(scores.get(k, float("nan")), 3) for k in COLUMNS}, f"{minutes:.1f} min")
 

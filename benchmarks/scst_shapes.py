@@ -13,7 +13,7 @@ demo's data and feature cache with the demo's settings otherwise, at one learnin
 (B) with self-critical sequence training, `captioner train --scst --init-from MODEL
 --scst-reference-weight W` (the demo's W unless --reference-weight says otherwise).
 Each keeps its best epoch by validation CIDEr (greedy, 300 images), as any run does. Both
-arms are then scored on the test split with beam size 3 by training.evaluate.evaluate:
+arms are then scored on the test split with beam size 3 by training.evaluate.caption_and_score:
 CIDEr and BLEU-4 (pycocoevalcap) and the Shapes world's strict truth metrics, as is the
 start. The section "## SCST on Shapes" of --out is replaced with the table.
 
@@ -42,7 +42,7 @@ from runtime.home import default_workdir
 from training.caption_metrics import CocoScorer
 from training.coco import load_split
 from training.demo import DEMO_SCST_REFERENCE_WEIGHT, DEMO_SEED, DEMO_SPLITS, DEMO_TRAINING
-from training.evaluate import evaluate
+from training.evaluate import caption_and_score
 from training.train import BEST_MODEL, TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -98,7 +98,7 @@ def continue_training(
 
 def score_on_test(checkpoint: Path, test, scorer: CocoScorer) -> dict[str, float]:
     model, card = load_checkpoint(checkpoint)
-    _, scores = evaluate(
+    _, scores = caption_and_score(
         Predictor(model, card), test, DecodeOptions(method="beam", beam_size=3), batch_size=64, scorer=scorer
     )
     return scores

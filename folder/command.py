@@ -355,7 +355,7 @@ def _exclusive(outputs: Outputs, ranks: tuple[int, int] | None) -> Iterator[None
                 held.enter_context(holding(outputs.locks))
             except Busy as e:
                 busy = e
-        if ranks and not Distributed.from_environment().agree(busy is None):
+        if ranks and not Distributed.from_environment().broadcast_flag(busy is None):
             busy = busy or Busy("rank 0 found the output held")
         if busy is not None:
             raise busy

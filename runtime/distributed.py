@@ -51,8 +51,8 @@ class Distributed:
         return cls(*ranks, int(os.environ.get("LOCAL_RANK", "0")))
 
     @property
-    def main(self) -> bool:
-        """Rank 0: the one that logs, validates and writes."""
+    def is_main(self) -> bool:
+        """Whether this is the main process, rank 0: the one that logs, validates and writes."""
         return self.rank == 0
 
     def barrier(self) -> None:
@@ -60,17 +60,17 @@ class Distributed:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def agree(self, flag: bool) -> bool:
-        """Rank 0's `flag`, on every rank: ranks that decide alike stop alike. The tensor is a CPU
-        one, which is why a CUDA group has gloo for CPU tensors beside nccl (see init_distributed)."""
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Broadcast rank 0's `flag` to every rank (torch.distributed.broadcast), so ranks decide alike."""
         if self.world_size == 1:
             return flag
+        # A CPU tensor: why a CUDA group has gloo for CPU tensors beside nccl (see init_distributed).
         tensor = torch.tensor([flag], dtype=torch.int32)
         torch.distributed.broadcast(tensor, 0)
         return bool(tensor.item())
 
-    def highest(self, value: int) -> int:
-        """The highest of every rank's `value`: what one rank raises (a signal it caught) reaches all."""
+    def all_reduce_max(self, value: int) -> int:
+        """All-reduce `value` with ReduceOp.MAX: every rank gets the highest (e.g. a signal one caught)."""
         if self.world_size == 1:
             return value
         tensor = torch.tensor([value], dtype=torch.int64)
@@ -81,12 +81,12 @@ class Distributed:
         """Every rank's `obj` (anything picklable), in rank order, on rank 0; None on the others."""
         if self.world_size == 1:
             return [obj]
-        objects = [None] * self.world_size if self.main else None
+        objects = [None] * self.world_size if self.is_main else None
         torch.distributed.gather_object(obj, objects, dst=0)
         return objects
 
-    def share(self, obj):
-        """Rank 0's `obj` (anything picklable), on every rank: what one rank found out, told to all."""
+    def broadcast_object(self, obj):
+        """Broadcast rank 0's `obj` (anything picklable) to every rank (torch's broadcast_object_list)."""
         if self.world_size == 1:
             return obj
         box = [obj]

@@ -154,7 +154,7 @@ def build_default_model(
     from captioner.onnx_encoder import export_encoder
     from captioner.predictor import Predictor
     from training.coco import load_split
-    from training.evaluate import evaluate, format_scores
+    from training.evaluate import caption_and_score, format_scores
     from training.shapes import generate
 
     started = time.time()
@@ -166,7 +166,7 @@ def build_default_model(
     model, card = load_checkpoint(best)
     options = DecodeOptions(method="beam", beam_size=3)
     test = load_split(data, "test")
-    _, scores = evaluate(Predictor(model, card), test, options, batch_size=64, progress=progress)
+    _, scores = caption_and_score(Predictor(model, card), test, options, batch_size=64, progress=progress)
     shown = [name for name in CARD_SCORES if name in scores] + [n for n in scores if "held_out" in n]
     card = {
         **card,

@@ -134,7 +134,7 @@ def decode_split(
     return captions
 
 
-def evaluate(
+def caption_and_score(
     predictor: Predictor,
     split: CaptionSplit,
     options: DecodeOptions,
@@ -234,7 +234,9 @@ def main(args: argparse.Namespace) -> int:
         print(skipped_note(split), file=sys.stderr)
     out_dir = args.out or args.checkpoint.parent
     with CocoScorer(spice=args.spice) as scorer:
-        _, scores = evaluate(predictor, split, options, size.batch_size, out_dir, scorer, size.workers, progress=True)
+        _, scores = caption_and_score(
+            predictor, split, options, size.batch_size, out_dir, scorer, size.workers, progress=True
+        )
     skipped = f", {len(split.skipped)} bad ones left out" if split.skipped else ""
     print(f"{args.checkpoint} on {args.data} {split.name} ({len(split)} images{skipped}, {options.method})")
     print(format_scores(scores))

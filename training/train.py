@@ -19,7 +19,7 @@ from the checkpoint --init-from names; all else is the same.
 
 The file reads top to bottom: the settings and the command line; the loss and
 the learning rate; `setup`, which builds a run; `train_one_epoch` and
-`evaluate`; the checkpoints; and `train`, which strings them together.
+`validation_scores`; the checkpoints; and `train`, which strings them together.
 """
 
 import argparse
@@ -200,7 +200,7 @@ def main(args: argparse.Namespace) -> int:
             train(config, model_config)
     except BadImagesError as e:  # found before the long work: a message, not a traceback
         dist = Distributed.from_environment()
-        if dist.main:
+        if dist.is_main:
             print(f"captioner train: error: {e}", file=sys.stderr)
         dist.close()
         return 2
@@ -405,10 +405,10 @@ def load_data(
     dist = dist or Distributed()
     karpathy = Path(config.karpathy) if config.karpathy else None
     splits = [load_split(Path(config.data), name, karpathy) for name in (config.train_split, config.val_split)]
-    bad = dist.share([find_bad_images(split.image_paths) for split in splits] if dist.main else None)
+    bad = dist.broadcast_object([find_bad_images(split.image_paths) for split in splits] if dist.is_main else None)
     train_split, val_split = (usable_split(split, b, config.skip_bad_images) for split, b in zip(splits, bad))
     for split in (train_split, val_split):
-        if split.skipped and dist.main:
+        if split.skipped and dist.is_main:
             print(skipped_note(split))
     if resumed is not None:
         return train_split, val_split, Vocabulary.from_json(resumed["vocab"])
@@ -424,7 +424,7 @@ def cache_features(
     cache_dir = Path(config.cache_dir) if config.cache_dir else captioner_home() / "features"
     features = {}
     for turn in (0, 1):
-        if (turn == 0) == dist.main:
+        if (turn == 0) == dist.is_main:
             for split in splits:
                 features[split.name] = cached_features(
                     model.encoder,
@@ -433,7 +433,7 @@ def cache_features(
                     f"{model.config.encoder}-{split.name}",
                     device=device,
                     workers=config.workers,
-                    progress=config.progress and dist.main,
+                    progress=config.progress and dist.is_main,
                 )
         dist.barrier()
     return features
@@ -482,7 +482,7 @@ def stop_on_signals() -> Iterator[list[int]]:
 
 def tensorboard(run: Run) -> contextlib.AbstractContextManager:
     """TensorBoard's writer for OUT/tensorboard on rank 0; None on the others."""
-    if not run.dist.main:
+    if not run.dist.is_main:
         return contextlib.nullcontext()
     from torch.utils.tensorboard import SummaryWriter
 
@@ -586,7 +586,7 @@ def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
         zip(loader, run.batches.epoch(epoch, skip), strict=True),
         total=len(run.batches) - skip,
         desc=f"epoch {epoch + 1}/{config.epochs}",
-        disable=not (config.progress and run.dist.main),
+        disable=not (config.progress and run.dist.is_main),
     )
     for batch_index, (inputs, batch) in enumerate(bar, start=skip):
         if run.cider is None:
@@ -602,7 +602,7 @@ def train_one_epoch(run: Run, writer, stop: list[int]) -> bool:
             writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], progress.step)
         bar.set_postfix(loss=f"{progress.last_loss:.3f}")
         # a signal caught by any rank stops every rank after this same step (one small all-reduce)
-        caught = run.dist.highest(stop[-1] if stop else 0)
+        caught = run.dist.all_reduce_max(stop[-1] if stop else 0)
         if caught or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
             save_resume_state(run)
         if caught:
@@ -635,7 +635,7 @@ def decode_features(
     return captions
 
 
-def evaluate(
+def validation_scores(
     model: CaptionModel,
     features: "np.ndarray | EncodedImages",
     split: CaptionSplit,
@@ -698,8 +698,10 @@ def end_epoch(run: Run, writer) -> None:
     rank 0 scores and tells the others, so every rank's progress is the same), log, keep the best
     model and save the resume state (rank 0 writes)."""
     config, progress, dist = run.config, run.progress, run.dist
-    scores = dist.share(
-        evaluate(run.model, validation_features(run), run.val_split, config.val_limit, config.val_beam_size, dist=dist)
+    scores = dist.broadcast_object(
+        validation_scores(
+            run.model, validation_features(run), run.val_split, config.val_limit, config.val_beam_size, dist=dist
+        )
     )
     if writer:  # rank 0's
         for name, value in scores.items():
@@ -712,11 +714,11 @@ def end_epoch(run: Run, writer) -> None:
             **{f"val_{k}": round(v, 4) for k, v in scores.items()},
         }
     )
-    if dist.main:
+    if dist.is_main:
         print(f"epoch {progress.epoch}: " + ", ".join(f"val {k} {v:.3f}" for k, v in scores.items()))
     if scores["CIDEr"] > progress.best:
         progress.best, progress.bad_epochs = scores["CIDEr"], 0
-        if dist.main:
+        if dist.is_main:
             save_model(run.model, run.best_path, model_card(run, scores))
     else:
         progress.bad_epochs += 1
@@ -733,8 +735,8 @@ def train_epochs(run: Run, writer, stop: list[int]) -> bool:
             return False
         progress.epoch, progress.batch = progress.epoch + 1, 0
         end_epoch(run, writer)
-        if dist.agree(progress.bad_epochs >= config.patience):  # rank 0 scored: every rank stops together
-            if dist.main:
+        if dist.broadcast_flag(progress.bad_epochs >= config.patience):  # rank 0 scored: every rank stops together
+            if dist.is_main:
                 print(f"early stop: no better validation CIDEr for {config.patience} epochs")
             break
     return True
@@ -820,16 +822,16 @@ def load_resume_state(config: TrainConfig, dist: Distributed) -> dict | None:
     if not (config.resume or restarts):
         return None
     if not path.exists():
-        if dist.main:
+        if dist.is_main:
             print(f"no {path} to resume from: starting afresh")
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not config.resume:  # restarted
         if state.get("torchrun_run_id") != torchrun_run_id():
-            if dist.main:
+            if dist.is_main:
                 print(f"{path} is an earlier run's: starting afresh")
             return None
-        if dist.main:
+        if dist.is_main:
             print(f"torchrun restarted the workers (restart {restarts}): resuming from {path} at step {state['step']}")
     return state
 
@@ -857,6 +859,6 @@ def train(config: TrainConfig, model_config: ModelConfig) -> Path:
             finished = train_epochs(run, writer, stop)
     finally:
         run.dist.close()
-    if finished and run.dist.main:
+    if finished and run.dist.is_main:
         write_text(run.out / "history.json", json.dumps(run.progress.history, indent=1))
     return run.best_path

@@ -24,10 +24,10 @@ def alone(monkeypatch):
 def test_a_process_alone_is_rank_0_of_1(alone):
     assert torchrun_rank() is None
     dist = Distributed.from_environment()
-    assert (dist.rank, dist.world_size, dist.local_rank, dist.main) == (0, 1, 0, True)
+    assert (dist.rank, dist.world_size, dist.local_rank, dist.is_main) == (0, 1, 0, True)
     dist.barrier()  # nothing to wait for
-    assert dist.agree(True) is True and dist.agree(False) is False
-    assert (dist.highest(15), dist.gather("mine"), dist.share("mine")) == (15, ["mine"], "mine")
+    assert dist.broadcast_flag(True) is True and dist.broadcast_flag(False) is False
+    assert (dist.all_reduce_max(15), dist.gather("mine"), dist.broadcast_object("mine")) == (15, ["mine"], "mine")
     dist.close()
 
 
@@ -60,7 +60,7 @@ def test_torchrun_ranks_come_from_its_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert torchrun_rank() == (3, 4)
     assert Distributed.from_environment() == Distributed(rank=3, world_size=4, local_rank=1)
-    assert not Distributed.from_environment().main
+    assert not Distributed.from_environment().is_main
 
 
 def test_a_world_of_one_is_a_process_alone(monkeypatch):
@@ -81,7 +81,8 @@ RANK_SCRIPT = """
 from runtime.distributed import init_distributed
 dist, device = init_distributed("cpu")
 dist.barrier()
-print(dist.rank, dist.world_size, dist.local_rank, dist.agree(dist.rank == 0), dist.agree(dist.rank == 1))
+flags = dist.broadcast_flag(dist.rank == 0), dist.broadcast_flag(dist.rank == 1)
+print(dist.rank, dist.world_size, dist.local_rank, *flags)
 dist.close()
 """
 
@@ -129,8 +130,8 @@ def test_two_ranks_agree_on_rank_0s_flag():
 COLLECTIVES_SCRIPT = """
 from runtime.distributed import init_distributed
 dist, device = init_distributed("cpu")
-caught = dist.highest(15 if dist.rank == 1 else 0)  # a signal one rank caught
-print(repr((caught, dist.gather({"rank": dist.rank}), dist.share(f"found by rank {dist.rank}"))))
+caught = dist.all_reduce_max(15 if dist.rank == 1 else 0)  # a signal one rank caught
+print(repr((caught, dist.gather({"rank": dist.rank}), dist.broadcast_object(f"found by rank {dist.rank}"))))
 dist.close()
 """
 

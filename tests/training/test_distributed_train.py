@@ -26,7 +26,7 @@ from tests.runtime.test_distributed import run_ranks
 from tests.training.test_train import assert_same_run, history, last_state
 from training.coco import load_split
 from training.features import encode_images
-from training.train import evaluate
+from training.train import validation_scores
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_validation_split_across_ranks_equals_one_process(together, shapes_root)
     model = build_model(ModelConfig.from_dict(state["model_config"]), Vocabulary.from_json(state["vocab"]))
     model.load_state_dict(state["model"])
     split = load_split(shapes_root, "val")
-    alone = evaluate(model, encode_images(model.encoder, split.image_paths, workers=0), split, 0, 1)
+    alone = validation_scores(model, encode_images(model.encoder, split.image_paths, workers=0), split, 0, 1)
     assert alone["CIDEr"] > 0
     assert history(out)[-1] == {
         "epoch": EPOCHS,
@@ -176,8 +176,8 @@ def counting_decode(model, features, image_ids, *args):
 train_module.decode_features = counting_decode
 scores = {{}}
 for beam in (1, 2):
-    together = train_module.evaluate(model, features, split, 0, beam, batch_size=3, dist=dist)
-    alone = train_module.evaluate(model, features, split, 0, beam, batch_size=3) if dist.main else {{}}
+    together = train_module.validation_scores(model, features, split, 0, beam, batch_size=3, dist=dist)
+    alone = train_module.validation_scores(model, features, split, 0, beam, batch_size=3) if dist.is_main else {{}}
     scores[beam] = [together, alone]
 dist.close()
 print(json.dumps({{"scores": scores, "decoded": decoded}}))

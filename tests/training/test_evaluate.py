@@ -20,7 +20,7 @@ from cli import main as cli_main
 from training import shapes
 from training.caption_metrics import CocoScorer, cider, spice_available
 from training.coco import load_split
-from training.evaluate import evaluate, format_scores, score_predictions, truth_scores
+from training.evaluate import caption_and_score, format_scores, score_predictions, truth_scores
 from training.shapes_truth import load_truth
 
 COCO_NAMES = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -132,7 +132,7 @@ def test_evaluate_a_shapes_split_end_to_end(tiny_checkpoint, shapes_root, scorer
     split = load_split(shapes_root, "val")
     predictor = Predictor.from_checkpoint(tiny_checkpoint)
     options = DecodeOptions(method="greedy", max_length=6)
-    results, scores = evaluate(predictor, split, options, batch_size=2, out_dir=tmp_path, scorer=scorer)
+    results, scores = caption_and_score(predictor, split, options, batch_size=2, out_dir=tmp_path, scorer=scorer)
 
     # one result per image, in id order, each the caption of that very image (batches of 2, 2, 1)
     assert [r["image_id"] for r in results] == split.image_ids

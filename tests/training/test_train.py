@@ -353,11 +353,11 @@ def test_resume_after_a_crash_between_epochs_equals_an_uninterrupted_run(
             raise RuntimeError("power cut")
         return real_validate(*args, **kwargs)
 
-    real_validate = train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", crash_in_second_validation)
+    real_validate = train_module.validation_scores
+    monkeypatch.setattr(train_module, "validation_scores", crash_in_second_validation)
     with pytest.raises(RuntimeError, match="power cut"):
         train(resume_config(shapes_root, out), RESUME_MODEL)
-    monkeypatch.setattr(train_module, "evaluate", real_validate)
+    monkeypatch.setattr(train_module, "validation_scores", real_validate)
     assert (last_state(out)["epoch"], last_state(out)["batch"]) == (1, 0)  # epoch 2's steps were lost
 
     train(resume_config(shapes_root, out, resume=True), RESUME_MODEL)
