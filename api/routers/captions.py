@@ -65,7 +65,7 @@ async def create_captions(
         raise worker_lost() from None
     except WorkerDead:
         raise worker_dead() from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise APIError(504, "timeout", f"the model did not answer within {settings.request_timeout_s:g} s") from None
     return Response(_answer(request.app.state.model_json, form.names, outcomes), media_type="application/json")
 
@@ -94,7 +94,7 @@ async def _unless_gone(request: Request, answer: Awaitable[list[Outcome]], timeo
         return job.result()
     if gone in done:
         raise ClientGone()
-    raise asyncio.TimeoutError()
+    raise TimeoutError()
 
 
 async def _disconnected(request: Request) -> None:
