@@ -26,9 +26,18 @@ MIN_TEMPERATURE = 1e-30
 
 
 class DecodeOptions(BaseModel):
-    """How to decode, with the limits every caller (the HTTP API, `captioner caption`, `captioner
-    evaluate`) shares. Strict: 2.5 or "3" for an integer is refused here; the applications parse
-    text (flags, form fields) into these types first."""
+    """How to decode, with the limits every caller (`Predictor.caption`, the HTTP API, `captioner
+    caption`, `captioner evaluate`) shares. Frozen, and strict: 2.5 or "3" for an integer is
+    refused here (pydantic's ValidationError, a ValueError); the applications parse text (flags,
+    form fields) into these types first.
+
+        DecodeOptions()                             # beam search of 3 beams: the best caption
+        DecodeOptions(beam_size=5, num_captions=3)  # the 3 best of 5 beams
+        DecodeOptions(method="greedy")              # one caption, the likeliest word at each step
+        DecodeOptions(method="sample", num_captions=3, temperature=0.8, top_k=5, seed=7)
+        DecodeOptions(attention=True)               # and each word's attention grid (h x w)
+
+    Each field's meaning and limits are in its description below."""
 
     model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
 

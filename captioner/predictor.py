@@ -38,6 +38,23 @@ class PreparedImage:
 
 
 class Predictor:
+    """A captioning model ready to serve: images in, result dicts out.
+
+    Made with `Predictor.from_checkpoint(path)`; `caption(sources, options)` is all most callers
+    need. The result of one image, as `caption` and `caption_batch` return it and as the HTTP API
+    (beside the image's "file" name) and `captioner caption` write it:
+
+        {"width": 640, "height": 480,           # the picture's size, after EXIF orientation
+         "method": "beam",                      # the DecodeOptions method that made the captions
+         "attention_grid": [14, 14],            # h, w: the shape of each word's attention grid
+         "captions": [                          # best first; DecodeOptions.num_captions of them
+             {"text": "a red circle above a blue square",
+              "tokens": ["a", "red", ...],      # the words of "text"
+              "log_prob": -3.2169,              # the caption's summed log-probability
+              "attention": [grid, ...]}]}       # with DecodeOptions(attention=True) only: one
+                                                # h x w grid (lists of floats, sums to 1) a token
+    """
+
     def __init__(
         self,
         model: CaptionModel,
@@ -74,10 +91,16 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | Path, device: str | torch.device = "cpu", backend: Backend = "auto", **kwargs
     ) -> "Predictor":
-        """The model at `path`, served on `device` (one the caller has checked this machine has).
+        """The model saved at `path` (a .safetensors checkpoint, as `captioner train` or `captioner
+        demo` writes it), served on `device` ("cpu", "cuda", "cuda:1"; one the caller has checked
+        this machine has).
 
-        backend "auto": the checkpoint's ONNX encoder if it has one and runs on a CPU without
-        --amp, else torch; "onnxruntime" insists (CheckpointError if there is none to run)."""
+        `backend` runs the encoder: "auto" (the default) takes the checkpoint's ONNX encoder when it
+        has one (`captioner export`) and the model runs on a CPU without `amp`, else torch;
+        "torch" always torch; "onnxruntime" insists on the ONNX encoder (CheckpointError if the
+        checkpoint has none). `predictor.runtime` says which one runs. The other keyword
+        arguments are the constructor's: `limits`, `max_batch_size`, `encoder_batch_size`, `amp`.
+        Raises FileNotFoundError for no file, CheckpointError for one this code cannot load."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         model, card = load_checkpoint(path, device)
@@ -96,7 +119,11 @@ class Predictor:
 
     @property
     def runtime(self) -> dict:
-        """Which backend runs the encoder, in which precision (the decoder is torch's, in fp32)."""
+        """Which backend runs the encoder, in which precision; the decoder is always torch's, in fp32.
+
+        {"backend": "torch", "precision": "fp32" (or with amp "bf16" on a CPU, "fp16" on a GPU),
+        "device": the torch device, e.g. "cpu"}, or {"backend": "onnxruntime", "precision": "fp32"
+        or "int8"}, which runs on the CPU."""
         if self.onnx_encoder is not None:
             return {"backend": "onnxruntime", "precision": self.onnx_encoder.graph.precision}
         amp = {"cpu": "bf16", "cuda": "fp16"}.get(self.device.type, "fp32") if self.amp else "fp32"
@@ -148,7 +175,12 @@ class Predictor:
         return features.float()
 
     def caption(self, sources: list[ImageSource], options: DecodeOptions = DEFAULT_OPTIONS) -> list[dict]:
-        """Convenience: prepare and caption; the first unusable image raises ImageError."""
+        """One result dict per source, in order (the format is the class docstring's).
+
+        A source is a path (str or Path), the bytes of an image file, or a PIL image; JPEG, PNG,
+        WebP, GIF and BMP are read. The images are prepared here, one after another, and decoded as
+        batches of at most `max_batch_size`. The first unusable source raises ImageError (its
+        `code` says why) and no image is captioned."""
         return self.caption_batch([self.prepare(s) for s in sources], options)
 
     def format_result(self, image: PreparedImage, hypotheses: list[Hypothesis], options: DecodeOptions) -> dict:
