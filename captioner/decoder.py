@@ -5,9 +5,10 @@ over the regions gives `alpha`, the f_beta gate scales the attended context, and
 the cell reads [word embedding; context]. Without attention it is Show and Tell
 (Vinyals et al., 2015): the image is fed once, before <start>.
 
-Two departures, each a config switch measured on the Shapes world (README):
-regions carry their position (`positional`), and the attention query sees the
-word just read as well as the previous hidden state (`word_in_query`).
+Two departures, each a config switch: regions carry their position
+(`positional`), and the attention query sees the word just read as well as the
+previous hidden state (`word_in_query`). What each is worth on the Shapes world:
+docs/model.md ("The recipe") and docs/training.md ("Decoder variants").
 
 `step()` is the one place a word is predicted: teacher forcing (`forward`) and
 every decoding strategy in `captioner.decoding` call it.

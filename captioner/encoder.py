@@ -28,7 +28,7 @@ class Encoder(nn.Module):
     dim: int  # D
     # Layers int8 export keeps in fp32 (prefixes of their weights' names): the stem, which reads raw
     # pixels, and the last stage, whose output is the features; quantizing them costs the captions
-    # the most for the least time saved (README, "Performance").
+    # the most for the least time saved (docs/performance.md, "int8").
     keep_fp32_in_int8: tuple[str, ...] = ()
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
@@ -57,8 +57,8 @@ def run_front(front: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
     56 x 56 pixels, in layers that do little arithmetic per byte: one image's
     activations (5 MB at most) stay in the CPU's caches from layer to layer,
     where a batch of 16 (77 MB) goes out to memory and back at each. The deeper
-    stages stay batched, where the cost per call matters more: more images/s on
-    a CPU (README, "Benchmarks"). A GPU wants whole batches, and training does
+    stages stay batched, where the cost per call matters more (docs/performance.md,
+    "What makes `captioner caption` fast"). A GPU wants whole batches, and training does
     too: BatchNorm's statistics are the batch's.
     """
     if (

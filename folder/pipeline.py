@@ -7,8 +7,8 @@ batches submitted ahead, so memory stays bounded whatever the folder's size.
 
 On a CPU under Linux the workers are forked processes of one torch thread each,
 forked and handled as the server's are (runtime.workers: why, how, and what a
-dead one means): workers that were threads of one process slowed each other by a
-tenth (measured: README, "Benchmarks"). On a GPU, or where there is no safe
+dead one means): as threads of one process, workers slow each other through
+Python's lock (docs/performance.md). On a GPU, or where there is no safe
 fork, the workers are threads. A worker process that dies stops the run with
 `BatchLost`, naming the files it held: the journal holds every batch before
 them, and the same command run again captions those files and the rest.

@@ -3,12 +3,12 @@
 By default glibc gives each thread its own arena, serves large blocks from
 fresh pages, and hands freed memory back to the kernel. Tensor code frees and
 reallocates blocks of megabytes many times a second (every decoding step,
-every encoder layer), so their pages fault in again and again: with decoding
-lanes in threads, `captioner caption` spent a fifth of its CPU time in the
-kernel, and the encoder at 16 images a call, whose activations reached 77 MB
-before its front ran image by image, a fifth of its own. One arena that
+every encoder layer), so their pages would fault in again and again, and the
+kernel's handling of those faults would take a large share of the CPU time
+(docs/performance.md, "What makes `captioner caption` fast"). One arena that
 serves every block from its heap and keeps what it frees trades a resident
-size near the peak for that time (measured in the README's "Benchmarks").
+size near the peak for that time: the folder command, training and evaluation
+take the trade; the server does not, so that it gives memory back.
 """
 
 import ctypes

@@ -3,8 +3,8 @@
 The server (api.workers, whose batcher hands each worker a batch of requests) and the folder
 command (folder.pipeline, which hands each worker a run of files) both caption with several
 workers at once. On a CPU under Linux a worker is a process forked once the model is loaded:
-decoding is thousands of small operators a second, each handing Python's lock over, so workers
-that were threads of one process slow each other (and a server's event loop). Forked, they share
+decoding is thousands of small operators a second, each handing Python's lock over, so as
+threads of one process workers would slow each other (and a server's event loop). Forked, they share
 the model's weights and start in milliseconds. Elsewhere (a GPU: CUDA cannot be forked; macOS,
 whose system libraries are not fork-safe; one worker) a worker is the calling thread itself.
 

@@ -26,11 +26,11 @@ from runtime.home import default_workdir
 from training.shapes import add_hold_out_argument
 from training.train import TrainConfig, save_model, train
 
-# The default model's recipe, measured in README ("The default model").
+# The default model's recipe; what each choice is worth on Shapes: docs/model.md, "The recipe".
 DEMO_MODEL = ModelConfig(
     encoder="efficientnet_lite0_s16",  # 14 x 14 regions: small shapes need cells finer than 32 px
     # A 0.64M-parameter decoder: 256/256/128 (1.06M) scored about the same on Shapes and cost
-    # more per caption (README, "The default model").
+    # more per caption (docs/model.md, "The recipe").
     embed_dim=128,
     region_dim=192,
     hidden_dim=192,
@@ -45,9 +45,9 @@ DEMO_MODEL = ModelConfig(
 # in it, the likeliest caption of most three-object pictures; CIDEr's reward, whose IDF weighting
 # discounts what every caption shares, trains that preference away. CIDEr alone is gamed in turn
 # ("three shapes a red circle and a blue square" for two shapes): the references' cross-entropy,
-# added with a weight, keeps the captions in their language (README, "The default model").
+# added with a weight, keeps the captions in their language (docs/model.md, "Why SCST, and why repeat blocking").
 DEMO_TRAINING = TrainConfig(
-    epochs=8,  # then SCST: its epoch is paid for by two fewer of cross-entropy (README, "The default model")
+    epochs=8,  # of cross-entropy, then DEMO_SCST_EPOCHS of SCST from the best of them (docs/model.md)
     batch_size=32,
     lr=2e-3,
     warmup_steps=50,

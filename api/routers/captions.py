@@ -81,7 +81,7 @@ def _answer(model_json: bytes, names: list[str], outcomes: list[Outcome]) -> byt
 
 async def _unless_gone(request: Request, answer: Awaitable[list[Outcome]], timeout: float) -> list[Outcome]:
     """`answer`, unless the client disconnects first (ClientGone) or it takes over `timeout`
-    (asyncio.TimeoutError). Either way the job is cancelled, and the model worker skips it."""
+    (TimeoutError). Either way the job is cancelled, and the model worker skips it."""
     job = asyncio.ensure_future(answer)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
