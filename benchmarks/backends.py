@@ -7,7 +7,7 @@ From --checkpoint (default: the demo model) it exports an fp32 and an int8 ONNX 
 `captioner export` does (int8 calibrated on 64 of the drawn images: this measures speed; what
 int8 does to the captions is measured on Shapes, README "Performance"). Then, on the same
 640x480 JPEGs as the other benchmarks, beam size 3, attention on, the backends taking turns for
---rounds rounds: (1) the encoder alone on ready pixels, batches of 16 (the predictor's), shared
+--rounds rounds: (1) the encoder alone on ready pixels, in the predictor's batches for it, shared
 among as many 1-thread processes as `captioner caption` has workers; (2) `captioner caption`
 end to end. Ratios to torch are taken within each round. (3) For each backend, --service-rounds
 times: `captioner caption` on the folder, then `captioner serve` under --clients clients, one
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.predictor import ONNX_ENCODER_BATCH
 from runtime.home import default_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,7 +33,7 @@ from service_load import free_port, load, request_bytes, start_server
 
 SECTION = "## Encoder backends"
 BACKENDS = {"torch": "torch fp32", "fp32": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
-ENCODER_BATCH = 16
+TORCH_ENCODER_BATCH = 16  # the predictor's on a CPU; ONNX Runtime's is captioner.predictor.ONNX_ENCODER_BATCH
 CALIBRATION_IMAGES = 64
 
 
@@ -65,9 +66,10 @@ def speed_rounds(args, models: dict[str, Path], folder: Path, paths: list[Path])
         rates = {}
         for backend in BACKENDS:
             model, flags = model_and_flags(models, backend)
-            encoder = in_child(encoder_rates, model, paths, args.workers, "torch" if flags else "auto", [ENCODER_BATCH])
+            batch = TORCH_ENCODER_BATCH if flags else ONNX_ENCODER_BATCH
+            encoder = in_child(encoder_rates, model, paths, args.workers, "torch" if flags else "auto", [batch])
             caption = in_child(cli_rate, model, folder, len(paths), args.max_length, flags)
-            rates[backend] = {"encoder": encoder[str(ENCODER_BATCH)], "caption": caption}
+            rates[backend] = {"encoder": encoder[str(batch)], "caption": caption}
         print(
             f"round {r + 1}, images/s:",
             *(
@@ -126,7 +128,7 @@ def render(results: dict) -> str:
         )
     header = [
         "backend",
-        f"encoder alone, batch {ENCODER_BATCH}, images/s",
+        f"encoder alone (batch: torch {TORCH_ENCODER_BATCH}, ONNX Runtime {ONNX_ENCODER_BATCH}), images/s",
         "vs torch",
         "`captioner caption` images/s",
         "vs torch",

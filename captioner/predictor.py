@@ -23,6 +23,7 @@ from .images import ImageLimits, ImageSource, open_image, stack_pixels
 from .model import CaptionModel
 from .onnx_encoder import OnnxEncoder
 
+ONNX_ENCODER_BATCH = 4  # images per call of an ONNX Runtime encoder on a CPU (see encoder_batch_size)
 Backend = Literal["auto", "torch", "onnxruntime"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "onnxruntime")
 
@@ -79,11 +80,13 @@ class Predictor:
         # Mixed precision for the encoder only: bf16 on a CPU (fast where it has AMX), fp16 on a
         # GPU. Decoding stays in float32: its log-probabilities rank the beams.
         self.amp = amp
-        # On a CPU the encoder's deep stages are cheapest per image at 16 to 32 images a call, as
-        # `make bench` measures (its front runs image by image: captioner.encoder.run_front), while
-        # decoding is cheapest in batches as large as they come (fewer steps per image): each gets
-        # its own. A GPU takes the whole batch.
-        self.encoder_batch_size = encoder_batch_size or (16 if self.device.type == "cpu" else max_batch_size)
+        # On a CPU the torch encoder's deep stages are cheapest per image at 16 to 32 images a call
+        # (its front runs image by image: captioner.encoder.run_front); ONNX Runtime runs every
+        # layer on the whole call, and is cheapest at a few images, whose activations stay in the
+        # caches (docs/performance.md). Decoding is cheapest in batches as large as they come
+        # (fewer steps per image): each gets its own. A GPU takes the whole batch.
+        default = (ONNX_ENCODER_BATCH if onnx_encoder else 16) if self.device.type == "cpu" else max_batch_size
+        self.encoder_batch_size = encoder_batch_size or default
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         self.preset = model.preset
 
