@@ -1,6 +1,6 @@
 """Request and response schemas, named by role; their examples show up in /docs."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -109,8 +109,18 @@ class Limits(BaseModel):
     formats: list[str]
 
 
+class EncoderRuntime(BaseModel):
+    """What runs the encoder (the decoder always runs on torch, in fp32)."""
+
+    backend: Literal["torch", "onnxruntime"] = Field(description="onnxruntime: the checkpoint's exported graph")
+    precision: str = Field(description="fp32; int8 (an int8 export); bf16 or fp16 (torch with amp)")
+    device: str | None = Field(None, description="torch's device (ONNX Runtime runs on the CPU)")
+
+
 class ModelCard(ModelSummary):
     """What the loaded model is, what it was trained on and how it scored (the card saved with it)."""
+
+    runtime: EncoderRuntime
 
     model_config = ConfigDict(
         extra="allow",
@@ -125,6 +135,7 @@ class ModelCard(ModelSummary):
                     "vocab_size": 40,
                     "attention_grid": [7, 7],
                     "image_size": 224,
+                    "runtime": {"backend": "onnxruntime", "precision": "fp32"},
                     "config": {"encoder": "efficientnet_lite0", "hidden_dim": 512},
                     "training_data": "the Shapes world (3000 images)",
                     "scores": {"CIDEr": 2.1, "BLEU-4": 0.62},

@@ -64,7 +64,8 @@ function renderCard(card) {
   const facts = document.createElement("p");
   facts.className = "facts";
   const [h, w] = card.attention_grid;
-  const parts = [`encoder ${card.encoder}`, `${card.cell.toUpperCase()} decoder`,
+  const runtime = card.runtime ? ` on ${card.runtime.backend} ${card.runtime.precision}` : "";
+  const parts = [`encoder ${card.encoder}${runtime}`, `${card.cell.toUpperCase()} decoder`,
     card.attention ? `attention over a ${h}×${w} grid` : "no attention (no heatmaps)",
     `${card.vocab_size} tokens`, `file ${card.checkpoint}`];
   facts.textContent = parts.join(" · ");
