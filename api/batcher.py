@@ -309,7 +309,7 @@ class Batcher:
         groups: dict[object, list[Job]] = {}
         for job in jobs:
             if job.future.done():  # a request that timed out or whose client went away is not computed
-                self.metrics.abandoned.inc(len(job.uploads))
+                self._count_abandoned(len(job.uploads))
             else:
                 groups.setdefault(job.group, []).append(job)
         if not groups:
@@ -328,6 +328,13 @@ class Batcher:
                     self._busy.add(index)
                 self._inboxes[index].put((_batch(group), group, alone))
             free = None
+
+    def _count_abandoned(self, images: int) -> None:
+        """A metric, counted so that its failure is logged and the dispatcher goes on."""
+        try:
+            self.metrics.abandoned.inc(images)
+        except Exception:
+            log.exception("counting %d abandoned images failed", images)
 
     def _alone(self) -> bool:
         """Whether the batch being handed over may use every core: no other worker is busy, and

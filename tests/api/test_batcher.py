@@ -399,3 +399,36 @@ def test_a_batch_whose_answering_fails_fails_its_requests_and_the_next_is_answer
     finally:
         batcher.stop()
     assert "answering a batch of 1 images failed" in caplog.text
+
+
+def test_a_metric_failing_in_the_dispatcher_is_logged_and_the_next_request_answered(
+    make_predictor, caplog, monkeypatch
+):
+    """The dispatcher counts the images of requests abandoned while they waited: a failure there
+    must not end the thread that hands every batch to the workers."""
+    predictor = make_predictor()
+    gate = threading.Event()
+    recorder = Recorder(predictor, gate=gate)
+    batcher, metrics = start(predictor, max_wait_ms=0)
+    breaks = BreaksOnce()
+    monkeypatch.setattr(metrics.abandoned, "inc", breaks)
+
+    async def main():
+        held = asyncio.ensure_future(submit(batcher, (71,), GREEDY))
+        assert await asyncio.to_thread(recorder.entered.wait, 30)  # the only worker is inside the model
+        gone = asyncio.ensure_future(submit(batcher, (72,), GREEDY))
+        await asyncio.sleep(0)  # `gone` reaches the queue...
+        gone.cancel()  # ...and its client goes away before a worker is free
+        gate.set()
+        first = await held
+        return first, await asyncio.wait_for(submit(batcher, (73,), GREEDY), 30)
+
+    try:
+        first, after = asyncio.run(main())
+        assert widths(first) == [71] and widths(after) == [73]
+        assert breaks.calls == 1 and batcher.alive
+    finally:
+        gate.set()
+        batcher.stop()
+    assert "counting 1 abandoned images failed" in caplog.text
+    assert [call[0] for call in recorder.calls] == [[71], [73]]  # the abandoned image was never captioned
