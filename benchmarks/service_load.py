@@ -72,7 +72,7 @@ def request_bytes(path: Path, max_length: int) -> bytes:
 
 
 def flood_request(files: int = 4, side: int = 6300) -> bytes:
-    """The issue's attack: a request of `files` 16-bit grayscale PNGs of side x side (about 80 KB
+    """The decompression attack: a request of `files` 16-bit grayscale PNGs of side x side (about 80 KB
     each, within every per-file limit, 10 bytes a pixel to decode)."""
     pixels = np.zeros((side, side), np.uint16)
     pixels[side // 6 : side // 3, side // 6 : side // 2] = 40000

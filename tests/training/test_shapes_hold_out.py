@@ -17,7 +17,7 @@ from PIL import Image
 import cli
 from training import shapes
 
-# One pair per shape, each colour at most once: the issue's recipe (issue 23, part 3).
+# One pair per shape, each colour at most once: the held-out recipe of docs/model.md.
 HOLD_OUT = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "square"), ("yellow", "diamond")})
 HOLD_OUT_TEXT = "red triangle, blue circle,green square,yellow diamond"
 SPLITS = {"train": 40, "val": 12, "test": 40}
