@@ -114,7 +114,7 @@ class EncoderRuntime(BaseModel):
 
     backend: Literal["torch", "onnxruntime"] = Field(description="onnxruntime: the checkpoint's exported graph")
     precision: str = Field(description="fp32; int8 (an int8 export); bf16 or fp16 (torch with amp)")
-    device: str | None = Field(None, description="torch's device (ONNX Runtime runs on the CPU)")
+    device: str = Field(description="cpu (always, for ONNX Runtime), cuda:0, ...")
 
 
 class ModelCard(ModelSummary):
@@ -135,7 +135,7 @@ class ModelCard(ModelSummary):
                     "vocab_size": 40,
                     "attention_grid": [7, 7],
                     "image_size": 224,
-                    "runtime": {"backend": "onnxruntime", "precision": "fp32"},
+                    "runtime": {"backend": "onnxruntime", "precision": "fp32", "device": "cpu"},
                     "config": {"encoder": "efficientnet_lite0", "hidden_dim": 512},
                     "training_data": "the Shapes world (3000 images)",
                     "scores": {"CIDEr": 2.1, "BLEU-4": 0.62},

@@ -128,7 +128,7 @@ class Predictor:
         "device": the torch device, e.g. "cpu"}, or {"backend": "onnxruntime", "precision": "fp32"
         or "int8"}, which runs on the CPU."""
         if self.onnx_encoder is not None:
-            return {"backend": "onnxruntime", "precision": self.onnx_encoder.graph.precision}
+            return {"backend": "onnxruntime", "precision": self.onnx_encoder.graph.precision, "device": "cpu"}
         amp = {"cpu": "bf16", "cuda": "fp16"}.get(self.device.type, "fp32") if self.amp else "fp32"
         return {"backend": "torch", "precision": amp, "device": str(self.device)}
 

@@ -33,7 +33,7 @@ def test_forked_workers_caption_on_onnxruntime_as_torch_does(start_server, tiny_
     for backend in ("onnxruntime", "torch"):
         server = start_server("--workers", "2", "--threads", "2", "--backend", backend, checkpoint=tiny_onnx_checkpoint)
         card = httpx.get(server.base + "/v1/model").json()
-        expected = {"onnxruntime": {"backend": "onnxruntime", "precision": "fp32"}}
+        expected = {"onnxruntime": {"backend": "onnxruntime", "precision": "fp32", "device": "cpu"}}
         assert card["runtime"] == expected.get(backend, {"backend": "torch", "precision": "fp32", "device": "cpu"})
         assert f"on {card['runtime']['backend']}, fp32" in server.log()
         with concurrent.futures.ThreadPoolExecutor(6) as pool:  # both workers busy at once

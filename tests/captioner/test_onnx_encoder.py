@@ -160,7 +160,7 @@ def test_the_predictor_picks_its_backend_and_says_which(onnx_checkpoint, tiny_ch
     auto = Predictor.from_checkpoint(onnx_checkpoint)
     torch_backend = Predictor.from_checkpoint(onnx_checkpoint, backend="torch")
     plain = Predictor.from_checkpoint(tiny_checkpoint)
-    assert auto.runtime == auto.info()["runtime"] == {"backend": "onnxruntime", "precision": "fp32"}
+    assert auto.runtime == auto.info()["runtime"] == {"backend": "onnxruntime", "precision": "fp32", "device": "cpu"}
     assert torch_backend.runtime == {"backend": "torch", "precision": "fp32", "device": "cpu"}
     assert plain.runtime["backend"] == "torch"
     assert Predictor.from_checkpoint(onnx_checkpoint, amp=True).runtime == {

@@ -92,7 +92,7 @@ def test_the_pages_examples_run_as_written(tiny_onnx_checkpoint, tmp_path):
     lines = done.stdout.splitlines()
     # What the comments on the page say the examples print.
     assert "unsupported_format" in done.stdout
-    assert "{'backend': 'onnxruntime', 'precision': 'fp32'}" in lines
+    assert "{'backend': 'onnxruntime', 'precision': 'fp32', 'device': 'cpu'}" in lines
     assert "{'backend': 'torch', 'precision': 'fp32', 'device': 'cpu'}" in lines
     assert sum(line.startswith("320 x 240: ") for line in lines) == 3  # a path, bytes, a PIL image
     assert any(re.fullmatch(r"\S+: most on row \d+, column \d+ of 8 x 8", line) for line in lines)

@@ -44,7 +44,11 @@ def test_an_exported_checkpoint_captions_on_onnxruntime_as_the_original_does_on_
     result = run_command([*CAPTIONER, "export", str(tiny_checkpoint), "--out", str(exported)])
     assert result.returncode == 0, result.stderr
     assert f"wrote {exported}: the encoder in ONNX (fp32" in result.stdout
-    assert Predictor.from_checkpoint(exported).runtime == {"backend": "onnxruntime", "precision": "fp32"}
+    assert Predictor.from_checkpoint(exported).runtime == {
+        "backend": "onnxruntime",
+        "precision": "fp32",
+        "device": "cpu",
+    }
     on_torch = captions(tiny_checkpoint, photos, tmp_path / "torch.jsonl", "torch")
     on_onnxruntime = captions(exported, photos, tmp_path / "onnx.jsonl", "onnxruntime")
     assert len(on_torch) == 8
@@ -61,7 +65,11 @@ def test_an_int8_export_is_calibrated_on_the_folders_images_and_says_so(tiny_che
     assert "skipped" in result.stderr and "broken.png" in result.stderr
     assert "calibrating int8 on 8 images" in result.stderr
     predictor = Predictor.from_checkpoint(exported)
-    assert predictor.runtime == predictor.info()["runtime"] == {"backend": "onnxruntime", "precision": "int8"}
+    assert (
+        predictor.runtime
+        == predictor.info()["runtime"]
+        == {"backend": "onnxruntime", "precision": "int8", "device": "cpu"}
+    )
     with safe_open(str(exported), framework="pt") as f:
         described = json.loads(f.metadata()["onnx_encoder"])
     assert described["precision"] == "int8" and described["calibration"] == "percentile"
