@@ -2,7 +2,7 @@
 # make test   the whole test suite
 # make test-quick  every test not marked slow (under 3 minutes on 2 cores), for the edit-run loop
 # make test-busy   the whole suite with the second core kept busy (a test of the suite's own timing)
-# make test-random the whole suite in a random order (pytest-random-order; the seed is printed to rerun it)
+# make test-random the whole suite in a random order (pytest-random-order); SEED=N repeats an order
 # make bench    folder-captioning throughput, the encoder's backends, training throughput, the service
 #               under load and a 5-minute soak (about 35 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (about 10 min), written to benchmarks/RESULTS.md
@@ -38,7 +38,8 @@ test-busy: install
 	$(BIN)/python -c "while True: pass" & busy=$$!; trap "kill $$busy" EXIT; $(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-random: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider --random-order
+	seed=$${SEED:-$$(date +%s)}; echo "test order seed $$seed (the same order again: make test-random SEED=$$seed)"; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --random-order-seed=$$seed
 
 lint: install
 	$(BIN)/ruff check .
