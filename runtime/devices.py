@@ -44,9 +44,11 @@ def add_device_arguments(parser) -> None:
         help="run the encoder in mixed precision: bf16 on a CPU (fast where it has AMX), "
         "fp16 on a GPU; captions may differ slightly from float32's",
     )
+    from captioner.predictor import BACKENDS
+
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime"),
+        choices=BACKENDS,
         default="auto",
         help="what runs the encoder: onnxruntime (on a CPU, for a checkpoint made by `captioner export`), torch, "
         "or auto (default): onnxruntime where the checkpoint has its graph and --device is cpu without --amp",
