@@ -237,7 +237,11 @@ def number(value: float) -> str:
 
 
 def score_row(label: str, scores: TruthScores) -> list[str]:
-    return [label, str(scores.images), *(number(getattr(scores, c)) for c in COLUMNS[1:])]
+    """The row's figures; relations and pointing with how many phrases and words they scored
+    (one relation phrase of 64 is 0.016: the count says how far a figure can be trusted)."""
+    counts = {"relation_accuracy": scores.relation_count, "pointing_accuracy": scores.pointing_count}
+    cells = [number(getattr(scores, c)) + (f" ({counts[c]})" if counts.get(c) else "") for c in COLUMNS[1:]]
+    return [label, str(scores.images), *cells]
 
 
 def score_rows(source: str, truth: dict[int, Scene], captions: dict[int, Caption]) -> list[list[str]]:

@@ -26,7 +26,7 @@ from training.shapes import generate
 from training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_file import write_section
+from results_file import describe_machine, machine, write_section
 
 SECTION = "## Decoder comparison on Shapes"
 VARIANTS = {
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         SECTION,
         "",
-        f"Shapes world, {DEMO_SPLITS['train']} training images, {args.epochs} epochs each, the default "
-        f"recipe otherwise; test split ({len(test)} images), beam size 3. "
+        f"{describe_machine(machine())}. Shapes world, {DEMO_SPLITS['train']} training images, "
+        f"{args.epochs} epochs of cross-entropy each (no SCST phase), the default recipe otherwise; test split "
+        f"({len(test)} images), beam size 3, the library's default decoding. "
         "Strict truth metrics; relation_count is the number of relation phrases scored. "
         "Pointing game: n/a without attention. Training time is wall-clock time on the machine "
         "that ran it (the epochs only, validation included), which other jobs may have shared.",

@@ -46,6 +46,24 @@ def test_the_top_caption_keeps_its_tokens_and_its_attention_as_one_grid_a_word(b
     assert benchmark.top_caption({"attention_grid": [2, 3], "captions": [{"tokens": []}]})["attention"] is None
 
 
+def test_a_row_says_how_many_relation_phrases_and_pointed_words_its_figures_rest_on(benchmark):
+    scores = benchmark.TruthScores(
+        images=300,
+        exact_object_set=0.98,
+        informative_rate=1.0,
+        count_or_exact=0.98,
+        object_precision=0.99,
+        object_recall=0.99,
+        relation_accuracy=61 / 64,
+        relation_count=64,
+        pointing_accuracy=float("nan"),
+        pointing_count=0,
+    )
+    row = benchmark.score_row("folder command, all", scores)
+    assert row[:3] == ["folder command, all", "300", "0.980"]
+    assert row[-2:] == ["0.953 (64)", "n/a"]
+
+
 @pytest.mark.slow
 def test_both_sources_caption_alike_and_the_section_is_written(benchmark, named_checkpoint, shapes_root, tmp_path):
     results = tmp_path / "RESULTS.md"

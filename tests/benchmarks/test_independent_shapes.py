@@ -148,3 +148,11 @@ def test_same_seed_same_files_and_no_code_from_the_generator(world, tmp_path):
     }
     assert not any(name.split(".")[0] in ("training", "captioner") for name in imported), imported
     assert "PIL.Image" in imported and "PIL.ImageDraw" not in imported
+
+
+def test_more_images_add_pictures_after_the_same_ones(world, tmp_path):
+    """A figure on 2000 pictures covers the 300 an older run scored: a larger count is a superset."""
+    load_script().render_split(tmp_path, IMAGES + 2, 4)
+    for path in sorted((world / "images" / "independent").iterdir()):
+        assert (tmp_path / "images" / "independent" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert len(list((tmp_path / "images" / "independent").iterdir())) == IMAGES + 2
