@@ -29,12 +29,13 @@ from runtime.home import default_checkpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from caption_throughput import cli_rate, draw_images, encoder_rates, in_child
 from results_file import describe_machine, machine, markdown_table, save_results, write_section
-from service_load import free_port, load, request_bytes, start_server
+from service_load import cpu_per_request, cpu_seconds, free_port, load, request_bytes, start_server
 
 SECTION = "## Encoder backends"
 BACKENDS = {"torch": "torch fp32", "fp32": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
 TORCH_ENCODER_BATCH = 16  # the predictor's on a CPU; ONNX Runtime's is captioner.predictor.ONNX_ENCODER_BATCH
 CALIBRATION_IMAGES = 64
+CPU_PARTS = ("server_ms", "workers_ms", "clients_ms")  # service_load.cpu_per_request's
 
 
 def export_models(checkpoint: Path, calibration: list[Path], folder: Path) -> dict[str, Path]:
@@ -94,12 +95,14 @@ def service_rounds(args, models: dict[str, Path], folder: Path, paths: list[Path
             port = free_port()
             server = start_server(model, port, scratch / "server.log", flags)
             try:
+                before = cpu_seconds(server.pid)
                 served = asyncio.run(load(port, requests, args.clients, args.warm_up, args.seconds))
+                cpu = cpu_per_request(before, cpu_seconds(server.pid), served["answered"])
             finally:
                 server.terminate()
                 server.wait(60)
             shares[backend].append(
-                {"folder": folder_rate, "server": served["images_per_s"], "p50_ms": served["p50_ms"]}
+                {"folder": folder_rate, "server": served["images_per_s"], "p50_ms": served["p50_ms"], "cpu": cpu}
             )
             print(f"{backend}: folder {folder_rate:.1f}, server {served['images_per_s']:.1f} images/s", file=sys.stderr)
     return shares
@@ -124,6 +127,7 @@ def render(results: dict) -> str:
                 _median_and_range([rate(r, backend, "caption") / rate(r, "torch", "caption") for r in rounds]),
                 f"{statistics.median(s['server'] for s in shares):.1f}",
                 _median_and_range([s["server"] / s["folder"] for s in shares]),
+                " / ".join(f"{statistics.median(s['cpu'][part] for s in shares):.1f}" for part in CPU_PARTS),
             ]
         )
     header = [
@@ -134,6 +138,7 @@ def render(results: dict) -> str:
         "vs torch",
         f"service, {setup['clients']} clients, images/s",
         "service / folder command",
+        "CPU ms per request: server process / workers / clients",
     ]
     return "\n".join(
         [

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -133,6 +134,7 @@ async def load(port: int, requests: list[bytes], clients: int, warm_up: float, s
     window = (begin + warm_up, begin + warm_up + seconds)
     await asyncio.gather(*(client(port, requests, i * 7, window[1], latencies) for i in range(clients)))
     measured = sorted(t for start, t in latencies if start >= window[0] and start + t <= window[1])
+    answered = len(latencies)
     if not measured:
         raise RuntimeError(f"no request finished within the {seconds} s window at {clients} clients")
     quantile = lambda q: 1000 * measured[min(len(measured) - 1, int(q * len(measured)))]
@@ -143,6 +145,7 @@ async def load(port: int, requests: list[bytes], clients: int, warm_up: float, s
         "p95_ms": quantile(0.95),
         "p99_ms": quantile(0.99),
         "requests": len(measured),
+        "answered": answered,  # in the warm-up and the window: what the server's CPU time was spent on
     }
 
 
@@ -189,6 +192,29 @@ def memory(pid: int) -> dict:
 
 def _kib(lines: list[str], field: str) -> int:
     return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
+
+
+def cpu_seconds(pid: int) -> dict:
+    """The CPU time (user + system) spent so far by the server's own process (the event loop, the form
+    parsing, the hand-over to the workers, the answers' assembly) and by its children, the model workers,
+    summed (a worker replaced meanwhile loses its time: none is replaced under a clean load), and by this
+    process, the clients."""
+
+    def used(p: int) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    return {
+        "server": used(pid),
+        "workers": sum(used(p) for p in child_processes(pid)),
+        "clients": time.process_time(),
+    }
+
+
+def cpu_per_request(before: dict, after: dict, answered: int) -> dict:
+    """ms of CPU per answered request (one image each): the server's process, its workers, and the clients
+    (this process, which shares the cores with the server: the folder command has no such load)."""
+    return {f"{part}_ms": 1000 * (after[part] - before[part]) / answered for part in ("server", "workers", "clients")}
 
 
 def in_process_latency(checkpoint: Path, paths: list[Path], max_length: int) -> dict:
@@ -257,8 +283,10 @@ def serve_and_load(args, requests: list[bytes], scratch: Path) -> dict:
         idle = memory(server.pid)
         loads = []
         for clients in args.clients:
+            before = cpu_seconds(server.pid)
             result = asyncio.run(load(port, requests, clients, args.warm_up, args.seconds))
-            loads.append({**result, "memory": memory(server.pid)})  # after the step, outside its window
+            cpu = cpu_per_request(before, cpu_seconds(server.pid), result["answered"])
+            loads.append({**result, "cpu": cpu, "memory": memory(server.pid)})  # after the step, outside its window
             print(json.dumps(loads[-1]), flush=True)
         soak = None
         if args.soak_s > 0:
@@ -289,6 +317,9 @@ def render(results: dict) -> str:
             f"{r['p50_ms']:.0f}",
             f"{r['p95_ms']:.0f}",
             f"{r['p99_ms']:.0f}",
+            f"{r['cpu']['server_ms']:.1f}",
+            f"{r['cpu']['workers_ms']:.0f}",
+            f"{r['cpu']['clients_ms']:.1f}",
             f"{r['memory']['pss_mb']:.0f}",
             " + ".join(f"{m:.0f}" for m in r["memory"]["peak_rss_mb"]),
         ]
@@ -320,6 +351,9 @@ def render(results: dict) -> str:
                 "p50 ms",
                 "p95 ms",
                 "p99 ms",
+                "server process CPU ms / request",
+                "workers CPU ms / image",
+                "clients CPU ms / request",
                 "PSS MB after, summed",
                 "peak RSS MB so far, each process",
             ],

@@ -30,6 +30,10 @@ def test_quick_run_writes_its_section_and_json_and_keeps_the_others(tiny_checkpo
     assert [row["clients"] for row in loads] == [1, 3]
     assert all(row["images_per_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] for row in loads)
     assert all(row["memory"]["processes"] >= 1 and row["memory"]["pss_mb"] > 0 for row in loads)
+    # every answered request was work for the server's process, its workers and the clients
+    assert all(row["answered"] >= row["requests"] > 0 for row in loads)
+    assert all(row["cpu"]["server_ms"] > 0 and row["cpu"]["workers_ms"] > 0 for row in loads)
+    assert all(row["cpu"]["clients_ms"] > 0 for row in loads)
     assert measured["folder"]["images_per_s"] > 0 and measured["in_process"]["p50_ms"] > 0
     assert measured["server"]["soak"]["requests"] > 0
     assert measured["server"]["flood"]["after"]["processes"] == measured["server"]["flood"]["before"]["processes"]
