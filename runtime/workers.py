@@ -24,6 +24,7 @@ command stops the run, whose journal resumes exactly, naming the files to rerun.
 """
 
 import contextlib
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -95,6 +96,11 @@ class ForkedWorker:
         self._forks.on_end = callback
 
     def start(self) -> None:
+        """The first process. What the parent holds now, the model above all, is frozen for good (it
+        lives as long as the parent): neither process's collector will write to those objects' headers,
+        which would copy their pages. A restart freezes nothing: the parent is serving by then, and
+        what it holds at that moment (a request's objects) must stay collectable."""
+        gc.freeze()
         self._forks.fork(self._fork)
 
     def restart(self) -> None:
