@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")  # the file names of FORMATS
 # Raised whenever the pixels an image gives change, so that features computed from the old
 # pixels (training's feature caches) are not reused. 2: torch's resize instead of Pillow's.
 PIXELS_VERSION = 2

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner.images import ImageError
+from captioner.images import IMAGE_SUFFIXES, ImageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 # skipped by design; any other error is a failure
 SKIP_CODES = ("not_an_image", "outside_root", "not_a_regular_file")
 

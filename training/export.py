@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 
 from captioner.checkpoint import CheckpointError, load_checkpoint
-from captioner.images import ImageError
+from captioner.images import IMAGE_SUFFIXES, ImageError
 from captioner.onnx_encoder import OnnxGraph, export_encoder, quantize_encoder
 from captioner.predictor import Predictor
 from runtime.files import full_disk_is_an_error
 from training.train import save_model
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 CALIBRATION_BATCH = 16
 
 
