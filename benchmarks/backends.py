@@ -15,7 +15,6 @@ image per request; the service's share of the folder command's rate, median over
 """
 
 import argparse
-import asyncio
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from runtime.home import default_checkpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from caption_throughput import cli_rate, draw_images, encoder_rates, in_child
 from results_file import describe_machine, machine, markdown_table, save_results, write_section
-from service_load import cpu_per_request, cpu_seconds, free_port, load, request_bytes, start_server
+from service_load import free_port, load_with_cpu, request_bytes, start_server
 
 SECTION = "## Encoder backends"
 BACKENDS = {"torch": "torch fp32", "fp32": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
@@ -95,14 +94,17 @@ def service_rounds(args, models: dict[str, Path], folder: Path, paths: list[Path
             port = free_port()
             server = start_server(model, port, scratch / "server.log", flags)
             try:
-                before = cpu_seconds(server.pid)
-                served = asyncio.run(load(port, requests, args.clients, args.warm_up, args.seconds))
-                cpu = cpu_per_request(before, cpu_seconds(server.pid), served["answered"])
+                served = load_with_cpu(server.pid, port, requests, args.clients, args.warm_up, args.seconds)
             finally:
                 server.terminate()
                 server.wait(60)
             shares[backend].append(
-                {"folder": folder_rate, "server": served["images_per_s"], "p50_ms": served["p50_ms"], "cpu": cpu}
+                {
+                    "folder": folder_rate,
+                    "server": served["images_per_s"],
+                    "p50_ms": served["p50_ms"],
+                    "cpu": served["cpu"],
+                }
             )
             print(f"{backend}: folder {folder_rate:.1f}, server {served['images_per_s']:.1f} images/s", file=sys.stderr)
     return shares

@@ -217,6 +217,13 @@ def cpu_per_request(before: dict, after: dict, answered: int) -> dict:
     return {f"{part}_ms": 1000 * (after[part] - before[part]) / answered for part in ("server", "workers", "clients")}
 
 
+def load_with_cpu(server: int, port: int, requests: list[bytes], clients: int, warm_up: float, seconds: float) -> dict:
+    """load() against the server whose pid is `server`, with what each request cost in CPU ("cpu")."""
+    before = cpu_seconds(server)
+    result = asyncio.run(load(port, requests, clients, warm_up, seconds))
+    return {**result, "cpu": cpu_per_request(before, cpu_seconds(server), result["answered"])}
+
+
 def in_process_latency(checkpoint: Path, paths: list[Path], max_length: int) -> dict:
     """(1): Predictor.caption on each file's bytes once, as a request's work is, after one call to
     warm up. Over the same images as the loads: captions differ in length, and so do their times."""
@@ -283,10 +290,8 @@ def serve_and_load(args, requests: list[bytes], scratch: Path) -> dict:
         idle = memory(server.pid)
         loads = []
         for clients in args.clients:
-            before = cpu_seconds(server.pid)
-            result = asyncio.run(load(port, requests, clients, args.warm_up, args.seconds))
-            cpu = cpu_per_request(before, cpu_seconds(server.pid), result["answered"])
-            loads.append({**result, "cpu": cpu, "memory": memory(server.pid)})  # after the step, outside its window
+            result = load_with_cpu(server.pid, port, requests, clients, args.warm_up, args.seconds)
+            loads.append({**result, "memory": memory(server.pid)})  # after the step, outside its window
             print(json.dumps(loads[-1]), flush=True)
         soak = None
         if args.soak_s > 0:
