@@ -140,6 +140,23 @@ def test_the_f_beta_gate_scales_the_context(make_model):
         torch.testing.assert_close(closed_gate, decoder.step(words, state, blank)[0])
 
 
+def test_attention_is_the_additive_form_with_tanh(make_model):
+    """attend() computes score(tanh(keys + query)) through a sigmoid: the same alpha and context as
+    the formula written out, for images with several rows each (beams)."""
+    model = make_model()
+    decoder = model.decoder
+    k = 3
+    memory = decoder.prepare(region_features(model, 2)).repeat(k)
+    query = torch.randn(2 * k, decoder.query_proj.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alpha, context = decoder.attend(memory, query)
+        q = decoder.query_proj(query).view(2, k, 1, -1)  # (B, k, 1, A)
+        energy = decoder.score(torch.tanh(memory.keys.unsqueeze(1) + q)).squeeze(-1)  # (B, k, P)
+        expected = energy.softmax(dim=2)
+    torch.testing.assert_close(alpha, expected.view(2 * k, -1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(context, (expected @ memory.regions).view(2 * k, -1), rtol=1e-5, atol=1e-6)
+
+
 def test_step_treats_every_row_independently(make_model):
     """What batched decoding relies on: a row's prediction does not depend on its neighbours."""
     model = make_model(num_layers=2)
