@@ -30,6 +30,7 @@ def test_quick_run_measures_every_backend_and_writes_its_section(tiny_checkpoint
     assert set(round_) == set(measured["service"]) == {"torch", "fp32", "int8"}
     assert all(r["encoder"]["images_per_s"] > 0 and r["caption"]["images_per_s"] > 0 for r in round_.values())
     assert all(s[0]["server"] > 0 and s[0]["folder"] > 0 for s in measured["service"].values())
+    assert all(s[0]["folder_steady"] is None or s[0]["folder_steady"] > 0 for s in measured["service"].values())
     assert all(s[0]["cpu"]["server_ms"] > 0 and s[0]["cpu"]["workers_ms"] > 0 for s in measured["service"].values())
     text = results.read_text()
     assert "## Another benchmark\n\nkept" in text and "## Encoder backends" in text
