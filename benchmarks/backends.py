@@ -7,14 +7,15 @@ From --checkpoint (default: the demo model) it exports an fp32 and an int8 ONNX 
 `captioner export` does (int8 calibrated on 64 of the drawn images: this measures speed; what
 int8 does to the captions is measured on Shapes, README "Performance"). Then, on the same
 640x480 JPEGs as the other benchmarks, beam size 3, attention on, the backends taking turns for
---rounds rounds: (1) the encoder alone on ready pixels, in the predictor's batches for it, shared
-among as many 1-thread processes as `captioner caption` has workers; (2) `captioner caption`
-end to end, start-up included. Ratios to torch are taken within each round. (3) For each backend,
---service-rounds times: `captioner caption` on the folder and on its first sixteenth, then
-`captioner serve` under --clients clients, one image per request. The service's rate is taken
-after a warm-up, so it is set against the folder command's steady rate as well as its whole
-run's: the images beyond the short run's over the seconds beyond it, in which start-up (loading
-the model, forking the workers, an ONNX Runtime session each) cancels out. Medians over the rounds.
+--rounds rounds (in the reverse order every other round): (1) the encoder alone on ready pixels,
+in the predictor's batches for it, shared among as many 1-thread processes as `captioner caption`
+has workers; (2) `captioner caption` end to end, start-up included. Ratios to torch are taken
+within each round. (3) For each backend, --service-rounds times: `captioner caption` on the
+folder and on its first sixteenth, then `captioner serve` under --clients clients, one image per
+request. The service's rate is taken after a warm-up, so it is set against the folder command's
+steady rate as well as its whole run's: the images beyond the short run's over the seconds beyond
+it, in which start-up (loading the model, forking the workers, an ONNX Runtime session each)
+cancels out. Medians over the rounds.
 """
 
 import argparse
@@ -68,7 +69,7 @@ def speed_rounds(args, models: dict[str, Path], folder: Path, paths: list[Path])
     rounds = []
     for r in range(args.rounds):
         rates = {}
-        for backend in BACKENDS:
+        for backend in list(BACKENDS)[:: 1 if r % 2 == 0 else -1]:  # a drift of the machine's speed evens out
             model, flags = model_and_flags(models, backend)
             batch = TORCH_ENCODER_BATCH if flags else ONNX_ENCODER_BATCH
             encoder = in_child(encoder_rates, model, paths, args.workers, "torch" if flags else "auto", [batch])
@@ -87,14 +88,20 @@ def speed_rounds(args, models: dict[str, Path], folder: Path, paths: list[Path])
 
 
 def folder_rates(model: Path, folders: tuple[Path, Path], counts: tuple[int, int], args, flags: list[str]) -> dict:
-    """`captioner caption` on the whole folder (images/s, start-up included) and its steady rate:
-    (whole - short) images over the difference of the two runs' seconds; None if not measurable."""
-    whole, short = (
-        in_child(cli_rate, model, f, n, args.max_length, flags)["images_per_s"] for f, n in zip(folders, counts)
-    )
-    extra_seconds = counts[0] / whole - counts[1] / short
-    steady = (counts[0] - counts[1]) / extra_seconds if counts[1] < counts[0] and extra_seconds > 0 else None
-    return {"folder": whole, "folder_steady": steady}
+    """`captioner caption` on the whole folder (images/s, start-up included) and its steady rate and
+    CPU ms per image: the whole run's less the short run's, over the images beyond the short run's.
+    None where not measurable (a run too short to tell)."""
+    whole, short = (in_child(cli_rate, model, f, n, args.max_length, flags) for f, n in zip(folders, counts))
+    extra_seconds = counts[0] / whole["images_per_s"] - counts[1] / short["images_per_s"]
+    extra_images = counts[0] - counts[1]
+    measurable = extra_images > 0 and extra_seconds > 0
+    return {
+        "folder": whole["images_per_s"],
+        "folder_steady": extra_images / extra_seconds if measurable else None,
+        "folder_steady_cpu_ms": (
+            (whole["cpu_ms"] * counts[0] - short["cpu_ms"] * counts[1]) / extra_images if measurable else None
+        ),
+    }
 
 
 def service_rounds(args, models: dict[str, Path], folders: tuple[Path, Path], paths: list[Path], scratch: Path) -> dict:
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=default_checkpoint())
     parser.add_argument("--images", type=int, default=1024, help="long enough that start-up is a small share")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--service-rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds of each service round")
