@@ -4,7 +4,7 @@
 # make test-busy   the whole suite with the second core kept busy (a test of the suite's own timing)
 # make test-random the whole suite in a random order (pytest-random-order); SEED=N repeats an order
 # make bench    folder-captioning throughput, the encoder's backends, training throughput, the service
-#               under load and a 5-minute soak (about 40 min), written to benchmarks/RESULTS.md
+#               under load and a 5-minute soak (about 50 min), written to benchmarks/RESULTS.md
 # make compare  decoder variants on Shapes (24 min on a 2-core AMD EPYC), written to benchmarks/RESULTS.md
 # make lint     ruff (lint and format), mypy over the packages, hadolint on the Dockerfiles
 
