@@ -56,12 +56,14 @@ def cell(value: float | int | None) -> str:
     return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
-def train_and_score(model: ModelConfig, name: str, args, test: CaptionSplit, scorer: CocoScorer) -> tuple[dict, float]:
-    """One variant trained on the demo's data and scored on `test`: (scores, training minutes)."""
+def train_and_score(
+    model: ModelConfig, name: str, args, data: Path, test: CaptionSplit, scorer: CocoScorer
+) -> tuple[dict, float]:
+    """One variant trained on the Shapes data in `data` and scored on `test`: (scores, training minutes)."""
     config = TrainConfig(
         **{
             **DEMO_TRAINING.model_dump(),
-            "data": str(args.workdir / "shapes"),
+            "data": str(data),
             "out": str(args.workdir / "compare" / name.replace(" ", "_")),
             "epochs": args.epochs,
             "patience": args.epochs,
@@ -86,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     args = parser.parse_args(argv)
 
-    generate(args.workdir / "shapes", DEMO_SPLITS, DEMO_SEED)
-    test = load_split(args.workdir / "shapes", "test")
+    data = args.workdir / "shapes"
+    generate(data, DEMO_SPLITS, DEMO_SEED)
+    test = load_split(data, "test")
     rows = []
     with CocoScorer() as scorer:  # one METEOR process for all the variants: each start takes seconds
         for name, change in VARIANTS.items():
             scores, minutes = train_and_score(
-                ModelConfig(**{**DEMO_MODEL.model_dump(), **change}), name, args, test, scorer
+                ModelConfig(**{**DEMO_MODEL.model_dump(), **change}), name, args, data, test, scorer
             )
             rows.append((name, scores, minutes))
             print(name, {k: round(scores.get(k, float("nan")), 3) for k in COLUMNS}, f"{minutes:.1f} min")
